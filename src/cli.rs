@@ -1,0 +1,211 @@
+//! The `relay` command line: serve (default), demo, check-config and preview.
+
+use crate::inbound::{callout, salesforce, soap};
+use crate::mapping;
+use crate::queue::NewJob;
+use crate::settings::{RouteKind, Settings};
+use crate::startup::Application;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// Salesforce → Centercode relay.
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, about)]
+pub struct Cli {
+    /// A TOML file applied after config/default.toml and config/$RELAY_ENV.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway and the delivery workers (the default).
+    Serve,
+    /// Run a self-contained demo: the relay on a temporary queue and a fake Centercode.
+    Demo {
+        /// Exit after the scripted part instead of serving on.
+        #[arg(long)]
+        no_serve: bool,
+    },
+    /// Load and validate the configuration, then print the routes it defines.
+    CheckConfig,
+    /// Show the exact Centercode request(s) a Salesforce message would produce.
+    Preview {
+        /// The route to preview with.
+        #[arg(long)]
+        route: String,
+        /// An Outbound Message (XML) or a callout body (JSON).
+        file: PathBuf,
+    },
+}
+
+/// Run the parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(Settings::load(cli.config.as_deref())?).await,
+        Command::Demo { no_serve } => crate::demo::run(!no_serve).await,
+        Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
+            Ok(settings) => {
+                print!("{}", describe(&settings));
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(2)
+            }
+        },
+        Command::Preview { route, file } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            let bytes = std::fs::read(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            match preview(&settings, &route, &bytes) {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(0)
+                }
+                Err(text) => {
+                    eprintln!("{text}");
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<i32> {
+    crate::telemetry::init(&settings.telemetry);
+    let app = Application::build(settings).await?;
+    // Tests and scripts read this line to find the port when binding port 0.
+    println!("relay listening on http://127.0.0.1:{}", app.port());
+    let stop = CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_stop.cancel();
+    });
+    app.run_until_stopped(stop, true).await?;
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// What `check-config` prints: one block per route.
+pub fn describe(settings: &Settings) -> String {
+    let mut out = format!(
+        "configuration OK: queue {:?} at {}, {} worker(s), {} route(s)\n",
+        settings.queue.backend,
+        settings.queue.path.display(),
+        settings.worker.concurrency,
+        settings.routes.len()
+    );
+    for r in &settings.routes {
+        let inbound = match r.kind {
+            RouteKind::OutboundMessage => format!(
+                "POST /salesforce/outbound/{} (sObject {})",
+                r.name,
+                r.sobject.as_deref().unwrap_or("?")
+            ),
+            RouteKind::Callout => format!("POST /salesforce/callout/{}", r.name),
+        };
+        out.push_str(&format!(
+            "- {}: {inbound} -> {} {}\n",
+            r.name,
+            r.action.as_str(),
+            r.url
+        ));
+        if !r.org_ids.is_empty() {
+            out.push_str(&format!("    orgs: {}\n", r.org_ids.join(", ")));
+        }
+        if let Some(e) = &r.email_field {
+            out.push_str(&format!("    email from: {e}\n"));
+        }
+        for (key, mapping) in &r.fields {
+            let rule = mapping.rule();
+            let from = match (&rule.from, &rule.value) {
+                (_, Some(v)) => format!("constant {v}"),
+                (Some(f), None) => f.clone(),
+                _ => String::new(),
+            };
+            let mut notes = Vec::new();
+            if rule.required {
+                notes.push("required".to_owned());
+            }
+            if let Some(m) = rule.max_len {
+                notes.push(format!("max_len {m}"));
+            }
+            if rule.map.is_some() {
+                notes.push("mapped".to_owned());
+            }
+            if let Some(d) = &rule.default {
+                notes.push(format!("default {d}"));
+            }
+            let notes = if notes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", notes.join(", "))
+            };
+            out.push_str(&format!("    {key} <- {from}{notes}\n"));
+        }
+        if r.api_key.is_some() {
+            out.push_str("    api_key: route-specific (set)\n");
+        }
+    }
+    if secrecy::ExposeSecret::expose_secret(&settings.centercode.api_key).is_empty()
+        && settings.routes.iter().any(|r| r.api_key.is_none())
+    {
+        out.push_str("warning: centercode.api_key is empty; set RELAY__CENTERCODE__API_KEY\n");
+    }
+    out
+}
+
+/// Render, for each notification of `input`, the request the worker would send now.
+/// Errors describe why the gateway would refuse the message.
+pub fn preview(settings: &Settings, route_name: &str, input: &[u8]) -> Result<String, String> {
+    let route = settings
+        .route(route_name)
+        .ok_or_else(|| format!("no route named `{route_name}` in the configuration"))?;
+    let jobs: Vec<NewJob> = match route.kind {
+        RouteKind::OutboundMessage => {
+            let message = soap::parse_outbound_message(input)
+                .map_err(|e| format!("the gateway would answer 400: {e}"))?;
+            salesforce::check_message(route, &message)
+                .map_err(|e| format!("the gateway would refuse this message: {e}"))?;
+            salesforce::jobs_from_message(route, &message)
+        }
+        RouteKind::Callout => {
+            let body = callout::parse_body(input)
+                .map_err(|e| format!("the gateway would answer 400: {e}"))?;
+            vec![callout::job_from_callout(route, None, body, None)]
+        }
+    };
+    let mut out = String::new();
+    for job in &jobs {
+        let label = job.notification_id.as_deref().unwrap_or("callout body");
+        out.push_str(&format!(
+            "# {label} (route {}, action {})\n",
+            route.name,
+            route.action.as_str()
+        ));
+        match mapping::to_centercode(&job.job, route) {
+            Ok(request) => out.push_str(&request.render_masked()),
+            Err(e) => out.push_str(&format!("would be parked: {e}\n")),
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}

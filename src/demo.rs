@@ -1,0 +1,4 @@
+//! `relay demo`: placeholder during integration.
+pub async fn run(_serve: bool) -> anyhow::Result<i32> {
+    Ok(0)
+}

@@ -1,0 +1,264 @@
+//! `POST /salesforce/callout/{route}`: JSON from Apex or a Flow HTTP Callout, authenticated
+//! by a bearer token or an HMAC signature, deduplicated on its idempotency key.
+
+use super::{error_json, media_type, read_body, request_id, AppState, BodyError};
+use crate::queue::{EnqueueOutcome, Job, NewJob, QueueError};
+use crate::settings::{CalloutAuth, RouteKind, RouteSettings};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+
+/// Why a callout was not accepted. Bodies are `{"error":{"code","message"}}`.
+#[derive(Debug, thiserror::Error)]
+pub enum CalloutError {
+    #[error("no callout route named `{0}`")]
+    UnknownRoute(String),
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("{0}")]
+    Body(#[from] BodyError),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("body is not a JSON object: {0}")]
+    InvalidJson(String),
+    #[error("idempotency key must be 1 to 200 printable ASCII characters")]
+    InvalidIdempotencyKey,
+    #[error("Idempotency-Key was already used with a different body (job {0})")]
+    KeyReused(String),
+    #[error("could not store the request; retry later")]
+    Enqueue(#[source] QueueError),
+}
+
+impl CalloutError {
+    fn code(&self) -> &'static str {
+        match self {
+            CalloutError::UnknownRoute(_) => "unknown_route",
+            CalloutError::UnsupportedMediaType => "unsupported_media_type",
+            CalloutError::Body(BodyError::TooLarge(_)) => "payload_too_large",
+            CalloutError::Body(BodyError::Timeout) => "body_timeout",
+            CalloutError::Body(BodyError::Broken) => "body_unreadable",
+            CalloutError::Unauthorized(_) => "unauthorized",
+            CalloutError::InvalidJson(_) => "invalid_json",
+            CalloutError::InvalidIdempotencyKey => "invalid_idempotency_key",
+            CalloutError::KeyReused(_) => "idempotency_key_reused",
+            CalloutError::Enqueue(_) => "unavailable",
+        }
+    }
+}
+
+impl ResponseError for CalloutError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            CalloutError::UnknownRoute(_) => StatusCode::NOT_FOUND,
+            CalloutError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            CalloutError::Body(BodyError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            CalloutError::Body(BodyError::Timeout) => StatusCode::REQUEST_TIMEOUT,
+            CalloutError::Body(BodyError::Broken) => StatusCode::BAD_REQUEST,
+            CalloutError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            CalloutError::InvalidJson(_) | CalloutError::InvalidIdempotencyKey => {
+                StatusCode::BAD_REQUEST
+            }
+            CalloutError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            CalloutError::Enqueue(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        if matches!(self, CalloutError::Enqueue(_)) {
+            res.insert_header(("Retry-After", "5"));
+        }
+        res.content_type("application/json")
+            .body(error_json(self.code(), &self.to_string()))
+    }
+}
+
+fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Check the bearer token and/or HMAC signature that the route requires (all that are set).
+pub fn authenticate(
+    req: &HttpRequest,
+    body: &[u8],
+    auth: &CalloutAuth,
+    now: SystemTime,
+) -> Result<(), CalloutError> {
+    if let Some(expected) = &auth.bearer {
+        let given = header(req, "authorization")
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or(CalloutError::Unauthorized(
+                "missing Authorization: Bearer token",
+            ))?;
+        // Compare digests so the comparison takes the same time whatever the lengths.
+        let ok: bool = sha256(given.trim().as_bytes())
+            .ct_eq(&sha256(expected.expose_secret().as_bytes()))
+            .into();
+        if !ok {
+            return Err(CalloutError::Unauthorized("bearer token does not match"));
+        }
+    }
+    if let Some(secret) = &auth.hmac_secret {
+        let timestamp = header(req, "x-relay-timestamp")
+            .ok_or(CalloutError::Unauthorized("missing X-Relay-Timestamp"))?;
+        let ts: u64 = timestamp
+            .trim()
+            .parse()
+            .map_err(|_| CalloutError::Unauthorized("X-Relay-Timestamp must be Unix seconds"))?;
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        if now.abs_diff(ts) > auth.hmac_window_secs {
+            return Err(CalloutError::Unauthorized(
+                "X-Relay-Timestamp is outside the allowed window",
+            ));
+        }
+        let signatures = header(req, "x-relay-signature")
+            .ok_or(CalloutError::Unauthorized("missing X-Relay-Signature"))?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+            .expect("HMAC takes any key length");
+        mac.update(timestamp.trim().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        let expected = mac.finalize().into_bytes();
+        // Several comma-separated signatures let a secret be rotated without downtime.
+        let matched = signatures
+            .split(',')
+            .filter_map(|s| s.trim().strip_prefix("v1="))
+            .any(|sig| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(sig)
+                    .is_ok_and(|given| bool::from(given.as_slice().ct_eq(expected.as_slice())))
+            });
+        if !matched {
+            return Err(CalloutError::Unauthorized(
+                "X-Relay-Signature does not match",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The idempotency key: the header, else the route's `idempotency_key_field`.
+fn idempotency_key(
+    req: &HttpRequest,
+    route: &RouteSettings,
+    body: &serde_json::Value,
+) -> Result<Option<String>, CalloutError> {
+    let key = match header(req, "idempotency-key") {
+        Some(k) => Some(k.trim().to_owned()),
+        None => route
+            .idempotency_key_field
+            .as_deref()
+            .and_then(|p| body.pointer(p))
+            .and_then(|v| match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+    };
+    match key {
+        Some(k) if k.is_empty() || k.len() > 200 || !k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Err(CalloutError::InvalidIdempotencyKey)
+        }
+        other => Ok(other),
+    }
+}
+
+/// The job for one callout body.
+pub fn job_from_callout(
+    route: &RouteSettings,
+    key: Option<String>,
+    body: serde_json::Value,
+    body_hash: Option<String>,
+) -> NewJob {
+    NewJob {
+        id: uuid::Uuid::new_v4().to_string(),
+        route: route.name.clone(),
+        action: route.action,
+        dedupe_key: key.as_ref().map(|k| format!("callout:{}:{k}", route.name)),
+        body_hash,
+        org_id: None,
+        notification_id: key.clone(),
+        record_id: None,
+        job: Job::CalloutV1 {
+            idempotency_key: key,
+            body,
+        },
+    }
+}
+
+/// Parse a callout body: a JSON object.
+pub fn parse_body(raw: &[u8]) -> Result<serde_json::Value, CalloutError> {
+    match serde_json::from_slice::<serde_json::Value>(raw) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err(CalloutError::InvalidJson(
+            "top level must be an object".into(),
+        )),
+        // serde's message gives line and column, never the input.
+        Err(e) => Err(CalloutError::InvalidJson(e.to_string())),
+    }
+}
+
+#[tracing::instrument(name = "callout", skip_all, fields(route = %path.as_str(), request_id = tracing::field::Empty, job_id = tracing::field::Empty))]
+pub async fn receive(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, CalloutError> {
+    let span = tracing::Span::current();
+    span.record("request_id", request_id(&req));
+    let route = state
+        .settings
+        .route(&path)
+        .filter(|r| r.kind == RouteKind::Callout)
+        .ok_or_else(|| CalloutError::UnknownRoute(path.chars().take(64).collect()))?;
+    if media_type(&req) != "application/json" {
+        return Err(CalloutError::UnsupportedMediaType);
+    }
+    let server = &state.settings.server;
+    let raw = read_body(
+        &req,
+        payload,
+        server.max_body_bytes,
+        Duration::from_millis(server.body_timeout_ms),
+    )
+    .await?;
+    let auth = route
+        .auth
+        .as_ref()
+        .ok_or(CalloutError::Unauthorized("route has no auth configured"))?;
+    authenticate(&req, &raw, auth, SystemTime::now())
+        .inspect_err(|e| tracing::warn!(error = %e, "callout refused"))?;
+    let body = parse_body(&raw)?;
+    let key = idempotency_key(&req, route, &body)?;
+    let hash = key.as_ref().map(|_| format!("{:x}", Sha256::digest(&raw)));
+    let job = job_from_callout(route, key, body, hash);
+    let job_id = job.id.clone();
+    let outcome = state.queue.enqueue(vec![job]).await.map_err(|e| {
+        tracing::error!(error = %e, "could not store callout; answering 503");
+        CalloutError::Enqueue(e)
+    })?;
+    let (status, job_id) = match outcome.into_iter().next() {
+        Some(EnqueueOutcome::Duplicate { job_id }) => ("duplicate", job_id),
+        Some(EnqueueOutcome::Conflict { job_id }) => return Err(CalloutError::KeyReused(job_id)),
+        _ => ("queued", job_id),
+    };
+    span.record("job_id", job_id.as_str());
+    tracing::info!(%job_id, status, "callout stored");
+    Ok(HttpResponse::Accepted().json(serde_json::json!({"job_id": job_id, "status": status})))
+}

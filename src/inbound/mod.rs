@@ -1,0 +1,187 @@
+//! The HTTP gateway: routes, request ids, bounded body reading, and health endpoints.
+//! Handlers check and store; they never call Centercode.
+
+pub mod callout;
+pub mod health;
+pub mod salesforce;
+pub mod soap;
+
+use crate::queue::Queue;
+use crate::settings::Settings;
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use futures_util::{FutureExt, StreamExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Shared state of the gateway.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub queue: Queue,
+}
+
+/// The id of one inbound request, echoed in `X-Request-Id` and in every log line about it.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// Register every route on an actix `App`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/salesforce/outbound/{route}")
+            .route(web::post().to(salesforce::receive))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/salesforce/callout/{route}")
+            .route(web::post().to(callout::receive))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .route("/health/live", web::get().to(health::live))
+    .route("/health/ready", web::get().to(health::ready))
+    .default_service(web::to(not_found));
+}
+
+/// Wrap an app so every response carries a request id and every request is logged once
+/// (method, path, status, duration; never bodies or query strings).
+pub fn request_id_middleware<S, B>(
+    req: actix_web::dev::ServiceRequest,
+    srv: &S,
+) -> impl std::future::Future<Output = Result<ServiceResponse<B>, actix_web::Error>>
+where
+    S: Service<
+        actix_web::dev::ServiceRequest,
+        Response = ServiceResponse<B>,
+        Error = actix_web::Error,
+    >,
+{
+    let incoming = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_owned);
+    let id = incoming.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    let path = req.path().to_owned();
+    let started = Instant::now();
+    srv.call(req).map(move |res| {
+        res.map(|mut res| {
+            if let Ok(value) = HeaderValue::from_str(&id) {
+                res.headers_mut()
+                    .insert(HeaderName::from_static(REQUEST_ID), value);
+            }
+            tracing::info!(
+                request_id = %id,
+                method = %method,
+                path = %path,
+                status = res.status().as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "request handled"
+            );
+            res
+        })
+    })
+}
+
+/// The request id set by the middleware.
+pub fn request_id(req: &HttpRequest) -> String {
+    req.extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default()
+}
+
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    let body = if req.path().starts_with("/salesforce/outbound/") {
+        soap::render_fault(
+            false,
+            "method not allowed: Salesforce Outbound Messages are sent with POST",
+        )
+    } else {
+        error_json("method_not_allowed", "use POST")
+    };
+    let content_type = if req.path().starts_with("/salesforce/outbound/") {
+        "text/xml; charset=utf-8"
+    } else {
+        "application/json"
+    };
+    HttpResponse::MethodNotAllowed()
+        .insert_header(("Allow", "POST"))
+        .content_type(content_type)
+        .body(body)
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound()
+        .content_type("application/json")
+        .body(error_json("not_found", "no such endpoint"))
+}
+
+/// `{"error":{"code":...,"message":...}}`.
+pub fn error_json(code: &str, message: &str) -> String {
+    serde_json::json!({"error": {"code": code, "message": message}}).to_string()
+}
+
+/// Why a body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("request body did not arrive in time")]
+    Timeout,
+    #[error("request body could not be read")]
+    Broken,
+}
+
+/// Read the body, refusing a declared or streamed size above `max` without buffering it,
+/// and a body that does not arrive within `timeout` (slow senders).
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    max: usize,
+    timeout: Duration,
+) -> Result<web::Bytes, BodyError> {
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(BodyError::TooLarge(max));
+    }
+    let read = async {
+        let mut body =
+            web::BytesMut::with_capacity(declared.unwrap_or(8192).min(max as u64) as usize);
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|_| BodyError::Broken)?;
+            if body.len() + chunk.len() > max {
+                return Err(BodyError::TooLarge(max));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| BodyError::Timeout)?
+}
+
+/// The media type of a request, lower-cased, without parameters.
+pub fn media_type(req: &HttpRequest) -> String {
+    req.headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}

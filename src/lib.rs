@@ -1,0 +1,34 @@
+//! Salesforce-to-Centercode relay.
+//!
+//! Salesforce sends Outbound Messages (SOAP) or Apex/Flow callouts (JSON); the gateway checks
+//! them, stores them durably, and only then acknowledges. Workers translate each stored job
+//! with the route's current mapping, call Centercode, retry transient failures with backoff,
+//! and park what cannot be delivered where operators can replay it.
+//!
+//! # Layout
+//!
+//! - [`settings`]: configuration layers, secrets, validation.
+//! - [`domain`]: Salesforce ids and the parsed notification.
+//! - [`inbound`]: the actix-web gateway (SOAP parser, callouts, health).
+//! - [`queue`]: jobs and the embedded SQLite queue (group commit, leases, parking).
+//! - [`mapping`]: Salesforce fields → Centercode request.
+//! - [`centercode`]: the reqwest client.
+//! - [`retry`]: retry schedule, jitter and `Retry-After`.
+//! - [`worker`]: lease, deliver, ack / retry / park.
+//! - [`startup`]: wiring and shutdown. [`telemetry`]: logging.
+//! - [`cli`]: the `relay` subcommands; [`demo`]: `relay demo`.
+//! - [`fake_centercode`]: the fake Centercode server used by tests and the demo.
+
+pub mod centercode;
+pub mod cli;
+pub mod demo;
+pub mod domain;
+pub mod fake_centercode;
+pub mod inbound;
+pub mod mapping;
+pub mod queue;
+pub mod retry;
+pub mod settings;
+pub mod startup;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,237 @@
+//! The durable queue: what a job is, and the backends that store it. Ingest enqueues;
+//! workers lease, then ack, retry or park. Backends are a closed enum, not trait objects.
+
+pub mod sqlite;
+
+use crate::domain::Fields;
+use crate::settings::Action;
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use sqlite::SqliteQueue;
+
+/// What Salesforce sent, kept until delivery. Translation into a Centercode request happens
+/// in the worker, so a replay after a mapping fix uses the fix. Never change a variant's shape:
+/// add a `V2` instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Job {
+    OutboundMessageV1 {
+        org_id: String,
+        notification_id: String,
+        action_id: String,
+        sobject_type: String,
+        record_id: Option<String>,
+        fields: Fields,
+    },
+    CalloutV1 {
+        idempotency_key: Option<String>,
+        body: serde_json::Value,
+    },
+}
+
+/// A job to store, with its deduplication key.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub route: String,
+    pub action: Action,
+    /// `om:{org15}:{notification id}` or `callout:{route}:{key}`; `None` means never deduplicated.
+    pub dedupe_key: Option<String>,
+    /// SHA-256 of the callout body, to refuse a reused Idempotency-Key with another body.
+    pub body_hash: Option<String>,
+    pub org_id: Option<String>,
+    pub notification_id: Option<String>,
+    pub record_id: Option<String>,
+    pub job: Job,
+}
+
+/// What happened to one job of an enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Newly stored.
+    Stored,
+    /// Seen before (within the dedupe TTL): acknowledged, not stored again.
+    Duplicate { job_id: String },
+    /// The idempotency key was used before with a different body.
+    Conflict { job_id: String },
+}
+
+/// A job handed to a worker. `lease_token` proves the lease is still this worker's.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub id: String,
+    pub route: String,
+    pub action: String,
+    pub job: Job,
+    /// Delivery attempts including this one.
+    pub attempts: u32,
+    pub first_seen_ms: i64,
+    pub lease_token: String,
+    pub org_id: Option<String>,
+    pub notification_id: Option<String>,
+    pub record_id: Option<String>,
+}
+
+/// A parked job, as operators see it (no payload).
+#[derive(Debug, Clone, Serialize)]
+pub struct ParkedJob {
+    pub id: String,
+    pub route: String,
+    pub action: String,
+    pub org_id: Option<String>,
+    pub notification_id: Option<String>,
+    pub record_id: Option<String>,
+    pub attempts: u32,
+    pub first_seen_ms: i64,
+    pub parked_at_ms: i64,
+    pub reason: String,
+    pub last_status: Option<u16>,
+    pub replays: u32,
+}
+
+/// Counts and ages per state.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct QueueStats {
+    pub ready: u64,
+    pub in_flight: u64,
+    pub retrying: u64,
+    pub parked: u64,
+    pub oldest_ready_ms: Option<i64>,
+    pub oldest_parked_ms: Option<i64>,
+}
+
+/// Why the queue could not do what was asked. Any of these on ingest means 503.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue storage failed: {0}")]
+    Storage(#[from] rusqlite::Error),
+    #[error("queue is shut down")]
+    Closed,
+    #[error("stored job is unreadable: {0}")]
+    Corrupt(String),
+    #[error("queue I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The configured backend.
+#[derive(Clone)]
+pub enum Queue {
+    Embedded(SqliteQueue),
+}
+
+impl Queue {
+    pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.enqueue(jobs).await,
+        }
+    }
+
+    /// Lease up to `max` due jobs of routes not in `paused`.
+    pub async fn lease(&self, max: usize, paused: Vec<String>) -> Result<Vec<Leased>, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.lease(max, paused).await,
+        }
+    }
+
+    /// Delivery finished: forget the job.
+    pub async fn ack(&self, job: &Leased) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.ack(job).await,
+        }
+    }
+
+    /// Try again at `at_ms`.
+    pub async fn retry(
+        &self,
+        job: &Leased,
+        at_ms: i64,
+        error: &str,
+        status: Option<u16>,
+    ) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.retry(job, at_ms, error, status).await,
+        }
+    }
+
+    /// Give the job back without counting the attempt (shutdown, paused route).
+    pub async fn release(&self, job: &Leased) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.release(job).await,
+        }
+    }
+
+    /// Stop trying; keep the job where operators can see and replay it.
+    pub async fn park(
+        &self,
+        job: &Leased,
+        reason: &str,
+        status: Option<u16>,
+    ) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.park(job, reason, status).await,
+        }
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.stats().await,
+        }
+    }
+
+    pub async fn parked(&self, limit: usize) -> Result<Vec<ParkedJob>, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.parked(limit).await,
+        }
+    }
+
+    /// Move parked jobs (all, or the given ids) back to the work queue with attempts reset.
+    pub async fn replay(&self, ids: Option<Vec<String>>) -> Result<u64, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.replay(ids).await,
+        }
+    }
+
+    /// The payload of one job, for preview of a parked job.
+    pub async fn load(&self, id: &str) -> Result<Option<Leased>, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.load(id).await,
+        }
+    }
+
+    /// A cheap write that proves the store accepts writes (readiness).
+    pub async fn check_writable(&self) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.check_writable().await,
+        }
+    }
+
+    /// Forget deduplication keys past their TTL.
+    pub async fn purge_expired_dedupe(&self) -> Result<u64, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.purge_expired_dedupe().await,
+        }
+    }
+
+    /// Finish pending writes and refuse new ones.
+    pub fn close(&self) {
+        match self {
+            Queue::Embedded(q) => q.close(),
+        }
+    }
+
+    /// Resolves when new work may be available (an enqueue or replay happened).
+    pub async fn notified(&self) {
+        match self {
+            Queue::Embedded(q) => q.notified().await,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,635 @@
+//! The embedded durable queue: one SQLite file (WAL, `synchronous=FULL`) written by one
+//! thread that commits whatever requests are waiting in one transaction (group commit), so
+//! concurrent requests share an fsync instead of queueing for one each.
+
+use super::{now_ms, EnqueueOutcome, Job, Leased, NewJob, ParkedJob, QueueError, QueueStats};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+
+type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Work = Box<dyn FnOnce(&Connection) -> Finish + Send>;
+
+/// Most requests folded into one transaction.
+const MAX_BATCH: usize = 1024;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id              TEXT PRIMARY KEY,
+    route           TEXT NOT NULL,
+    action          TEXT NOT NULL,
+    org_id          TEXT,
+    notification_id TEXT,
+    record_id       TEXT,
+    payload         TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('queued', 'parked')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    first_seen      INTEGER NOT NULL,
+    age_from        INTEGER NOT NULL,
+    available_at    INTEGER NOT NULL,
+    lease_until     INTEGER NOT NULL DEFAULT 0,
+    lease_token     TEXT,
+    last_error      TEXT,
+    last_status     INTEGER,
+    parked_at       INTEGER,
+    park_reason     TEXT,
+    replays         INTEGER NOT NULL DEFAULT 0,
+    history         TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, available_at);
+CREATE TABLE IF NOT EXISTS dedupe (
+    key        TEXT PRIMARY KEY,
+    job_id     TEXT NOT NULL,
+    body_hash  TEXT,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
+";
+
+/// Handle to the embedded queue; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: Mutex<Option<mpsc::Sender<Work>>>,
+    reader: Mutex<Connection>,
+    notify: Notify,
+    lease_ms: i64,
+    dedupe_ttl_ms: i64,
+    path: PathBuf,
+}
+
+fn open_connection(path: &Path) -> Result<Connection, QueueError> {
+    let conn = Connection::open(path)?;
+    // WAL lets readers run beside the writer; synchronous=FULL fsyncs the WAL on every commit,
+    // which is what makes an acknowledged message survive power loss, not just a crash.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+    )?;
+    Ok(conn)
+}
+
+impl SqliteQueue {
+    /// Open (or create) the queue file and start its writer thread.
+    pub fn open(
+        path: &Path,
+        lease: Duration,
+        dedupe_ttl: Duration,
+        commit_delay: Duration,
+    ) -> Result<Self, QueueError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let writer_conn = open_connection(path)?;
+        writer_conn.execute_batch(SCHEMA)?;
+        let reader = open_connection(path)?;
+        let (tx, rx) = mpsc::channel::<Work>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx, commit_delay))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer: Mutex::new(Some(tx)),
+                reader: Mutex::new(reader),
+                notify: Notify::new(),
+                lease_ms: lease.as_millis() as i64,
+                dedupe_ttl_ms: dedupe_ttl.as_millis() as i64,
+                path: path.to_owned(),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Stop the writer after the work already sent; later calls fail with `Closed`.
+    pub fn close(&self) {
+        self.inner.writer.lock().expect("writer lock").take();
+    }
+
+    /// Run `f` inside the writer's next transaction; resolves only after COMMIT returned.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let (tx, rx) = oneshot::channel();
+        let work: Work = Box::new(move |conn: &Connection| {
+            // A savepoint per request: one request's failure leaves the others of the batch intact.
+            let result = conn
+                .execute_batch("SAVEPOINT req")
+                .map_err(QueueError::from)
+                .and_then(|_| f(conn));
+            let undo = if result.is_ok() {
+                conn.execute_batch("RELEASE req")
+            } else {
+                conn.execute_batch("ROLLBACK TO req; RELEASE req")
+            };
+            let result = match (result, undo) {
+                (Ok(_), Err(e)) => Err(QueueError::from(e)),
+                (r, _) => r,
+            };
+            Box::new(move |commit: Result<(), String>| {
+                let out = match (result, commit) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(e)) => Err(QueueError::Corrupt(format!("commit failed: {e}"))),
+                };
+                let _ = tx.send(out);
+            })
+        });
+        let sender = self.inner.writer.lock().expect("writer lock").clone();
+        sender
+            .ok_or(QueueError::Closed)?
+            .send(work)
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.reader.lock().expect("reader lock");
+            f(&conn)
+        })
+        .await
+        .map_err(|_| QueueError::Closed)?
+    }
+
+    /// Store all jobs of one request in one transaction, deduplicating on their keys.
+    pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        let ttl = self.inner.dedupe_ttl_ms;
+        let outcomes = self
+            .write(move |conn| {
+                let now = now_ms();
+                let mut outcomes = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    if let Some(key) = &job.dedupe_key {
+                        let seen: Option<(String, Option<String>)> = conn
+                            .prepare_cached("SELECT job_id, body_hash FROM dedupe WHERE key = ?1 AND expires_at > ?2")?
+                            .query_row(params![key, now], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()?;
+                        if let Some((job_id, hash)) = seen {
+                            outcomes.push(match (&hash, &job.body_hash) {
+                                (Some(a), Some(b)) if a != b => EnqueueOutcome::Conflict { job_id },
+                                _ => EnqueueOutcome::Duplicate { job_id },
+                            });
+                            continue;
+                        }
+                        conn.prepare_cached(
+                            "INSERT OR REPLACE INTO dedupe (key, job_id, body_hash, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![key, job.id, job.body_hash, now + ttl])?;
+                    }
+                    let payload = serde_json::to_string(&job.job).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+                    conn.prepare_cached(
+                        "INSERT INTO jobs (id, route, action, org_id, notification_id, record_id, payload, state,
+                                           first_seen, age_from, available_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?8, ?8)",
+                    )?
+                    .execute(params![
+                        job.id,
+                        job.route,
+                        job.action.as_str(),
+                        job.org_id,
+                        job.notification_id,
+                        job.record_id,
+                        payload,
+                        now
+                    ])?;
+                    outcomes.push(EnqueueOutcome::Stored);
+                }
+                Ok(outcomes)
+            })
+            .await?;
+        if outcomes.contains(&EnqueueOutcome::Stored) {
+            self.inner.notify.notify_one();
+        }
+        Ok(outcomes)
+    }
+
+    /// Lease up to `max` due jobs, skipping `paused` routes. Attempts count at lease time, so a
+    /// job that crashes the process every time still runs out of attempts.
+    pub async fn lease(&self, max: usize, paused: Vec<String>) -> Result<Vec<Leased>, QueueError> {
+        let lease_ms = self.inner.lease_ms;
+        self.write(move |conn| {
+            let now = now_ms();
+            let token = uuid::Uuid::new_v4().to_string();
+            let paused = serde_json::to_string(&paused).unwrap_or_else(|_| "[]".into());
+            let mut stmt = conn.prepare_cached(
+                "UPDATE jobs SET lease_until = ?1, lease_token = ?2, attempts = attempts + 1
+                 WHERE id IN (SELECT id FROM jobs
+                              WHERE state = 'queued' AND available_at <= ?3 AND lease_until <= ?3
+                                AND route NOT IN (SELECT value FROM json_each(?4))
+                              ORDER BY available_at LIMIT ?5)
+                 RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from",
+            )?;
+            let rows = stmt.query_map(params![now + lease_ms, token, now, paused, max as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, u32>(4)?,
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                ))
+            })?;
+            let mut leased = Vec::new();
+            for row in rows {
+                let (id, route, action, payload, attempts, age_from, org_id, notification_id, record_id) = row?;
+                let job: Job = serde_json::from_str(&payload).map_err(|e| QueueError::Corrupt(format!("job {id}: {e}")))?;
+                leased.push(Leased {
+                    id,
+                    route,
+                    action,
+                    job,
+                    attempts,
+                    first_seen_ms: age_from,
+                    lease_token: token.clone(),
+                    org_id,
+                    notification_id,
+                    record_id,
+                });
+            }
+            Ok(leased)
+        })
+        .await
+    }
+
+    pub async fn ack(&self, job: &Leased) -> Result<(), QueueError> {
+        let (id, token) = (job.id.clone(), job.lease_token.clone());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached("DELETE FROM jobs WHERE id = ?1 AND lease_token = ?2")?
+                .execute(params![id, token])?;
+            if n == 0 {
+                tracing::warn!(job_id = %id, "ack of a job whose lease had expired; it may be delivered twice");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn retry(
+        &self,
+        job: &Leased,
+        at_ms: i64,
+        error: &str,
+        status: Option<u16>,
+    ) -> Result<(), QueueError> {
+        let (id, token, error) = (job.id.clone(), job.lease_token.clone(), error.to_owned());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE jobs SET available_at = ?1, lease_until = 0, lease_token = NULL, last_error = ?2, last_status = ?3
+                 WHERE id = ?4 AND lease_token = ?5",
+            )?
+            .execute(params![at_ms, error, status, id, token])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn release(&self, job: &Leased) -> Result<(), QueueError> {
+        let (id, token) = (job.id.clone(), job.lease_token.clone());
+        let result = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE jobs SET lease_until = 0, lease_token = NULL, attempts = max(attempts - 1, 0)
+                     WHERE id = ?1 AND lease_token = ?2",
+                )?
+                .execute(params![id, token])?;
+                Ok(())
+            })
+            .await;
+        self.inner.notify.notify_one();
+        result
+    }
+
+    pub async fn park(
+        &self,
+        job: &Leased,
+        reason: &str,
+        status: Option<u16>,
+    ) -> Result<(), QueueError> {
+        let (id, token, reason) = (job.id.clone(), job.lease_token.clone(), reason.to_owned());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE jobs SET state = 'parked', parked_at = ?1, park_reason = ?2, last_error = ?2, last_status = ?3,
+                                 lease_until = 0, lease_token = NULL
+                 WHERE id = ?4 AND lease_token = ?5",
+            )?
+            .execute(params![now_ms(), reason, status, id, token])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        self.read(|conn| {
+            let now = now_ms();
+            let stats = conn.query_row(
+                "SELECT
+                   coalesce(sum(state = 'queued' AND lease_until <= ?1 AND available_at <= ?1), 0),
+                   coalesce(sum(state = 'queued' AND lease_until > ?1), 0),
+                   coalesce(sum(state = 'queued' AND lease_until <= ?1 AND available_at > ?1), 0),
+                   coalesce(sum(state = 'parked'), 0),
+                   min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at <= ?1 THEN first_seen END),
+                   min(CASE WHEN state = 'parked' THEN parked_at END)
+                 FROM jobs",
+                params![now],
+                |r| {
+                    Ok(QueueStats {
+                        ready: r.get::<_, i64>(0)? as u64,
+                        in_flight: r.get::<_, i64>(1)? as u64,
+                        retrying: r.get::<_, i64>(2)? as u64,
+                        parked: r.get::<_, i64>(3)? as u64,
+                        oldest_ready_ms: r.get(4)?,
+                        oldest_parked_ms: r.get(5)?,
+                    })
+                },
+            )?;
+            Ok(stats)
+        })
+        .await
+    }
+
+    pub async fn parked(&self, limit: usize) -> Result<Vec<ParkedJob>, QueueError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, route, action, org_id, notification_id, record_id, attempts, first_seen, parked_at,
+                        park_reason, last_status, replays
+                 FROM jobs WHERE state = 'parked' ORDER BY parked_at, id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map(params![limit as i64], |r| {
+                Ok(ParkedJob {
+                    id: r.get(0)?,
+                    route: r.get(1)?,
+                    action: r.get(2)?,
+                    org_id: r.get(3)?,
+                    notification_id: r.get(4)?,
+                    record_id: r.get(5)?,
+                    attempts: r.get(6)?,
+                    first_seen_ms: r.get(7)?,
+                    parked_at_ms: r.get::<_, Option<i64>>(8)?.unwrap_or(0),
+                    reason: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                    last_status: r.get(10)?,
+                    replays: r.get(11)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn replay(&self, ids: Option<Vec<String>>) -> Result<u64, QueueError> {
+        let n = self
+            .write(move |conn| {
+                let now = now_ms();
+                let ids_json = ids.map(|ids| serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()));
+                // Attempts and the age clock restart; the previous reason is kept in `history`.
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'queued', attempts = 0, available_at = ?1, age_from = ?1,
+                                         replays = replays + 1,
+                                         history = json_insert(coalesce(history, '[]'), '$[#]', park_reason),
+                                         park_reason = NULL, parked_at = NULL
+                         WHERE state = 'parked' AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))",
+                    )?
+                    .execute(params![now, ids_json])?;
+                Ok(n as u64)
+            })
+            .await?;
+        if n > 0 {
+            self.inner.notify.notify_one();
+        }
+        Ok(n)
+    }
+
+    pub async fn load(&self, id: &str) -> Result<Option<Leased>, QueueError> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            let row = conn
+                .query_row(
+                    "SELECT id, route, action, payload, attempts, age_from, org_id, notification_id, record_id
+                     FROM jobs WHERE id = ?1",
+                    params![id],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, u32>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, Option<String>>(6)?,
+                            r.get::<_, Option<String>>(7)?,
+                            r.get::<_, Option<String>>(8)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            row.map(|(id, route, action, payload, attempts, age_from, org_id, notification_id, record_id)| {
+                let job = serde_json::from_str(&payload).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+                Ok(Leased {
+                    id,
+                    route,
+                    action,
+                    job,
+                    attempts,
+                    first_seen_ms: age_from,
+                    lease_token: String::new(),
+                    org_id,
+                    notification_id,
+                    record_id,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    pub async fn check_writable(&self) -> Result<(), QueueError> {
+        self.write(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (k, v) VALUES ('ready_probe', ?1)",
+                params![now_ms().to_string()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forget dedupe keys past their TTL.
+    pub async fn purge_expired_dedupe(&self) -> Result<u64, QueueError> {
+        self.write(|conn| {
+            let n = conn.execute(
+                "DELETE FROM dedupe WHERE rowid IN (SELECT rowid FROM dedupe WHERE expires_at <= ?1 LIMIT 10000)",
+                params![now_ms()],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    pub async fn notified(&self) {
+        self.inner.notify.notified().await
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Work>, commit_delay: Duration) {
+    while let Ok(first) = rx.recv() {
+        if !commit_delay.is_zero() {
+            std::thread::sleep(commit_delay);
+        }
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(work) => batch.push(work),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Dropping the work drops its reply channel: every waiter gets `Closed` (503).
+            drop(batch);
+            tracing::error!(error = %e, "could not begin a queue transaction");
+            continue;
+        }
+        let finishes: Vec<Finish> = batch.into_iter().map(|work| work(&conn)).collect();
+        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "queue commit failed; every request of this batch gets 503");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for finish in finishes {
+            finish(commit.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Action;
+
+    fn job(n: u32, key: Option<&str>) -> NewJob {
+        NewJob {
+            id: format!("job-{n}"),
+            route: "r".into(),
+            action: Action::RemoveUser,
+            dedupe_key: key.map(str::to_owned),
+            body_hash: None,
+            org_id: None,
+            notification_id: None,
+            record_id: None,
+            job: Job::CalloutV1 {
+                idempotency_key: None,
+                body: serde_json::json!({"n": n}),
+            },
+        }
+    }
+
+    fn open(dir: &Path, lease: Duration) -> SqliteQueue {
+        SqliteQueue::open(
+            &dir.join("q.db"),
+            lease,
+            Duration::from_secs(90_000),
+            Duration::ZERO,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_committed_job_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path(), Duration::from_secs(60));
+        q.enqueue(vec![job(1, Some("k1"))]).await.unwrap();
+        q.close();
+        drop(q);
+        let q = open(dir.path(), Duration::from_secs(60));
+        let leased = q.lease(10, vec![]).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(leased[0].id, "job-1");
+    }
+
+    #[tokio::test]
+    async fn a_repeated_key_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path(), Duration::from_secs(60));
+        let out = q
+            .enqueue(vec![job(1, Some("k")), job(2, Some("k"))])
+            .await
+            .unwrap();
+        assert_eq!(out[0], EnqueueOutcome::Stored);
+        assert_eq!(
+            out[1],
+            EnqueueOutcome::Duplicate {
+                job_id: "job-1".into()
+            }
+        );
+        assert_eq!(q.stats().await.unwrap().ready, 1);
+    }
+
+    #[tokio::test]
+    async fn an_unacked_lease_comes_back_after_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path(), Duration::from_millis(50));
+        q.enqueue(vec![job(1, None)]).await.unwrap();
+        let first = q.lease(10, vec![]).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(
+            q.lease(10, vec![]).await.unwrap().is_empty(),
+            "leased job is invisible"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let again = loop {
+            let l = q.lease(10, vec![]).await.unwrap();
+            if !l.is_empty() || std::time::Instant::now() > deadline {
+                break l;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].attempts, 2);
+        // The first worker's late ack must not delete the job now leased by the second.
+        q.ack(&first[0]).await.unwrap();
+        assert_eq!(q.stats().await.unwrap().in_flight, 1);
+    }
+
+    #[tokio::test]
+    async fn parked_jobs_are_listed_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path(), Duration::from_secs(60));
+        q.enqueue(vec![job(1, None)]).await.unwrap();
+        let l = q.lease(1, vec![]).await.unwrap();
+        q.park(&l[0], "Centercode answered 400", Some(400))
+            .await
+            .unwrap();
+        let parked = q.parked(10).await.unwrap();
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].last_status, Some(400));
+        assert_eq!(q.replay(None).await.unwrap(), 1);
+        let l = q.lease(1, vec![]).await.unwrap();
+        assert_eq!(l[0].attempts, 1, "attempts reset on replay");
+    }
+
+    #[tokio::test]
+    async fn paused_routes_are_not_leased() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path(), Duration::from_secs(60));
+        q.enqueue(vec![job(1, None)]).await.unwrap();
+        assert!(q.lease(1, vec!["r".into()]).await.unwrap().is_empty());
+        assert_eq!(q.lease(1, vec![]).await.unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,819 @@
+//! Configuration: layered loading (defaults, `config/$RELAY_ENV.toml`, `--config`, env vars),
+//! secrets that never print, and validation that names the offending key.
+
+use crate::domain::OrgId;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The defaults, compiled in so the binary works from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration problem, naming the key and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error at `{key}`: {message}")]
+pub struct SettingsError {
+    pub key: String,
+    pub message: String,
+}
+
+impl SettingsError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub queue: QueueSettings,
+    pub worker: WorkerSettings,
+    pub centercode: CentercodeSettings,
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+    /// One entry per inbound endpoint (`/salesforce/outbound/{name}` or `/salesforce/callout/{name}`).
+    #[serde(default)]
+    pub routes: Vec<RouteSettings>,
+}
+
+/// `[server]`: the inbound HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address to listen on; port 0 picks a free port (tests).
+    pub bind: String,
+    /// Largest request body accepted; larger bodies get 413 while streaming.
+    pub max_body_bytes: usize,
+    /// Time allowed to receive a whole request body; well under Salesforce's 60 s.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    /// Time allowed to receive the request head.
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// Cap on open connections, so slow clients cannot exhaust the gateway.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// On SIGTERM, how long in-flight requests and deliveries may take to finish.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+    /// HTTP worker threads; 0 means one per core.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+fn default_body_timeout_ms() -> u64 {
+    10_000
+}
+fn default_header_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_shutdown_grace_secs() -> u64 {
+    30
+}
+
+/// Which durable queue stores jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueBackend {
+    /// One SQLite file (WAL, synchronous=FULL): nothing else to install.
+    Embedded,
+    /// RabbitMQ (not available in this build yet).
+    Rabbitmq,
+}
+
+/// `[queue]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub backend: QueueBackend,
+    /// The embedded queue's SQLite file.
+    pub path: PathBuf,
+    /// How long notification ids and Idempotency-Keys are remembered (longer than
+    /// Salesforce's 24 h of retries).
+    #[serde(default = "default_dedupe_ttl_secs")]
+    pub dedupe_ttl_secs: u64,
+    /// Visibility timeout of a leased job: a worker that dies leaves it to reappear after this.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// Longest time requests wait for one group commit to gather (microseconds).
+    #[serde(default)]
+    pub commit_delay_us: u64,
+}
+
+fn default_dedupe_ttl_secs() -> u64 {
+    90_000
+}
+fn default_lease_secs() -> u64 {
+    120
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Jobs delivered at the same time.
+    pub concurrency: usize,
+    /// Delay before each retry, in seconds (fractions allowed); once used up the job is parked.
+    pub retry_schedule_secs: Vec<f64>,
+    /// Park a job older than this, whatever its attempts.
+    pub max_age_secs: u64,
+    /// Upper bound on a `Retry-After` that Centercode asks for.
+    #[serde(default = "default_retry_after_max_secs")]
+    pub retry_after_max_secs: u64,
+    /// How often an idle worker looks for due retries.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Set false to run the gateway only (jobs wait in the queue).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_retry_after_max_secs() -> u64 {
+    3600
+}
+fn default_poll_interval_ms() -> u64 {
+    500
+}
+fn default_true() -> bool {
+    true
+}
+
+impl WorkerSettings {
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_schedule_secs
+            .iter()
+            .map(|s| Duration::from_secs_f64(*s))
+            .collect()
+    }
+}
+
+/// `[centercode]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CentercodeSettings {
+    /// Community API key, sent as `apiKey`; set it with `RELAY__CENTERCODE__API_KEY`.
+    pub api_key: SecretString,
+    /// Per-request timeout for calls to Centercode.
+    pub timeout_ms: u64,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable, for local use.
+    #[default]
+    Pretty,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `relay=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// How Salesforce reaches a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    /// SOAP Outbound Message (workflow rule or flow).
+    OutboundMessage,
+    /// JSON from Apex or a Flow HTTP Callout.
+    Callout,
+}
+
+/// What the worker does in Centercode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// User macro listener: `POST <url>?find=<email>&apiKey=<key>`.
+    RemoveUser,
+    /// External Source: `POST <url>?apiKey=<key>` with the mapped JSON.
+    CreateFeedback,
+    /// External-data user listener: `POST <url>?find=<email>&apiKey=<key>` with the mapped JSON.
+    StoreUserData,
+}
+
+impl Action {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Action::RemoveUser => "remove_user",
+            Action::CreateFeedback => "create_feedback",
+            Action::StoreUserData => "store_user_data",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "remove_user" => Some(Action::RemoveUser),
+            "create_feedback" => Some(Action::CreateFeedback),
+            "store_user_data" => Some(Action::StoreUserData),
+            _ => None,
+        }
+    }
+
+    /// Whether sending the same request twice is harmless in Centercode.
+    pub fn is_idempotent(&self) -> bool {
+        !matches!(self, Action::CreateFeedback)
+    }
+}
+
+/// What a 404 from a `store_user_data` listener means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUserNotFound {
+    #[default]
+    Park,
+    Done,
+}
+
+/// What to do when a request may have reached Centercode but no answer came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOutcomeUnknown {
+    /// Send again later (safe for idempotent actions).
+    Retry,
+    /// Park with reason `outcome_unknown` so a person checks before replaying.
+    Park,
+}
+
+/// Callout authentication; secrets usually come from `RELAY_ROUTE__<NAME>__BEARER` /
+/// `RELAY_ROUTE__<NAME>__HMAC_SECRET`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CalloutAuth {
+    pub bearer: Option<SecretString>,
+    pub hmac_secret: Option<SecretString>,
+    /// Allowed clock skew for `X-Relay-Timestamp`.
+    #[serde(default = "default_hmac_window_secs")]
+    pub hmac_window_secs: u64,
+}
+
+fn default_hmac_window_secs() -> u64 {
+    300
+}
+
+/// One Centercode field: where its value comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum FieldMapping {
+    /// Shorthand: `description = "Description__c"`.
+    From(String),
+    /// Full form.
+    Rule(FieldRule),
+}
+
+/// `{ from = ..., required = ..., max_len = ..., map = {...}, default = ..., value = ... }`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FieldRule {
+    /// A Salesforce field name (Outbound Messages) or a JSON pointer (callouts).
+    pub from: Option<String>,
+    /// A constant instead of `from`.
+    pub value: Option<serde_json::Value>,
+    /// Park the job when the value is missing or blank (and there is no default).
+    #[serde(default)]
+    pub required: bool,
+    /// Park the job when the value is longer than this many characters.
+    pub max_len: Option<usize>,
+    /// Translate Salesforce values to Centercode values; an unlisted value uses `default`.
+    pub map: Option<BTreeMap<String, String>>,
+    /// Used when the value is missing, blank or not in `map`.
+    pub default: Option<serde_json::Value>,
+}
+
+impl FieldMapping {
+    pub fn rule(&self) -> FieldRule {
+        match self {
+            FieldMapping::From(from) => FieldRule {
+                from: Some(from.clone()),
+                ..FieldRule::default()
+            },
+            FieldMapping::Rule(rule) => rule.clone(),
+        }
+    }
+}
+
+/// `[[routes]]`: one Salesforce source to one Centercode target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// Appears in the inbound URL.
+    pub name: String,
+    pub kind: RouteKind,
+    /// Orgs allowed to send (15- or 18-char ids; compared on the 15-char prefix).
+    #[serde(default)]
+    pub org_ids: Vec<String>,
+    /// Outbound Messages only: the sObject type accepted.
+    pub sobject: Option<String>,
+    pub action: Action,
+    /// Full Centercode URL, copied from Centercode (opaque).
+    pub url: String,
+    /// Field holding the user's e-mail (a field name, or a JSON pointer for callouts).
+    pub email_field: Option<String>,
+    /// Centercode key = mapping.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldMapping>,
+    /// Overrides `centercode.api_key` for this route.
+    pub api_key: Option<SecretString>,
+    /// Callouts only.
+    pub auth: Option<CalloutAuth>,
+    /// Callouts only: JSON pointer used as the idempotency key when no `Idempotency-Key`
+    /// header is sent (Flow HTTP Callouts cannot set per-request headers).
+    pub idempotency_key_field: Option<String>,
+    /// `store_user_data` only.
+    #[serde(default)]
+    pub on_user_not_found: OnUserNotFound,
+    /// Defaults to `park` for create_feedback (not idempotent in Centercode), `retry` otherwise.
+    pub on_outcome_unknown: Option<OnOutcomeUnknown>,
+}
+
+impl RouteSettings {
+    pub fn parsed_org_ids(&self) -> Vec<OrgId> {
+        self.org_ids
+            .iter()
+            .filter_map(|o| OrgId::parse(o).ok())
+            .collect()
+    }
+
+    pub fn on_outcome_unknown(&self) -> OnOutcomeUnknown {
+        self.on_outcome_unknown
+            .unwrap_or(if self.action.is_idempotent() {
+                OnOutcomeUnknown::Retry
+            } else {
+                OnOutcomeUnknown::Park
+            })
+    }
+
+    /// The environment variable prefix for this route's secrets.
+    pub fn env_prefix(&self) -> String {
+        let upper: String = self
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("RELAY_ROUTE__{upper}__")
+    }
+}
+
+/// Deployment environment, from `RELAY_ENV`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Local,
+    Test,
+    Production,
+}
+
+impl Environment {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Environment::Local => "local",
+            Environment::Test => "test",
+            Environment::Production => "production",
+        }
+    }
+
+    pub fn from_env() -> Result<Self, SettingsError> {
+        match std::env::var("RELAY_ENV").as_deref() {
+            Err(_) | Ok("") | Ok("local") => Ok(Environment::Local),
+            Ok("test") => Ok(Environment::Test),
+            Ok("production") => Ok(Environment::Production),
+            Ok(other) => Err(SettingsError::new(
+                "RELAY_ENV",
+                format!("unknown environment `{other}`; expected local, test or production"),
+            )),
+        }
+    }
+}
+
+impl Settings {
+    /// Load: built-in defaults, `config/default.toml`, `config/$RELAY_ENV.toml`, then `extra`
+    /// (`--config FILE`), then `RELAY__SECTION__KEY` variables; then per-route secrets and
+    /// validation. The config directory is `RELAY_CONFIG_DIR` or `./config`.
+    pub fn load(extra: Option<&Path>) -> Result<Self, SettingsError> {
+        let env = Environment::from_env()?;
+        let dir = std::env::var_os("RELAY_CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("config"));
+        let mut builder = ::config::Config::builder()
+            .add_source(::config::File::from_str(
+                DEFAULT_TOML,
+                ::config::FileFormat::Toml,
+            ))
+            .add_source(::config::File::from(dir.join("default.toml")).required(false))
+            .add_source(
+                ::config::File::from(dir.join(format!("{}.toml", env.as_str()))).required(false),
+            );
+        if let Some(path) = extra {
+            if !path.exists() {
+                return Err(SettingsError::new(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            builder = builder.add_source(::config::File::from(path));
+        }
+        builder = builder.add_source(
+            ::config::Environment::with_prefix("RELAY")
+                .prefix_separator("__")
+                .separator("__"),
+        );
+        let raw = builder.build().map_err(config_error)?;
+        let mut settings: Settings = raw.try_deserialize().map_err(config_error)?;
+        settings.apply_route_secrets_from_env();
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Parse one TOML document on top of the built-in defaults (tests, demo).
+    pub fn from_toml(toml_text: &str) -> Result<Self, SettingsError> {
+        let raw = ::config::Config::builder()
+            .add_source(::config::File::from_str(
+                DEFAULT_TOML,
+                ::config::FileFormat::Toml,
+            ))
+            .add_source(::config::File::from_str(
+                toml_text,
+                ::config::FileFormat::Toml,
+            ))
+            .build()
+            .map_err(config_error)?;
+        let mut settings: Settings = raw.try_deserialize().map_err(config_error)?;
+        settings.apply_route_secrets_from_env();
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn apply_route_secrets_from_env(&mut self) {
+        for route in &mut self.routes {
+            let prefix = route.env_prefix();
+            let var = |name: &str| {
+                std::env::var(format!("{prefix}{name}"))
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .map(SecretString::from)
+            };
+            if let Some(key) = var("API_KEY") {
+                route.api_key = Some(key);
+            }
+            let bearer = var("BEARER");
+            let hmac = var("HMAC_SECRET");
+            if bearer.is_some() || hmac.is_some() {
+                let auth = route.auth.get_or_insert_with(|| CalloutAuth {
+                    hmac_window_secs: default_hmac_window_secs(),
+                    ..CalloutAuth::default()
+                });
+                if bearer.is_some() {
+                    auth.bearer = bearer;
+                }
+                if hmac.is_some() {
+                    auth.hmac_secret = hmac;
+                }
+            }
+        }
+    }
+
+    /// Cross-field rules. Every error names the key and what is expected.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        self.server.bind.parse::<SocketAddr>().map_err(|_| {
+            SettingsError::new("server.bind", "expected host:port, e.g. 127.0.0.1:8080")
+        })?;
+        if self.server.max_body_bytes < 1024 {
+            return Err(SettingsError::new(
+                "server.max_body_bytes",
+                "expected at least 1024",
+            ));
+        }
+        if self.queue.backend == QueueBackend::Rabbitmq {
+            return Err(SettingsError::new(
+                "queue.backend",
+                "\"rabbitmq\" is not available in this build; use \"embedded\"",
+            ));
+        }
+        if self.queue.path.as_os_str().is_empty() {
+            return Err(SettingsError::new("queue.path", "expected a file path"));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(SettingsError::new(
+                "worker.concurrency",
+                "expected at least 1",
+            ));
+        }
+        if let Some(bad) = self
+            .worker
+            .retry_schedule_secs
+            .iter()
+            .position(|s| !s.is_finite() || *s < 0.0)
+        {
+            return Err(SettingsError::new(
+                format!("worker.retry_schedule_secs[{bad}]"),
+                "expected a non-negative number of seconds",
+            ));
+        }
+        if self.centercode.timeout_ms == 0 {
+            return Err(SettingsError::new(
+                "centercode.timeout_ms",
+                "expected more than 0",
+            ));
+        }
+        if self.queue.lease_secs * 1000 <= self.centercode.timeout_ms {
+            return Err(SettingsError::new(
+                "queue.lease_secs",
+                "must be longer than centercode.timeout_ms, or a slow delivery would be handed to a second worker",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            self.validate_route(i, route)?;
+            if !names.insert(route.name.as_str()) {
+                return Err(SettingsError::new(
+                    format!("routes[{i}].name"),
+                    format!("route name `{}` is used twice", route.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_route(&self, i: usize, route: &RouteSettings) -> Result<(), SettingsError> {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        if route.name.is_empty()
+            || !route
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(SettingsError::new(
+                key("name"),
+                "expected letters, digits, '-' or '_' (it appears in the URL)",
+            ));
+        }
+        match reqwest::Url::parse(&route.url) {
+            Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
+                if u.query_pairs().any(|(k, _)| k == "apiKey" || k == "find") {
+                    return Err(SettingsError::new(
+                        key("url"),
+                        "must not contain apiKey or find; the relay adds them (put the key in centercode.api_key)",
+                    ));
+                }
+            }
+            _ => {
+                return Err(SettingsError::new(
+                    key("url"),
+                    "expected an http(s) URL copied from Centercode",
+                ))
+            }
+        }
+        for (j, org) in route.org_ids.iter().enumerate() {
+            OrgId::parse(org).map_err(|e| {
+                SettingsError::new(format!("routes[{i}].org_ids[{j}]"), e.to_string())
+            })?;
+        }
+        let pointer_ok = |p: &str| p.is_empty() || p.starts_with('/');
+        match route.kind {
+            RouteKind::OutboundMessage => {
+                if route.org_ids.is_empty() {
+                    return Err(SettingsError::new(
+                        key("org_ids"),
+                        "expected at least one Salesforce org id for an outbound_message route",
+                    ));
+                }
+                match &route.sobject {
+                    Some(s)
+                        if !s.is_empty()
+                            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {}
+                    _ => {
+                        return Err(SettingsError::new(
+                            key("sobject"),
+                            "expected the sObject API name this route accepts, e.g. Contact",
+                        ))
+                    }
+                }
+                if route.auth.is_some() {
+                    return Err(SettingsError::new(
+                        key("auth"),
+                        "only callout routes take auth",
+                    ));
+                }
+            }
+            RouteKind::Callout => {
+                let auth = route.auth.as_ref();
+                let has_secret =
+                    auth.is_some_and(|a| a.bearer.is_some() || a.hmac_secret.is_some());
+                if !has_secret {
+                    return Err(SettingsError::new(
+                        key("auth"),
+                        format!(
+                            "a callout route needs auth = {{ bearer = ... }} or {{ hmac_secret = ... }} (or {}BEARER / {}HMAC_SECRET in the environment)",
+                            route.env_prefix(),
+                            route.env_prefix()
+                        ),
+                    ));
+                }
+                if let Some(a) = auth {
+                    for (name, s) in [("bearer", &a.bearer), ("hmac_secret", &a.hmac_secret)] {
+                        if s.as_ref().is_some_and(|s| s.expose_secret().len() < 16) {
+                            return Err(SettingsError::new(
+                                key(&format!("auth.{name}")),
+                                "expected at least 16 characters",
+                            ));
+                        }
+                    }
+                }
+                if let Some(e) = &route.email_field {
+                    if !pointer_ok(e) {
+                        return Err(SettingsError::new(
+                            key("email_field"),
+                            "expected a JSON pointer such as /subject/email",
+                        ));
+                    }
+                }
+                if let Some(p) = &route.idempotency_key_field {
+                    if !pointer_ok(p) {
+                        return Err(SettingsError::new(
+                            key("idempotency_key_field"),
+                            "expected a JSON pointer such as /eventId",
+                        ));
+                    }
+                }
+            }
+        }
+        if matches!(route.action, Action::RemoveUser | Action::StoreUserData)
+            && route.email_field.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(SettingsError::new(
+                key("email_field"),
+                format!(
+                    "action {} needs the field that holds the user's e-mail",
+                    route.action.as_str()
+                ),
+            ));
+        }
+        if route.action == Action::RemoveUser && !route.fields.is_empty() {
+            return Err(SettingsError::new(
+                key("fields"),
+                "remove_user sends no body; remove [routes.fields]",
+            ));
+        }
+        if route.action != Action::RemoveUser && route.fields.is_empty() {
+            return Err(SettingsError::new(
+                key("fields"),
+                format!(
+                    "action {} needs [routes.fields] (Centercode key = Salesforce field)",
+                    route.action.as_str()
+                ),
+            ));
+        }
+        for (name, mapping) in &route.fields {
+            let fkey = format!("routes[{i}].fields.{name}");
+            let rule = mapping.rule();
+            match (&rule.from, &rule.value) {
+                (Some(_), Some(_)) => {
+                    return Err(SettingsError::new(
+                        fkey,
+                        "give either `from` or `value`, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(SettingsError::new(
+                        fkey,
+                        "expected `from = \"FieldName\"` or `value = ...`",
+                    ))
+                }
+                (Some(from), None) => {
+                    if route.kind == RouteKind::Callout && !pointer_ok(from) {
+                        return Err(SettingsError::new(
+                            fkey + ".from",
+                            "expected a JSON pointer such as /feedback/title",
+                        ));
+                    }
+                    if route.kind == RouteKind::OutboundMessage && from.is_empty() {
+                        return Err(SettingsError::new(
+                            fkey + ".from",
+                            "expected a Salesforce field API name",
+                        ));
+                    }
+                }
+                (None, Some(_)) => {}
+            }
+            if rule.max_len == Some(0) {
+                return Err(SettingsError::new(fkey + ".max_len", "expected at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The route called `name`.
+    pub fn route(&self, name: &str) -> Option<&RouteSettings> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
+    /// The key a route delivers with.
+    pub fn api_key_for<'a>(&'a self, route: &'a RouteSettings) -> &'a SecretString {
+        route.api_key.as_ref().unwrap_or(&self.centercode.api_key)
+    }
+}
+
+fn config_error(e: ::config::ConfigError) -> SettingsError {
+    // config's messages name the key ("missing field `x`", "invalid type ... for key `a.b`").
+    let text = e.to_string();
+    let key = text
+        .split("for key `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or("(file)")
+        .to_owned();
+    SettingsError::new(key, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTES: &str = r#"
+[[routes]]
+name = "gdpr-removal"
+kind = "outbound_message"
+org_ids = ["00D8d000001AbCdEAK"]
+sobject = "Contact"
+action = "remove_user"
+url = "https://acme.centercode.com/api/v1/userMacroListeners/gdpr"
+email_field = "Email"
+
+[[routes]]
+name = "beta-feedback"
+kind = "outbound_message"
+org_ids = ["00D8d000001AbCdEAK"]
+sobject = "Feedback__c"
+action = "create_feedback"
+url = "https://acme.centercode.com/api/v1/projects/beta1/externalSources/sf-issues"
+[routes.fields]
+summary = { from = "Subject__c", required = true, max_len = 255 }
+description = "Description__c"
+severity = { from = "Priority__c", map = { High = "Major", Medium = "Minor", Low = "Cosmetic" }, default = "Minor" }
+status = { value = "New" }
+salesforce_id = "Id"
+"#;
+
+    #[test]
+    fn the_documented_example_loads() {
+        let s = Settings::from_toml(ROUTES).expect("valid");
+        assert_eq!(s.routes.len(), 2);
+        assert_eq!(s.routes[1].fields.len(), 5);
+        assert_eq!(s.queue.dedupe_ttl_secs, 90_000);
+    }
+
+    #[test]
+    fn a_bad_url_is_reported_with_its_key() {
+        let bad = ROUTES.replace(
+            "https://acme.centercode.com/api/v1/userMacroListeners/gdpr",
+            "not a url",
+        );
+        let err = Settings::from_toml(&bad).unwrap_err();
+        assert_eq!(err.key, "routes[0].url");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let err = Settings::from_toml("[worker]\nconcurrency = \"many\"\n").unwrap_err();
+        assert!(err.to_string().contains("worker.concurrency"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let mut s = Settings::from_toml(ROUTES).unwrap();
+        s.centercode.api_key = SecretString::from("super-secret-key");
+        assert!(!format!("{s:?}").contains("super-secret-key"));
+    }
+}

@@ -1,0 +1,132 @@
+//! Wiring: open the queue, bind the listener, run the gateway and the workers until stopped.
+
+use crate::inbound::{self, AppState};
+use crate::queue::{Queue, SqliteQueue};
+use crate::settings::{QueueBackend, Settings};
+use crate::worker::Worker;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// A built relay: listener bound, queue open, nothing running yet.
+pub struct Application {
+    port: u16,
+    listener: TcpListener,
+    settings: Arc<Settings>,
+    queue: Queue,
+}
+
+/// Open the configured queue backend.
+pub fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
+    match settings.queue.backend {
+        QueueBackend::Embedded => {
+            let q = SqliteQueue::open(
+                &settings.queue.path,
+                Duration::from_secs(settings.queue.lease_secs),
+                Duration::from_secs(settings.queue.dedupe_ttl_secs),
+                Duration::from_micros(settings.queue.commit_delay_us),
+            )
+            .with_context(|| {
+                format!(
+                    "opening the embedded queue at {}",
+                    settings.queue.path.display()
+                )
+            })?;
+            Ok(Queue::Embedded(q))
+        }
+        QueueBackend::Rabbitmq => {
+            anyhow::bail!("queue.backend = \"rabbitmq\" is not available in this build")
+        }
+    }
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let queue = open_queue(&settings)?;
+        Self::with_queue(settings, queue)
+    }
+
+    /// Build around an already open queue (the seam tests use).
+    pub fn with_queue(settings: Settings, queue: Queue) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&settings.server.bind)
+            .with_context(|| format!("binding {}", settings.server.bind))?;
+        let port = listener.local_addr()?.port();
+        Ok(Self {
+            port,
+            listener,
+            settings: Arc::new(settings),
+            queue,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.clone()
+    }
+
+    /// A worker over this application's queue and settings (tests drive it by hand).
+    pub fn worker(&self) -> Worker {
+        Worker::new(self.queue.clone(), self.settings.clone())
+    }
+
+    /// Serve and deliver until `stop` is cancelled, then drain: the gateway stops accepting,
+    /// in-flight requests finish, workers finish or leave their jobs to be leased again.
+    pub async fn run_until_stopped(
+        self,
+        stop: CancellationToken,
+        run_workers: bool,
+    ) -> anyhow::Result<()> {
+        let state = web::Data::new(AppState {
+            settings: self.settings.clone(),
+            queue: self.queue.clone(),
+        });
+        let server_settings = &self.settings.server;
+        let workers = if server_settings.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        } else {
+            server_settings.workers
+        };
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap_fn(inbound::request_id_middleware)
+                .configure(inbound::configure)
+        })
+        .workers(workers)
+        .max_connections(server_settings.max_connections.div_ceil(workers))
+        .client_request_timeout(Duration::from_millis(server_settings.header_timeout_ms))
+        .shutdown_timeout(server_settings.shutdown_grace_secs)
+        .disable_signals()
+        .listen(self.listener)?
+        .run();
+        let handle = server.handle();
+        let server_task = tokio::spawn(server);
+        let worker_task = if run_workers && self.settings.worker.enabled {
+            let worker = Worker::new(self.queue.clone(), self.settings.clone());
+            Some(tokio::spawn(worker.run_until_stopped(stop.clone())))
+        } else {
+            None
+        };
+        stop.cancelled().await;
+        tracing::info!("stopping: no new requests; finishing in-flight work");
+        handle.stop(true).await;
+        let _ = server_task.await;
+        if let Some(w) = worker_task {
+            let _ = w.await;
+        }
+        self.queue.close();
+        Ok(())
+    }
+}

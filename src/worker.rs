@@ -1,0 +1,262 @@
+//! Delivery workers: lease jobs, translate them with the current mapping, call Centercode,
+//! and ack, schedule a retry or park, according to the answer. A job is never dropped.
+
+use crate::centercode::{CentercodeClient, CentercodeResponse, TransportError};
+use crate::mapping;
+use crate::queue::{now_ms, Leased, Queue, QueueError};
+use crate::retry::RetryPolicy;
+use crate::settings::{Action, OnOutcomeUnknown, OnUserNotFound, Settings};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// What became of one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Centercode accepted it (status recorded).
+    Delivered { status: u16 },
+    /// Removal of a user Centercode does not know: nothing to remove, counted as done.
+    UserNotFound,
+    /// Scheduled for another attempt.
+    Retried { status: Option<u16> },
+    /// Given up on; kept where operators can replay it.
+    Parked { reason: String, status: Option<u16> },
+}
+
+/// Delivers jobs from `queue` to Centercode.
+#[derive(Clone)]
+pub struct Worker {
+    queue: Queue,
+    settings: Arc<Settings>,
+    client: CentercodeClient,
+    policy: RetryPolicy,
+}
+
+impl Worker {
+    pub fn new(queue: Queue, settings: Arc<Settings>) -> Self {
+        let client = CentercodeClient::new(Duration::from_millis(settings.centercode.timeout_ms));
+        let policy = RetryPolicy {
+            schedule: settings.worker.retry_delays(),
+            max_age: Duration::from_secs(settings.worker.max_age_secs),
+            retry_after_max: Duration::from_secs(settings.worker.retry_after_max_secs),
+        };
+        Self {
+            queue,
+            settings,
+            client,
+            policy,
+        }
+    }
+
+    /// Lease and deliver until `stop` is cancelled; then let in-flight deliveries finish
+    /// within the shutdown grace period (an unfinished job's lease expires and it comes back).
+    pub async fn run_until_stopped(self, stop: CancellationToken) {
+        let concurrency = self.settings.worker.concurrency;
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let poll = Duration::from_millis(self.settings.worker.poll_interval_ms);
+        let mut last_purge = std::time::Instant::now();
+        while !stop.is_cancelled() {
+            let free = permits.available_permits();
+            if free == 0 {
+                // Wait for one delivery to finish before asking the queue again.
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => drop(p),
+                    _ = stop.cancelled() => break,
+                }
+                continue;
+            }
+            match self.queue.lease(free, Vec::new()).await {
+                Ok(jobs) if jobs.is_empty() => {
+                    tokio::select! {
+                        _ = self.queue.notified() => {}
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+                Ok(jobs) => {
+                    for job in jobs {
+                        let permit = permits
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .expect("semaphore never closed");
+                        let worker = self.clone();
+                        tokio::spawn(async move {
+                            worker.process_one(job).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not lease jobs; retrying shortly");
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            }
+            if last_purge.elapsed() > Duration::from_secs(600) {
+                last_purge = std::time::Instant::now();
+                if let Err(e) = self.queue.purge_expired_dedupe().await {
+                    tracing::warn!(error = %e, "could not purge expired dedupe keys");
+                }
+            }
+        }
+        let grace = Duration::from_secs(self.settings.server.shutdown_grace_secs);
+        if tokio::time::timeout(grace, permits.acquire_many(concurrency as u32))
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period ended with deliveries in flight; their jobs will be redelivered");
+        }
+    }
+
+    /// Lease and deliver everything that is due now, one batch at a time (tests, demo).
+    pub async fn deliver_all(&self) -> Result<Vec<Outcome>, QueueError> {
+        let mut outcomes = Vec::new();
+        loop {
+            let jobs = self
+                .queue
+                .lease(self.settings.worker.concurrency, Vec::new())
+                .await?;
+            if jobs.is_empty() {
+                return Ok(outcomes);
+            }
+            let results =
+                futures_util::future::join_all(jobs.into_iter().map(|j| self.process_one(j))).await;
+            outcomes.extend(results);
+        }
+    }
+
+    /// Deliver one leased job and record its outcome in the queue.
+    pub async fn process_one(&self, job: Leased) -> Outcome {
+        let span = tracing::info_span!(
+            "deliver",
+            job_id = %job.id,
+            route = %job.route,
+            notification_id = job.notification_id.as_deref().unwrap_or(""),
+            record_id = job.record_id.as_deref().unwrap_or(""),
+            attempt = job.attempts,
+            centercode.status = tracing::field::Empty,
+        );
+        async move {
+            let outcome = self.decide(&job).await;
+            let recorded = match &outcome {
+                Outcome::Delivered { .. } | Outcome::UserNotFound => self.queue.ack(&job).await,
+                Outcome::Parked { reason, status } => {
+                    tracing::warn!(reason = %reason, "job parked");
+                    self.queue.park(&job, reason, *status).await
+                }
+                Outcome::Retried { .. } => Ok(()), // recorded in `decide`, which knows the time
+            };
+            if let Err(e) = recorded {
+                // The lease will expire and the job come back: at-least-once, never lost.
+                tracing::error!(error = %e, "could not record the delivery outcome");
+            }
+            tracing::info!(outcome = ?outcome, "delivery finished");
+            outcome
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn decide(&self, job: &Leased) -> Outcome {
+        let Some(route) = self.settings.route(&job.route) else {
+            return Outcome::Parked {
+                reason: format!("route `{}` is no longer configured", job.route),
+                status: None,
+            };
+        };
+        let request = match mapping::to_centercode(&job.job, route) {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Parked {
+                    reason: e.to_string(),
+                    status: None,
+                }
+            }
+        };
+        let started = std::time::Instant::now();
+        let result = self
+            .client
+            .send(&request, self.settings.api_key_for(route))
+            .await;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "centercode call returned"
+        );
+        match result {
+            Ok(CentercodeResponse {
+                status,
+                retry_after,
+            }) => {
+                tracing::Span::current().record("centercode.status", status);
+                match (status, route.action) {
+                    (200..=299, _) => Outcome::Delivered { status },
+                    (404, Action::RemoveUser) => Outcome::UserNotFound,
+                    (404, Action::StoreUserData) if route.on_user_not_found == OnUserNotFound::Done => Outcome::UserNotFound,
+                    (404, Action::StoreUserData) => Outcome::Parked {
+                        reason: "Centercode has no user with this e-mail (404)".into(),
+                        status: Some(status),
+                    },
+                    (408 | 429 | 500..=599, _) => {
+                        self.retry(job, Some(status), format!("Centercode answered {status}"), retry_after)
+                            .await
+                    }
+                    (401 | 403, _) => Outcome::Parked {
+                        reason: format!("Centercode refused the API key or the relay's address ({status}); check centercode.api_key and the key's IP allow-list"),
+                        status: Some(status),
+                    },
+                    _ => Outcome::Parked {
+                        reason: format!("Centercode rejected the request ({status}); fix the mapping or the Centercode setup, then replay"),
+                        status: Some(status),
+                    },
+                }
+            }
+            Err(e) => {
+                let unknown = e.outcome_unknown();
+                if unknown && route.on_outcome_unknown() == OnOutcomeUnknown::Park {
+                    Outcome::Parked {
+                        reason: format!("outcome unknown: {e}; Centercode may have created it already, check before replaying"),
+                        status: None,
+                    }
+                } else {
+                    let reason = match &e {
+                        TransportError::Connect(_) => e.to_string(),
+                        _ => format!(
+                            "{e} (outcome unknown; retrying is safe for {})",
+                            route.action.as_str()
+                        ),
+                    };
+                    self.retry(job, None, reason, None).await
+                }
+            }
+        }
+    }
+
+    async fn retry(
+        &self,
+        job: &Leased,
+        status: Option<u16>,
+        error: String,
+        retry_after: Option<Duration>,
+    ) -> Outcome {
+        let age = Duration::from_millis((now_ms() - job.first_seen_ms).max(0) as u64);
+        match self.policy.next_delay(job.attempts, age, retry_after) {
+            Some(delay) => {
+                let at = now_ms() + delay.as_millis() as i64;
+                if let Err(e) = self.queue.retry(job, at, &error, status).await {
+                    tracing::error!(error = %e, "could not schedule the retry; the lease will expire instead");
+                }
+                tracing::info!(delay_ms = delay.as_millis() as u64, last_error = %error, "delivery will be retried");
+                Outcome::Retried { status }
+            }
+            None => Outcome::Parked {
+                reason: format!("gave up after {} attempts: {error}", job.attempts),
+                status,
+            },
+        }
+    }
+}

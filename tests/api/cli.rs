@@ -1,0 +1,128 @@
+//! The `relay` binary's commands: check-config and preview.
+
+use crate::helpers::{fixture_path, routes_toml};
+use std::process::Command;
+
+fn relay(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(args)
+        // An empty config dir, so the repository's config/local.toml does not interfere.
+        .env("RELAY_CONFIG_DIR", dir)
+        .env_remove("RELAY_ENV")
+        .output()
+        .expect("run relay")
+}
+
+fn write_config(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn check_config_prints_the_routes_it_understood() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &routes_toml("https://acme.centercode.com"));
+    let out = relay(dir.path(), &["--config", &cfg, "check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("6 route(s)"), "{stdout}");
+    assert!(
+        stdout.contains("gdpr: POST /salesforce/outbound/gdpr (sObject Contact) -> remove_user"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("summary <- Subject__c (required, max_len 255)"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("bearer-token-for-tests"),
+        "secrets never printed"
+    );
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = routes_toml("https://acme.centercode.com").replacen(
+        "sobject = \"Case\"",
+        "sobject = \"\"",
+        1,
+    );
+    let cfg = write_config(dir.path(), &bad);
+    let out = relay(dir.path(), &["--config", &cfg, "check-config"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("routes[2].sobject"), "{stderr}");
+
+    let cfg = write_config(dir.path(), "[worker]\nconcurrency = 0\n");
+    let out = relay(dir.path(), &["--config", &cfg, "check-config"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("worker.concurrency"));
+}
+
+#[test]
+fn preview_prints_the_exact_request_with_the_key_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &routes_toml("https://acme.centercode.com"));
+    let file = fixture_path("om_contact_gdpr_removal_single.xml");
+    let out = Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args([
+            "--config",
+            &cfg,
+            "preview",
+            "--route",
+            "gdpr",
+            file.to_str().unwrap(),
+        ])
+        .env("RELAY_CONFIG_DIR", dir.path())
+        .env("RELAY__CENTERCODE__API_KEY", "real-secret-key")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("POST https://acme.centercode.com/api/v1/userMacroListeners/gdpr?find=marta.kowalska%40example.org&apiKey=***"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("real-secret-key"));
+
+    let file = fixture_path("om_feedback_custom_object.xml");
+    let out = relay(
+        dir.path(),
+        &[
+            "--config",
+            &cfg,
+            "preview",
+            "--route",
+            "feedback",
+            file.to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("POST https://acme.centercode.com/api/v1/projects/beta1/externalSources/sf-issues?apiKey=***"), "{stdout}");
+    assert!(stdout.contains("Content-Type: application/json"));
+    assert!(stdout.contains("\"status\": \"New\""), "{stdout}");
+
+    let out = relay(
+        dir.path(),
+        &[
+            "--config",
+            &cfg,
+            "preview",
+            "--route",
+            "gdpr",
+            fixture_path("hostile_wrong_org_id.xml").to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OrganizationId is not allowed"));
+}

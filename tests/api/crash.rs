@@ -1,0 +1,144 @@
+//! A real `relay serve` process killed with SIGKILL mid-load loses nothing it acknowledged.
+
+use crate::helpers::{fixture, routes_toml};
+use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn start_relay(config: &std::path::Path, dir: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["--config", config.to_str().unwrap(), "serve"])
+        .env("RELAY_CONFIG_DIR", dir)
+        .env_remove("RELAY_ENV")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start relay");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("relay listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_owned();
+    (child, address)
+}
+
+fn message(template: &str, n: u32) -> String {
+    template
+        .replace("04l8d0000100001AAA", &format!("04l{n:015}"))
+        .replace(
+            "marta.kowalska@example.org",
+            &format!("user{n}@example.com"),
+        )
+}
+
+#[tokio::test]
+async fn a_sigkilled_relay_loses_nothing_it_acknowledged() {
+    // Arrange: a fake Centercode and a config file for a child relay process.
+    let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\n[queue]\npath = \"{}\"\nlease_secs = 3\n[worker]\nconcurrency = 4\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n{}",
+            dir.path().join("relay.db").display(),
+            routes_toml(&centercode.base_url())
+        ),
+    )
+    .unwrap();
+    let template = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml")).unwrap();
+    let acked: Arc<Mutex<HashSet<u32>>> = Arc::default();
+    let client = reqwest::Client::new();
+    let mut next = 0u32;
+
+    // Act: three rounds of load, each ended by SIGKILL once some messages were acknowledged.
+    for _round in 0..3 {
+        let (mut child, address) = start_relay(&config, dir.path());
+        let stop_after = acked.lock().unwrap().len() + 40;
+        let mut senders = Vec::new();
+        for s in 0..4u32 {
+            let (client, address, template, acked) = (
+                client.clone(),
+                address.clone(),
+                template.clone(),
+                acked.clone(),
+            );
+            let first = next + s * 10_000;
+            senders.push(tokio::spawn(async move {
+                for n in first.. {
+                    let r = client
+                        .post(format!("{address}/salesforce/outbound/gdpr"))
+                        .header("Content-Type", "text/xml; charset=utf-8")
+                        .body(message(&template, n))
+                        .send()
+                        .await;
+                    let ok = match r {
+                        Ok(r) if r.status() == 200 => {
+                            r.text().await.is_ok_and(|t| t.contains("<Ack>true</Ack>"))
+                        }
+                        _ => false,
+                    };
+                    if !ok {
+                        break; // the process is gone
+                    }
+                    acked.lock().unwrap().insert(n);
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while acked.lock().unwrap().len() < stop_after {
+            assert!(Instant::now() < deadline, "load did not progress");
+            tokio::time::sleep(Duration::from_millis(5)).await; // poll with deadline
+        }
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+        for s in senders {
+            s.await.unwrap();
+        }
+        next += 40_000;
+    }
+
+    // Assert: after a restart every acknowledged notification reaches Centercode.
+    let (mut child, _address) = start_relay(&config, dir.path());
+    let expected: HashSet<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|n| format!("user{n}@example.com"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let missing = loop {
+        let seen: HashSet<String> = centercode
+            .requests()
+            .iter()
+            .filter_map(|r| {
+                r.query
+                    .get("find")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
+            .collect();
+        let missing: Vec<&String> = expected.difference(&seen).collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing.len();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acknowledged notifications never reached Centercode",
+        expected.len()
+    );
+    assert!(expected.len() >= 120);
+}

@@ -1,0 +1,424 @@
+//! Workers against the fake Centercode: mapping, status classes, retries and parking.
+
+use crate::helpers::{fixture, spawn_app, spawn_app_with, API_KEY};
+use serde_json::{json, Value};
+use sf_centercode_relay::fake_centercode::{Fault, FaultMode, FaultRoute};
+use sf_centercode_relay::settings::{FieldMapping, FieldRule};
+use sf_centercode_relay::worker::{Outcome, Worker};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn with_email(email: &str) -> Vec<u8> {
+    String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
+        .unwrap()
+        .replace("marta.kowalska@example.org", email)
+        .into_bytes()
+}
+
+fn parked(outcomes: &[Outcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Parked { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_removal_reaches_the_listener_and_the_user_is_gone() {
+    // Arrange
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+            .await
+            .status(),
+        200
+    );
+    // Act
+    let outcomes = app.deliver_until_settled().await;
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered { status: 200 }]);
+    let requests = app.centercode.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].path, "/api/v1/userMacroListeners/gdpr");
+    assert_eq!(requests[0].query["find"], "marta.kowalska@example.org");
+    assert!(requests[0].api_key_valid);
+    assert_eq!(app.centercode.macro_runs().len(), 1);
+    assert_eq!(
+        app.stats().await,
+        Default::default(),
+        "nothing left in the queue"
+    );
+}
+
+#[tokio::test]
+async fn a_plus_in_the_email_is_encoded_so_centercode_finds_the_user() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_outbound("gdpr", with_email("o'brien+beta@example.com"))
+            .await
+            .status(),
+        200
+    );
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes, vec![Outcome::Delivered { status: 200 }]);
+    assert_eq!(
+        app.centercode.requests()[0].query["find"],
+        "o'brien+beta@example.com"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_user_counts_as_done_not_as_a_failure() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_outbound("gdpr", fixture("om_contact_batch_4.xml"))
+            .await
+            .status(),
+        200
+    );
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes.len(), 4);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::UserNotFound | Outcome::Delivered { .. })),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        app.centercode.requests().len(),
+        4,
+        "one call per notification, none retried"
+    );
+    assert_eq!(app.stats().await.parked, 0);
+}
+
+#[tokio::test]
+async fn a_batch_of_100_is_delivered_in_full() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_outbound("gdpr", fixture("om_contact_batch_100.xml"))
+            .await
+            .status(),
+        200
+    );
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes.len(), 100);
+    let mut finds: Vec<String> = app
+        .centercode
+        .requests()
+        .iter()
+        .map(|r| r.query["find"].as_str().unwrap().to_owned())
+        .collect();
+    finds.sort();
+    finds.dedup();
+    assert_eq!(
+        finds.len(),
+        100,
+        "each notification's e-mail sent exactly once"
+    );
+}
+
+#[tokio::test]
+async fn feedback_is_created_with_the_mapped_body() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+            .await
+            .status(),
+        200
+    );
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes, vec![Outcome::Delivered { status: 200 }]);
+    let request = &app.centercode.requests()[0];
+    let sent: Value = serde_json::from_str(&request.body_text).unwrap();
+    let source = String::from_utf8(fixture("om_feedback_custom_object.xml")).unwrap();
+    let field = |name: &str| {
+        let open = format!("<sf:{name}>");
+        let start = source.find(&open).unwrap() + open.len();
+        let end = source[start..].find("</sf:").unwrap() + start;
+        source[start..end]
+            .replace("&amp;", "&")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+    };
+    assert_eq!(sent["summary"], field("Subject__c"));
+    assert_eq!(sent["description"], field("Description__c"));
+    assert_eq!(sent["salesforce_id"], field("Id"));
+    assert_eq!(sent["component"], field("Component__c"));
+    assert_eq!(sent["status"], "New");
+    assert!(["Major", "Minor", "Cosmetic"].contains(&sent["severity"].as_str().unwrap()));
+    assert_eq!(app.centercode.feedback().len(), 1);
+}
+
+#[tokio::test]
+async fn nil_fields_are_left_out_and_defaults_apply() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_outbound("feedback", fixture("om_feedback_nil_fields.xml"))
+            .await
+            .status(),
+        200
+    );
+    app.deliver_until_settled().await;
+    let sent: Value = serde_json::from_str(&app.centercode.requests()[0].body_text).unwrap();
+    assert_eq!(
+        sent,
+        json!({"summary": "Add dark mode to the tester portal", "severity": "Minor", "status": "New", "salesforce_id": "a0B8d00000AbCdFEAV"})
+    );
+}
+
+#[tokio::test]
+async fn a_case_becomes_feedback() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_outbound("case-feedback", fixture("om_case_feedback.xml"))
+            .await
+            .status(),
+        200
+    );
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes, vec![Outcome::Delivered { status: 200 }]);
+    let sent: Value = serde_json::from_str(&app.centercode.requests()[0].body_text).unwrap();
+    assert!(sent["summary"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(
+        sent["description"].as_str().unwrap().contains('\n'),
+        "multi-line text kept"
+    );
+}
+
+#[tokio::test]
+async fn transient_503s_are_retried_then_succeed() {
+    let app = spawn_app().await;
+    app.centercode.push_fault(Fault {
+        times: 2,
+        status: 503,
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Retried { status: Some(503) },
+            Outcome::Retried { status: Some(503) },
+            Outcome::Delivered { status: 200 }
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_429_waits_for_retry_after() {
+    let app = spawn_app().await;
+    app.centercode.push_fault(Fault {
+        status: 429,
+        retry_after: Some("1".into()),
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let started = Instant::now();
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Retried { status: Some(429) },
+            Outcome::Delivered { status: 200 }
+        ]
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After: 1 honoured, not the 50 ms schedule"
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_is_retried_for_a_removal() {
+    let app = spawn_app_with(|s| s.centercode.timeout_ms = 300).await;
+    app.centercode.push_fault(Fault {
+        mode: FaultMode::Hang,
+        delay_ms: Some(5_000),
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Retried { status: None },
+            Outcome::Delivered { status: 200 }
+        ]
+    );
+}
+
+#[tokio::test]
+async fn feedback_whose_outcome_is_unknown_is_parked_not_duplicated() {
+    let app = spawn_app().await;
+    app.centercode.push_fault(Fault {
+        route: FaultRoute::ExternalSource,
+        mode: FaultMode::SucceedThenDrop,
+        ..Fault::default()
+    });
+    app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+        .await;
+    let outcomes = app.deliver_until_settled().await;
+    let reasons = parked(&outcomes);
+    assert_eq!(reasons.len(), 1, "{outcomes:?}");
+    assert!(reasons[0].starts_with("outcome unknown"), "{}", reasons[0]);
+    assert_eq!(
+        app.centercode.feedback().len(),
+        1,
+        "created once, not re-posted"
+    );
+    assert_eq!(app.stats().await.parked, 1);
+}
+
+#[tokio::test]
+async fn a_400_parks_at_once_with_its_status() {
+    let app = spawn_app().await;
+    app.centercode.push_fault(Fault {
+        status: 400,
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(parked(&outcomes).len(), 1);
+    let parked = app.queue.parked(10).await.unwrap();
+    assert_eq!(parked[0].last_status, Some(400));
+    assert_eq!(parked[0].attempts, 1);
+    assert_eq!(
+        parked[0].notification_id.as_deref(),
+        Some("04l8d0000100001AAA")
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_api_key_parks_and_the_key_is_never_in_the_reason() {
+    let app =
+        spawn_app_with(|s| s.centercode.api_key = "wrong-key-value-123".to_owned().into()).await;
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let outcomes = app.deliver_until_settled().await;
+    let reasons = parked(&outcomes);
+    assert_eq!(reasons.len(), 1);
+    assert!(
+        reasons[0].contains("401") && reasons[0].contains("api_key"),
+        "{}",
+        reasons[0]
+    );
+    assert!(!reasons[0].contains("wrong-key-value-123"));
+    assert!(!format!("{:?}", app.queue.parked(10).await.unwrap()).contains("wrong-key-value-123"));
+    assert_ne!(API_KEY, "wrong-key-value-123");
+}
+
+#[tokio::test]
+async fn retries_run_out_and_the_job_is_parked() {
+    let app = spawn_app().await;
+    app.centercode.push_fault(Fault {
+        times: 10,
+        status: 502,
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes.len(), 4, "first attempt + 3 retries: {outcomes:?}");
+    let reasons = parked(&outcomes);
+    assert!(
+        reasons[0].contains("gave up after 4 attempts") && reasons[0].contains("502"),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_record_and_a_missing_field_park_with_a_reason() {
+    let app = spawn_app().await;
+    let deleted = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml")).unwrap();
+    let start = deleted.find("<sf:AccountId>").unwrap();
+    let end = deleted.find("</sObject>").unwrap();
+    let deleted = format!("{}{}", &deleted[..start], &deleted[end..]);
+    assert_eq!(
+        app.post_outbound("gdpr", deleted.into_bytes())
+            .await
+            .status(),
+        200
+    );
+    let no_subject = String::from_utf8(fixture("om_feedback_custom_object.xml")).unwrap();
+    let no_subject = no_subject
+        .replace("<sf:Subject__c>", "<sf:Ignored__c>")
+        .replace("</sf:Subject__c>", "</sf:Ignored__c>");
+    assert_eq!(
+        app.post_outbound("feedback", no_subject.into_bytes())
+            .await
+            .status(),
+        200
+    );
+    let outcomes = app.deliver_until_settled().await;
+    let mut reasons = parked(&outcomes);
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "{outcomes:?}");
+    assert!(reasons[0].contains("record was deleted"), "{}", reasons[0]);
+    assert!(reasons[1].contains("Subject__c"), "{}", reasons[1]);
+    assert!(
+        app.centercode.requests().is_empty(),
+        "nothing sent for either"
+    );
+}
+
+#[tokio::test]
+async fn a_replay_after_a_mapping_fix_uses_the_fix() {
+    // Arrange: a map with no default, so "Medium" cannot be translated and the job parks.
+    let app = spawn_app_with(|s| {
+        let route = s.routes.iter_mut().find(|r| r.name == "feedback").unwrap();
+        route.fields.insert(
+            "severity".into(),
+            FieldMapping::Rule(FieldRule {
+                from: Some("Priority__c".into()),
+                map: Some([("High".to_owned(), "Major".to_owned())].into()),
+                ..FieldRule::default()
+            }),
+        );
+    })
+    .await;
+    let body = String::from_utf8(fixture("om_feedback_custom_object.xml")).unwrap();
+    let body = regex_replace_priority(&body, "Medium");
+    app.post_outbound("feedback", body.into_bytes()).await;
+    let reasons = parked(&app.deliver_until_settled().await);
+    assert!(reasons[0].contains("not in the route's map"), "{reasons:?}");
+
+    // Act: fix the mapping (a new worker with new settings, as after a restart) and replay.
+    let mut fixed = (*app.settings).clone();
+    let route = fixed
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "feedback")
+        .unwrap();
+    route.fields.insert(
+        "severity".into(),
+        FieldMapping::Rule(FieldRule {
+            from: Some("Priority__c".into()),
+            map: Some([("Medium".to_owned(), "Minor".to_owned())].into()),
+            ..FieldRule::default()
+        }),
+    );
+    let worker = Worker::new(app.queue.clone(), Arc::new(fixed));
+    assert_eq!(app.queue.replay(None).await.unwrap(), 1);
+    let outcomes = worker.deliver_all().await.unwrap();
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered { status: 200 }]);
+    let sent: Value = serde_json::from_str(&app.centercode.requests()[0].body_text).unwrap();
+    assert_eq!(sent["severity"], "Minor");
+}
+
+fn regex_replace_priority(xml: &str, value: &str) -> String {
+    let start = xml.find("<sf:Priority__c>").unwrap() + "<sf:Priority__c>".len();
+    let end = xml[start..].find('<').unwrap() + start;
+    format!("{}{value}{}", &xml[..start], &xml[end..])
+}

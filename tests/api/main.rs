@@ -1,0 +1,9 @@
+//! Integration tests: the real gateway on port 0, the embedded queue in a temp dir, and the
+//! fake Centercode over real HTTP.
+
+mod callout;
+mod cli;
+mod crash;
+mod delivery;
+mod helpers;
+mod inbound;
