@@ -126,3 +126,24 @@ fn preview_prints_the_exact_request_with_the_key_masked() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("OrganizationId is not allowed"));
 }
+
+#[test]
+fn the_demo_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay(dir.path(), &["demo", "--no-serve"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("<Ack>true</Ack>").count(), 5, "{stdout}");
+    assert!(
+        stdout.contains("remove user marta.kowalska@example.org   200 removed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("no such user: counted as done"));
+    assert!(stdout.contains("503 unavailable: will retry"));
+    assert_eq!(stdout.matches(" created: ").count(), 2, "{stdout}");
+    assert!(stdout.contains("0 ready, 0 retrying, 0 parked"));
+}

@@ -5,5 +5,6 @@ mod callout;
 mod cli;
 mod crash;
 mod delivery;
+mod deploy;
 mod helpers;
 mod inbound;
