@@ -138,6 +138,10 @@ pub async fn receive(
     })?;
     span.record("sf_org_id", message.org_id.as_str());
     span.record("notifications", message.notifications.len());
+    if message.had_session_id {
+        // The value was dropped at parse time; it is never stored or logged.
+        tracing::warn!("message carried a SessionId, which the relay discards; turn off \"Send Session ID\" on the Outbound Message");
+    }
     check_message(route, &message)
         .inspect_err(|e| tracing::warn!(error = %e, "outbound message refused"))?;
     let jobs = jobs_from_message(route, &message);

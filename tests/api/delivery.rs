@@ -422,3 +422,63 @@ fn regex_replace_priority(xml: &str, value: &str) -> String {
     let end = xml[start..].find('<').unwrap() + start;
     format!("{}{value}{}", &xml[..start], &xml[end..])
 }
+
+#[tokio::test]
+async fn store_user_data_sends_the_mapped_fields_to_the_users_listener() {
+    use sf_centercode_relay::settings::{Action, OnUserNotFound};
+    // Arrange: an external-data route (the fake's listener accepts and ignores the body).
+    let app = spawn_app_with(|s| {
+        let mut route = s.routes.iter().find(|r| r.name == "gdpr").unwrap().clone();
+        route.name = "user-data".into();
+        route.action = Action::StoreUserData;
+        route.fields = [(
+            "member_id".to_owned(),
+            FieldMapping::From("Centercode_Member_Id__c".into()),
+        )]
+        .into();
+        let mut lenient = route.clone();
+        lenient.name = "user-data-lenient".into();
+        lenient.on_user_not_found = OnUserNotFound::Done;
+        s.routes.push(route);
+        s.routes.push(lenient);
+    })
+    .await;
+    // Act
+    app.post_outbound("user-data", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let known = app.deliver_until_settled().await;
+    app.post_outbound(
+        "user-data",
+        with_email("nobody@example.com").replace_id("04l8d0000100002AAA"),
+    )
+    .await;
+    app.post_outbound(
+        "user-data-lenient",
+        with_email("nobody@example.com").replace_id("04l8d0000100003AAA"),
+    )
+    .await;
+    let unknown = app.deliver_until_settled().await;
+    // Assert
+    assert_eq!(known, vec![Outcome::Delivered { status: 200 }]);
+    let first = &app.centercode.requests()[0];
+    assert_eq!(first.query["find"], "marta.kowalska@example.org");
+    assert_eq!(
+        serde_json::from_str::<Value>(&first.body_text).unwrap(),
+        json!({"member_id": "CC-778812"})
+    );
+    assert_eq!(parked(&unknown).len(), 1, "{unknown:?}");
+    assert!(unknown.contains(&Outcome::UserNotFound), "{unknown:?}");
+}
+
+trait ReplaceId {
+    fn replace_id(self, id: &str) -> Vec<u8>;
+}
+
+impl ReplaceId for Vec<u8> {
+    fn replace_id(self, id: &str) -> Vec<u8> {
+        String::from_utf8(self)
+            .unwrap()
+            .replace("04l8d0000100001AAA", id)
+            .into_bytes()
+    }
+}
