@@ -32,6 +32,20 @@ pub enum Command {
     },
     /// Load and validate the configuration, then print the routes it defines.
     CheckConfig,
+    /// Parked jobs: list, show, replay, purge (through the admin API).
+    Parked {
+        #[command(flatten)]
+        conn: crate::admin_cli::Connection,
+        #[command(subcommand)]
+        command: crate::admin_cli::ParkedCommand,
+    },
+    /// Routes: list, pause, resume (through the admin API).
+    Routes {
+        #[command(flatten)]
+        conn: crate::admin_cli::Connection,
+        #[command(subcommand)]
+        command: crate::admin_cli::RoutesCommand,
+    },
     /// Show the exact Centercode request(s) a Salesforce message would produce.
     Preview {
         /// The route to preview with.
@@ -47,6 +61,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(Settings::load(cli.config.as_deref())?).await,
         Command::Demo { no_serve } => crate::demo::run(!no_serve).await,
+        Command::Parked { conn, command } => crate::admin_cli::parked(&conn, command).await,
+        Command::Routes { conn, command } => crate::admin_cli::routes(&conn, command).await,
         Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
             Ok(settings) => {
                 print!("{}", describe(&settings));

@@ -15,17 +15,22 @@
 //! - [`centercode`]: the reqwest client.
 //! - [`retry`]: retry schedule, jitter and `Retry-After`.
 //! - [`worker`]: lease, deliver, ack / retry / park.
-//! - [`startup`]: wiring and shutdown. [`telemetry`]: logging.
+//! - [`startup`]: wiring and shutdown. [`telemetry`]: logging. [`metrics`]: Prometheus.
+//! - [`admin`]: the admin API (parked jobs, replay, pause); [`control`]: paused routes.
 //! - [`cli`]: the `relay` subcommands; [`demo`]: `relay demo`.
 //! - [`fake_centercode`]: the fake Centercode server used by tests and the demo.
 
+pub mod admin;
+pub mod admin_cli;
 pub mod centercode;
 pub mod cli;
+pub mod control;
 pub mod demo;
 pub mod domain;
 pub mod fake_centercode;
 pub mod inbound;
 pub mod mapping;
+pub mod metrics;
 pub mod queue;
 pub mod retry;
 pub mod settings;

@@ -39,6 +39,8 @@ pub struct Settings {
     pub centercode: CentercodeSettings,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
     /// One entry per inbound endpoint (`/salesforce/outbound/{name}` or `/salesforce/callout/{name}`).
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
@@ -88,8 +90,19 @@ fn default_shutdown_grace_secs() -> u64 {
 pub enum QueueBackend {
     /// One SQLite file (WAL, synchronous=FULL): nothing else to install.
     Embedded,
-    /// RabbitMQ (not available in this build yet).
+    /// RabbitMQ: durable (quorum) queues, publisher confirms, per-tier TTL retry queues.
     Rabbitmq,
+}
+
+/// The kind of RabbitMQ queues declared for `queue.backend = "rabbitmq"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RabbitQueueType {
+    /// Replicated Raft queues with at-least-once dead-lettering (RabbitMQ ≥ 3.10).
+    #[default]
+    Quorum,
+    /// Classic durable queues (single node; dead-lettering is at-most-once).
+    Classic,
 }
 
 /// `[queue]`.
@@ -109,6 +122,36 @@ pub struct QueueSettings {
     /// Longest time requests wait for one group commit to gather (microseconds).
     #[serde(default)]
     pub commit_delay_us: u64,
+    /// RabbitMQ only: broker URL (`amqp://` or `amqps://`); it holds a password, so set it
+    /// with `RELAY__QUEUE__URL` in production.
+    #[serde(default = "default_amqp_url")]
+    pub url: SecretString,
+    /// RabbitMQ only: prefix of the queue names (`{prefix}.work`, `{prefix}.retry.{i}`,
+    /// `{prefix}.parked`) and of the Redis dedupe keys.
+    #[serde(default = "default_queue_prefix")]
+    pub prefix: String,
+    /// RabbitMQ only: `quorum` (default) or `classic`.
+    #[serde(default)]
+    pub queue_type: RabbitQueueType,
+    /// RabbitMQ only: how long to wait for the broker to confirm a publish before the
+    /// request is answered 503.
+    #[serde(default = "default_confirm_timeout_ms")]
+    pub confirm_timeout_ms: u64,
+    /// RabbitMQ only: Redis holding the dedupe keys shared by all gateways. Without it the
+    /// keys are kept in the gateway's memory, which is only correct with one gateway process
+    /// (and forgets them on restart).
+    #[serde(default)]
+    pub redis_url: Option<SecretString>,
+}
+
+fn default_amqp_url() -> SecretString {
+    SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+fn default_queue_prefix() -> String {
+    "relay".into()
+}
+fn default_confirm_timeout_ms() -> u64 {
+    5_000
 }
 
 fn default_dedupe_ttl_secs() -> u64 {
@@ -137,6 +180,14 @@ pub struct WorkerSettings {
     /// Set false to run the gateway only (jobs wait in the queue).
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// RabbitMQ only: unacknowledged deliveries the broker may push to one worker process
+    /// (`basic.qos` prefetch count).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+}
+
+fn default_prefetch() -> u16 {
+    64
 }
 
 fn default_retry_after_max_secs() -> u64 {
@@ -194,6 +245,23 @@ impl Default for TelemetrySettings {
             format: LogFormat::Pretty,
             level: "info".into(),
         }
+    }
+}
+
+/// `[admin]`: the admin API under `/admin/`, off unless a token is set.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Bearer token for `/admin/*` (at least 32 characters); set `RELAY__ADMIN__TOKEN`.
+    pub token: Option<SecretString>,
+}
+
+impl AdminSettings {
+    /// The token, when the admin API is enabled.
+    pub fn token(&self) -> Option<&SecretString> {
+        self.token
+            .as_ref()
+            .filter(|t| !t.expose_secret().is_empty())
     }
 }
 
@@ -516,10 +584,7 @@ impl Settings {
             ));
         }
         if self.queue.backend == QueueBackend::Rabbitmq {
-            return Err(SettingsError::new(
-                "queue.backend",
-                "\"rabbitmq\" is not available in this build; use \"embedded\"",
-            ));
+            self.validate_rabbitmq()?;
         }
         if self.queue.path.as_os_str().is_empty() {
             return Err(SettingsError::new("queue.path", "expected a file path"));
@@ -539,6 +604,16 @@ impl Settings {
             return Err(SettingsError::new(
                 format!("worker.retry_schedule_secs[{bad}]"),
                 "expected a non-negative number of seconds",
+            ));
+        }
+        if self
+            .admin
+            .token()
+            .is_some_and(|t| t.expose_secret().len() < 32)
+        {
+            return Err(SettingsError::new(
+                "admin.token",
+                "expected at least 32 characters (e.g. `openssl rand -hex 32`), or leave it empty to turn the admin API off",
             ));
         }
         if self.centercode.timeout_ms == 0 {
@@ -562,6 +637,71 @@ impl Settings {
                     format!("route name `{}` is used twice", route.name),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `[queue]` and `[worker]` keys that only matter with `queue.backend = "rabbitmq"`.
+    fn validate_rabbitmq(&self) -> Result<(), SettingsError> {
+        let url = self.queue.url.expose_secret();
+        // Only the scheme is named in errors: the URL holds the broker password.
+        match url.split_once("://") {
+            Some(("amqp" | "amqps", rest)) if !rest.is_empty() => {}
+            _ => {
+                return Err(SettingsError::new(
+                    "queue.url",
+                    "expected amqp://user:password@host:5672/vhost or amqps://…",
+                ))
+            }
+        }
+        if url.parse::<lapin::uri::AMQPUri>().is_err() {
+            return Err(SettingsError::new(
+                "queue.url",
+                "is not a valid AMQP URI (percent-encode the vhost: `/` is %2f)",
+            ));
+        }
+        let prefix = &self.queue.prefix;
+        if prefix.is_empty()
+            || prefix.len() > 200
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(SettingsError::new(
+                "queue.prefix",
+                "expected 1 to 200 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.queue.confirm_timeout_ms == 0 {
+            return Err(SettingsError::new(
+                "queue.confirm_timeout_ms",
+                "expected more than 0",
+            ));
+        }
+        if let Some(redis) = &self.queue.redis_url {
+            match redis.expose_secret().split_once("://") {
+                Some(("redis", rest)) if !rest.is_empty() => {}
+                _ => {
+                    return Err(SettingsError::new(
+                        "queue.redis_url",
+                        "expected redis://[:password@]host:6379[/db]",
+                    ))
+                }
+            }
+        }
+        if self.worker.prefetch == 0 {
+            return Err(SettingsError::new("worker.prefetch", "expected at least 1"));
+        }
+        if let Some(bad) = self
+            .worker
+            .retry_schedule_secs
+            .iter()
+            .position(|s| *s * 1000.0 > f64::from(u32::MAX))
+        {
+            return Err(SettingsError::new(
+                format!("worker.retry_schedule_secs[{bad}]"),
+                "too long for a RabbitMQ message TTL (at most 49 days)",
+            ));
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! Wiring: open the queue, bind the listener, run the gateway and the workers until stopped.
 
+use crate::control::RouteControl;
 use crate::inbound::{self, AppState};
+use crate::metrics::Metrics;
 use crate::queue::{Queue, SqliteQueue};
 use crate::settings::{QueueBackend, Settings};
 use crate::worker::Worker;
@@ -17,6 +19,8 @@ pub struct Application {
     listener: TcpListener,
     settings: Arc<Settings>,
     queue: Queue,
+    metrics: Arc<Metrics>,
+    control: Arc<RouteControl>,
 }
 
 /// Open the configured queue backend.
@@ -54,11 +58,15 @@ impl Application {
         let listener = TcpListener::bind(&settings.server.bind)
             .with_context(|| format!("binding {}", settings.server.bind))?;
         let port = listener.local_addr()?.port();
+        let metrics = Arc::new(Metrics::new());
+        metrics.init_routes(&settings.routes);
         Ok(Self {
             port,
             listener,
             settings: Arc::new(settings),
             queue,
+            metrics,
+            control: Arc::new(RouteControl::default()),
         })
     }
 
@@ -74,9 +82,22 @@ impl Application {
         self.settings.clone()
     }
 
-    /// A worker over this application's queue and settings (tests drive it by hand).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    pub fn control(&self) -> Arc<RouteControl> {
+        self.control.clone()
+    }
+
+    /// A worker over this application's queue, settings, metrics and controls (tests drive it by hand).
     pub fn worker(&self) -> Worker {
-        Worker::new(self.queue.clone(), self.settings.clone())
+        Worker::with_observers(
+            self.queue.clone(),
+            self.settings.clone(),
+            self.metrics.clone(),
+            self.control.clone(),
+        )
     }
 
     /// Serve and deliver until `stop` is cancelled, then drain: the gateway stops accepting,
@@ -86,9 +107,18 @@ impl Application {
         stop: CancellationToken,
         run_workers: bool,
     ) -> anyhow::Result<()> {
+        // Paused routes survive a restart (the embedded queue keeps them in its file).
+        if let Ok(paused) = self.queue.paused_routes().await {
+            for route in paused {
+                self.control.set_paused(&route, true);
+            }
+        }
+        let worker = self.worker();
         let state = web::Data::new(AppState {
             settings: self.settings.clone(),
             queue: self.queue.clone(),
+            metrics: self.metrics.clone(),
+            control: self.control.clone(),
         });
         let server_settings = &self.settings.server;
         let workers = if server_settings.workers == 0 {
@@ -114,7 +144,6 @@ impl Application {
         let handle = server.handle();
         let server_task = tokio::spawn(server);
         let worker_task = if run_workers && self.settings.worker.enabled {
-            let worker = Worker::new(self.queue.clone(), self.settings.clone());
             Some(tokio::spawn(worker.run_until_stopped(stop.clone())))
         } else {
             None

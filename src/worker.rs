@@ -1,8 +1,10 @@
 //! Delivery workers: lease jobs, translate them with the current mapping, call Centercode,
 //! and ack, schedule a retry or park, according to the answer. A job is never dropped.
 
-use crate::centercode::{CentercodeClient, CentercodeResponse, TransportError};
+use crate::centercode::{status_class, CentercodeClient, CentercodeResponse, TransportError};
+use crate::control::RouteControl;
 use crate::mapping;
+use crate::metrics::Metrics;
 use crate::queue::{now_ms, Leased, Queue, QueueError};
 use crate::retry::RetryPolicy;
 use crate::settings::{Action, OnOutcomeUnknown, OnUserNotFound, Settings};
@@ -32,10 +34,23 @@ pub struct Worker {
     settings: Arc<Settings>,
     client: CentercodeClient,
     policy: RetryPolicy,
+    metrics: Arc<Metrics>,
+    control: Arc<RouteControl>,
 }
 
 impl Worker {
+    /// A worker with its own metrics and no paused routes.
     pub fn new(queue: Queue, settings: Arc<Settings>) -> Self {
+        Self::with_observers(queue, settings, Arc::default(), Arc::default())
+    }
+
+    /// A worker sharing the gateway's metrics and route controls.
+    pub fn with_observers(
+        queue: Queue,
+        settings: Arc<Settings>,
+        metrics: Arc<Metrics>,
+        control: Arc<RouteControl>,
+    ) -> Self {
         let client = CentercodeClient::new(Duration::from_millis(settings.centercode.timeout_ms));
         let policy = RetryPolicy {
             schedule: settings.worker.retry_delays(),
@@ -47,6 +62,8 @@ impl Worker {
             settings,
             client,
             policy,
+            metrics,
+            control,
         }
     }
 
@@ -67,7 +84,7 @@ impl Worker {
                 }
                 continue;
             }
-            match self.queue.lease(free, Vec::new()).await {
+            match self.queue.lease(free, self.control.paused()).await {
                 Ok(jobs) if jobs.is_empty() => {
                     tokio::select! {
                         _ = self.queue.notified() => {}
@@ -119,7 +136,7 @@ impl Worker {
         loop {
             let jobs = self
                 .queue
-                .lease(self.settings.worker.concurrency, Vec::new())
+                .lease(self.settings.worker.concurrency, self.control.paused())
                 .await?;
             if jobs.is_empty() {
                 return Ok(outcomes);
@@ -155,6 +172,21 @@ impl Worker {
                 // The lease will expire and the job come back: at-least-once, never lost.
                 tracing::error!(error = %e, "could not record the delivery outcome");
             }
+            let label = match &outcome {
+                Outcome::Delivered { .. } => "done",
+                Outcome::UserNotFound => "user_not_found",
+                Outcome::Retried { .. } => "retried",
+                Outcome::Parked { .. } => "parked",
+            };
+            self.metrics.inc(
+                "relay_deliveries_total",
+                &[
+                    ("route", job.route.as_str()),
+                    ("action", job.action.as_str()),
+                    ("outcome", label),
+                ],
+                1,
+            );
             tracing::info!(outcome = ?outcome, "delivery finished");
             outcome
         }
@@ -183,6 +215,25 @@ impl Worker {
             .client
             .send(&request, self.settings.api_key_for(route))
             .await;
+        let route_label = [("route", route.name.as_str())];
+        self.metrics.observe(
+            "relay_centercode_latency_seconds",
+            &route_label,
+            started.elapsed().as_secs_f64(),
+        );
+        let class = match &result {
+            Ok(r) => status_class(r.status),
+            Err(_) => "error",
+        };
+        self.metrics.inc(
+            "relay_centercode_responses_total",
+            &[("route", route.name.as_str()), ("status_class", class)],
+            1,
+        );
+        if matches!(&result, Ok(r) if r.status == 401 || r.status == 403) {
+            self.metrics
+                .inc("relay_centercode_auth_failures_total", &route_label, 1);
+        }
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "centercode call returned"

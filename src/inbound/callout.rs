@@ -1,7 +1,7 @@
 //! `POST /salesforce/callout/{route}`: JSON from Apex or a Flow HTTP Callout, authenticated
 //! by a bearer token or an HMAC signature, deduplicated on its idempotency key.
 
-use super::{error_json, media_type, read_body, request_id, AppState, BodyError};
+use super::{error_json, media_type, read_body, record_ingest, request_id, AppState, BodyError};
 use crate::queue::{EnqueueOutcome, Job, NewJob, QueueError};
 use crate::settings::{CalloutAuth, RouteKind, RouteSettings};
 use actix_web::http::StatusCode;
@@ -220,11 +220,29 @@ pub async fn receive(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, CalloutError> {
+    let started = std::time::Instant::now();
+    let result = handle(&req, &path, payload, &state).await;
+    let route = state.settings.route(&path).map(|r| r.name.as_str());
+    match &result {
+        Ok((_, stored)) => record_ingest(&state, route, 202, !stored, u64::from(*stored), started),
+        Err(e) => record_ingest(&state, route, e.status_code().as_u16(), false, 0, started),
+    }
+    result.map(|(response, _)| response)
+}
+
+/// Authenticate, check and store; returns the answer and whether a new job was stored.
+async fn handle(
+    req: &HttpRequest,
+    path: &str,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<(HttpResponse, bool), CalloutError> {
+    let req = req.clone();
     let span = tracing::Span::current();
     span.record("request_id", request_id(&req));
     let route = state
         .settings
-        .route(&path)
+        .route(path)
         .filter(|r| r.kind == RouteKind::Callout)
         .ok_or_else(|| CalloutError::UnknownRoute(path.chars().take(64).collect()))?;
     if media_type(&req) != "application/json" {
@@ -260,5 +278,7 @@ pub async fn receive(
     };
     span.record("job_id", job_id.as_str());
     tracing::info!(%job_id, status, "callout stored");
-    Ok(HttpResponse::Accepted().json(serde_json::json!({"job_id": job_id, "status": status})))
+    let response =
+        HttpResponse::Accepted().json(serde_json::json!({"job_id": job_id, "status": status}));
+    Ok((response, status == "queued"))
 }

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub queue: Queue,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub control: Arc<crate::control::RouteControl>,
 }
 
 /// The id of one inbound request, echoed in `X-Request-Id` and in every log line about it.
@@ -42,6 +44,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .route("/health/live", web::get().to(health::live))
     .route("/health/ready", web::get().to(health::ready))
+    .route("/metrics", web::get().to(health::metrics))
+    .configure(crate::admin::configure)
     .default_service(web::to(not_found));
 }
 
@@ -174,6 +178,44 @@ pub async fn read_body(
     tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| BodyError::Timeout)?
+}
+
+/// Count one inbound request: `stored` notifications newly stored, `status` the answer.
+pub fn record_ingest(
+    state: &AppState,
+    route: Option<&str>,
+    status: u16,
+    all_duplicates: bool,
+    stored: u64,
+    started: Instant,
+) {
+    // Only configured route names become labels, so a sender cannot blow up cardinality.
+    let route = route.unwrap_or("unknown");
+    let outcome = match status {
+        200..=299 if all_duplicates => "duplicate",
+        200..=299 => "acked",
+        400..=499 => "rejected_4xx",
+        _ => "unavailable_5xx",
+    };
+    state.metrics.inc(
+        "relay_ingest_requests_total",
+        &[("route", route), ("outcome", outcome)],
+        1,
+    );
+    if stored > 0 {
+        state.metrics.inc(
+            "relay_ingest_notifications_total",
+            &[("route", route)],
+            stored,
+        );
+    }
+    if (200..300).contains(&status) {
+        state.metrics.observe(
+            "relay_ack_latency_seconds",
+            &[],
+            started.elapsed().as_secs_f64(),
+        );
+    }
 }
 
 /// The media type of a request, lower-cased, without parameters.

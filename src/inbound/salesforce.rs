@@ -2,7 +2,7 @@
 //! transaction (or confirmed), and only then acknowledged with `<Ack>true</Ack>`.
 
 use super::soap::{self, SoapError};
-use super::{media_type, read_body, request_id, AppState, BodyError};
+use super::{media_type, read_body, record_ingest, request_id, AppState, BodyError};
 use crate::domain::{Notification, OutboundMessage};
 use crate::queue::{EnqueueOutcome, Job, NewJob, QueueError};
 use crate::settings::{RouteKind, RouteSettings};
@@ -109,11 +109,29 @@ pub async fn receive(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, InboundError> {
+    let started = std::time::Instant::now();
+    let result = handle(&req, &path, payload, &state).await;
+    let route = state.settings.route(&path).map(|r| r.name.as_str());
+    match &result {
+        Ok((_, stored)) => record_ingest(&state, route, 200, *stored == 0, *stored, started),
+        Err(e) => record_ingest(&state, route, e.status_code().as_u16(), false, 0, started),
+    }
+    result.map(|(response, _)| response)
+}
+
+/// Check and store; returns the ack and how many notifications were newly stored.
+async fn handle(
+    req: &HttpRequest,
+    path: &str,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<(HttpResponse, u64), InboundError> {
+    let req = req.clone();
     let span = tracing::Span::current();
     span.record("request_id", request_id(&req));
     let route = state
         .settings
-        .route(&path)
+        .route(path)
         .filter(|r| r.kind == RouteKind::OutboundMessage)
         .ok_or_else(|| InboundError::UnknownRoute(path.chars().take(64).collect()))?;
     let media = media_type(&req);
@@ -155,6 +173,10 @@ pub async fn receive(
         tracing::error!(error = %e, "could not store outbound message; answering 503 so Salesforce retries");
         InboundError::Enqueue(e)
     })?;
+    let stored = outcomes
+        .iter()
+        .filter(|o| **o == EnqueueOutcome::Stored)
+        .count() as u64;
     for ((outcome, job_id), notification_id) in outcomes.iter().zip(&ids).zip(&notification_ids) {
         match outcome {
             EnqueueOutcome::Stored => {
@@ -165,7 +187,8 @@ pub async fn receive(
             }
         }
     }
-    Ok(HttpResponse::Ok()
+    let ack = HttpResponse::Ok()
         .content_type("text/xml; charset=utf-8")
-        .body(soap::ACK_TRUE))
+        .body(soap::ACK_TRUE);
+    Ok((ack, stored))
 }

@@ -88,6 +88,25 @@ pub struct ParkedJob {
     pub reason: String,
     pub last_status: Option<u16>,
     pub replays: u32,
+    /// Reasons of earlier parkings, oldest first (a replayed job keeps its history).
+    pub history: Vec<String>,
+}
+
+/// Which parked jobs an operator means: every set field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ParkedFilter {
+    pub route: Option<String>,
+    pub action: Option<String>,
+    pub org_id: Option<String>,
+    pub record_id: Option<String>,
+    /// Substring of the park reason.
+    pub reason: Option<String>,
+    /// Parked at or after (ms since the epoch).
+    pub since_ms: Option<i64>,
+    /// Parked before (ms since the epoch).
+    pub until_ms: Option<i64>,
+    /// Exactly these job ids.
+    pub ids: Option<Vec<String>>,
 }
 
 /// Counts and ages per state.
@@ -99,6 +118,8 @@ pub struct QueueStats {
     pub parked: u64,
     pub oldest_ready_ms: Option<i64>,
     pub oldest_parked_ms: Option<i64>,
+    pub oldest_in_flight_ms: Option<i64>,
+    pub oldest_retrying_ms: Option<i64>,
 }
 
 /// Why the queue could not do what was asked. Any of these on ingest means 503.
@@ -224,6 +245,56 @@ impl Queue {
     pub async fn notified(&self) {
         match self {
             Queue::Embedded(q) => q.notified().await,
+        }
+    }
+
+    /// Parked jobs matching `filter`, oldest first, after `cursor` (a job id from a previous page).
+    pub async fn parked_page(
+        &self,
+        filter: ParkedFilter,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<Vec<ParkedJob>, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.parked_page(filter, limit, cursor).await,
+        }
+    }
+
+    /// How many parked jobs match (a replay's dry run).
+    pub async fn count_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.count_parked(filter).await,
+        }
+    }
+
+    /// Move up to `limit` matching parked jobs back to the work queue with attempts reset.
+    pub async fn replay_matching(
+        &self,
+        filter: ParkedFilter,
+        limit: Option<usize>,
+    ) -> Result<u64, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.replay_matching(filter, limit).await,
+        }
+    }
+
+    /// Routes paused by an operator, as persisted by the backend.
+    pub async fn paused_routes(&self) -> Result<Vec<String>, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.paused_routes().await,
+        }
+    }
+
+    pub async fn save_paused_routes(&self, routes: Vec<String>) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.save_paused_routes(routes).await,
+        }
+    }
+
+    /// Delete matching parked jobs for good.
+    pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.purge_parked(filter).await,
         }
     }
 }

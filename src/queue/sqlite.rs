@@ -2,7 +2,10 @@
 //! thread that commits whatever requests are waiting in one transaction (group commit), so
 //! concurrent requests share an fsync instead of queueing for one each.
 
-use super::{now_ms, EnqueueOutcome, Job, Leased, NewJob, ParkedJob, QueueError, QueueStats};
+use super::{
+    now_ms, EnqueueOutcome, Job, Leased, NewJob, ParkedFilter, ParkedJob, QueueError, QueueStats,
+};
+use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -358,7 +361,9 @@ impl SqliteQueue {
                    coalesce(sum(state = 'queued' AND lease_until <= ?1 AND available_at > ?1), 0),
                    coalesce(sum(state = 'parked'), 0),
                    min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at <= ?1 THEN first_seen END),
-                   min(CASE WHEN state = 'parked' THEN parked_at END)
+                   min(CASE WHEN state = 'parked' THEN parked_at END),
+                   min(CASE WHEN state = 'queued' AND lease_until > ?1 THEN first_seen END),
+                   min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at > ?1 THEN first_seen END)
                  FROM jobs",
                 params![now],
                 |r| {
@@ -369,6 +374,8 @@ impl SqliteQueue {
                         parked: r.get::<_, i64>(3)? as u64,
                         oldest_ready_ms: r.get(4)?,
                         oldest_parked_ms: r.get(5)?,
+                        oldest_in_flight_ms: r.get(6)?,
+                        oldest_retrying_ms: r.get(7)?,
                     })
                 },
             )?;
@@ -378,13 +385,42 @@ impl SqliteQueue {
     }
 
     pub async fn parked(&self, limit: usize) -> Result<Vec<ParkedJob>, QueueError> {
+        self.parked_page(ParkedFilter::default(), limit, None).await
+    }
+
+    pub async fn replay(&self, ids: Option<Vec<String>>) -> Result<u64, QueueError> {
+        self.replay_matching(
+            ParkedFilter {
+                ids,
+                ..ParkedFilter::default()
+            },
+            None,
+        )
+        .await
+    }
+
+    pub async fn parked_page(
+        &self,
+        filter: ParkedFilter,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<Vec<ParkedJob>, QueueError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare(
+            let (clause, mut args) = filter_sql(&filter);
+            args.push(cursor.map(SqlValue::Text).unwrap_or(SqlValue::Null));
+            args.push(SqlValue::Integer(limit as i64));
+            let n = args.len();
+            let sql = format!(
                 "SELECT id, route, action, org_id, notification_id, record_id, attempts, first_seen, parked_at,
-                        park_reason, last_status, replays
-                 FROM jobs WHERE state = 'parked' ORDER BY parked_at, id LIMIT ?1",
-            )?;
-            let rows = stmt.query_map(params![limit as i64], |r| {
+                        park_reason, last_status, replays, history
+                 FROM jobs WHERE {clause}
+                   AND (?{c} IS NULL OR (parked_at, id) > (SELECT parked_at, id FROM jobs WHERE id = ?{c}))
+                 ORDER BY parked_at, id LIMIT ?{n}",
+                c = n - 1
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
+                let history: Option<String> = r.get(12)?;
                 Ok(ParkedJob {
                     id: r.get(0)?,
                     route: r.get(1)?,
@@ -398,6 +434,7 @@ impl SqliteQueue {
                     reason: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
                     last_status: r.get(10)?,
                     replays: r.get(11)?,
+                    history: history.and_then(|h| serde_json::from_str(&h).ok()).unwrap_or_default(),
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -405,28 +442,83 @@ impl SqliteQueue {
         .await
     }
 
-    pub async fn replay(&self, ids: Option<Vec<String>>) -> Result<u64, QueueError> {
+    pub async fn count_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
+        self.read(move |conn| {
+            let (clause, args) = filter_sql(&filter);
+            let n: i64 = conn.query_row(
+                &format!("SELECT count(*) FROM jobs WHERE {clause}"),
+                rusqlite::params_from_iter(args),
+                |r| r.get(0),
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    pub async fn replay_matching(
+        &self,
+        filter: ParkedFilter,
+        limit: Option<usize>,
+    ) -> Result<u64, QueueError> {
         let n = self
             .write(move |conn| {
-                let now = now_ms();
-                let ids_json = ids.map(|ids| serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()));
+                let (clause, mut args) = filter_sql(&filter);
+                let now_arg = args.len() + 1;
+                args.push(SqlValue::Integer(now_ms()));
+                args.push(SqlValue::Integer(limit.map(|l| l as i64).unwrap_or(-1)));
                 // Attempts and the age clock restart; the previous reason is kept in `history`.
-                let n = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET state = 'queued', attempts = 0, available_at = ?1, age_from = ?1,
-                                         replays = replays + 1,
-                                         history = json_insert(coalesce(history, '[]'), '$[#]', park_reason),
-                                         park_reason = NULL, parked_at = NULL
-                         WHERE state = 'parked' AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))",
-                    )?
-                    .execute(params![now, ids_json])?;
-                Ok(n as u64)
+                let sql = format!(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, available_at = ?{now_arg}, age_from = ?{now_arg},
+                                     lease_until = 0, replays = replays + 1,
+                                     history = json_insert(coalesce(history, '[]'), '$[#]', park_reason),
+                                     park_reason = NULL, parked_at = NULL
+                     WHERE id IN (SELECT id FROM jobs WHERE {clause} ORDER BY parked_at, id LIMIT ?{})",
+                    now_arg + 1
+                );
+                Ok(conn.execute(&sql, rusqlite::params_from_iter(args))? as u64)
             })
             .await?;
         if n > 0 {
             self.inner.notify.notify_one();
         }
         Ok(n)
+    }
+
+    pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
+        self.write(move |conn| {
+            let (clause, args) = filter_sql(&filter);
+            Ok(conn.execute(
+                &format!("DELETE FROM jobs WHERE {clause}"),
+                rusqlite::params_from_iter(args),
+            )? as u64)
+        })
+        .await
+    }
+
+    /// Routes whose deliveries are paused (kept in the file so a restart keeps them paused).
+    pub async fn paused_routes(&self) -> Result<Vec<String>, QueueError> {
+        self.read(|conn| {
+            let v: Option<String> = conn
+                .query_row("SELECT v FROM meta WHERE k = 'paused_routes'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(v.and_then(|v| serde_json::from_str(&v).ok())
+                .unwrap_or_default())
+        })
+        .await
+    }
+
+    pub async fn save_paused_routes(&self, routes: Vec<String>) -> Result<(), QueueError> {
+        self.write(move |conn| {
+            let v = serde_json::to_string(&routes).unwrap_or_else(|_| "[]".into());
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (k, v) VALUES ('paused_routes', ?1)",
+                params![v],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn load(&self, id: &str) -> Result<Option<Leased>, QueueError> {
@@ -498,6 +590,46 @@ impl SqliteQueue {
     pub async fn notified(&self) {
         self.inner.notify.notified().await
     }
+}
+
+/// The WHERE clause (and its arguments) selecting parked jobs that match `f`.
+fn filter_sql(f: &ParkedFilter) -> (String, Vec<SqlValue>) {
+    let mut clause = String::from("state = 'parked'");
+    let mut args = Vec::new();
+    let mut add = |sql: &str, value: SqlValue| {
+        args.push(value);
+        clause.push_str(&sql.replace('?', &format!("?{}", args.len())));
+    };
+    let text = |s: &String| SqlValue::Text(s.clone());
+    if let Some(v) = &f.route {
+        add(" AND route = ?", text(v));
+    }
+    if let Some(v) = &f.action {
+        add(" AND action = ?", text(v));
+    }
+    if let Some(v) = &f.org_id {
+        // 15- and 18-character org ids name the same org.
+        add(" AND substr(org_id, 1, 15) = substr(?, 1, 15)", text(v));
+    }
+    if let Some(v) = &f.record_id {
+        add(" AND record_id = ?", text(v));
+    }
+    if let Some(v) = &f.reason {
+        add(" AND instr(park_reason, ?) > 0", text(v));
+    }
+    if let Some(v) = f.since_ms {
+        add(" AND parked_at >= ?", SqlValue::Integer(v));
+    }
+    if let Some(v) = f.until_ms {
+        add(" AND parked_at < ?", SqlValue::Integer(v));
+    }
+    if let Some(ids) = &f.ids {
+        add(
+            " AND id IN (SELECT value FROM json_each(?))",
+            SqlValue::Text(serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())),
+        );
+    }
+    (clause, args)
 }
 
 fn writer_loop(

@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway on port 0, the embedded queue in a temp dir, and the
 //! fake Centercode over real HTTP.
 
+mod admin;
 mod callout;
 mod cli;
 mod crash;

@@ -1,0 +1,396 @@
+//! The admin API under `/admin/`: list, show, replay and purge parked jobs; pause and resume
+//! routes. Off unless `admin.token` is set; every call needs `Authorization: Bearer <token>`.
+//! Answers never contain API keys or session ids, and e-mail addresses are masked.
+
+use crate::inbound::{error_json, AppState};
+use crate::mapping;
+use crate::queue::{ParkedFilter, ParkedJob};
+use actix_web::{web, HttpRequest, HttpResponse};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/admin")
+            .route("/parked", web::get().to(list))
+            .route("/parked", web::delete().to(purge))
+            .route("/parked/replay", web::post().to(replay))
+            .route("/parked/{id}", web::get().to(show))
+            .route("/routes", web::get().to(routes))
+            .route("/routes/{route}/pause", web::post().to(pause))
+            .route("/routes/{route}/resume", web::post().to(resume)),
+    );
+}
+
+fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .body(error_json(code, message))
+}
+
+/// `None` when the request carries the admin token; otherwise the refusal to send.
+fn deny(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
+    use actix_web::http::StatusCode;
+    let Some(token) = state.settings.admin.token() else {
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            "admin_disabled",
+            "the admin API is off; set admin.token",
+        ));
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Digests make the comparison constant-time whatever the lengths.
+    let ok: bool = Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(token.expose_secret().as_bytes()))
+        .into();
+    if ok {
+        None
+    } else {
+        Some(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong admin token",
+        ))
+    }
+}
+
+/// Filter fields shared by list, replay and purge. Times are Unix seconds.
+#[derive(Debug, Default, Deserialize)]
+pub struct FilterParams {
+    pub route: Option<String>,
+    pub action: Option<String>,
+    pub org_id: Option<String>,
+    pub record_id: Option<String>,
+    pub reason: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub ids: Option<Vec<String>>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+impl FilterParams {
+    fn filter(&self) -> ParkedFilter {
+        ParkedFilter {
+            route: self.route.clone(),
+            action: self.action.clone(),
+            org_id: self.org_id.clone(),
+            record_id: self.record_id.clone(),
+            reason: self.reason.clone(),
+            since_ms: self.since.map(|s| s * 1000),
+            until_ms: self.until.map(|s| s * 1000),
+            ids: self.ids.clone(),
+        }
+    }
+
+    /// Bulk actions need a filter or an explicit `all`, so an empty request does nothing.
+    fn selects_something(&self) -> bool {
+        self.all || self.filter() != ParkedFilter::default()
+    }
+}
+
+/// `user@example.org` → `u***@example.org`.
+pub fn mask_email(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => format!("{}***@{domain}", local.chars().next().unwrap_or('*')),
+        None => "***".into(),
+    }
+}
+
+/// RFC 3339 UTC from milliseconds since the epoch.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+fn job_json(j: &ParkedJob) -> Value {
+    json!({
+        "id": j.id,
+        "route": j.route,
+        "action": j.action,
+        "org_id": j.org_id,
+        "notification_id": j.notification_id,
+        "record_id": j.record_id,
+        "attempts": j.attempts,
+        "first_seen": rfc3339(j.first_seen_ms),
+        "parked_at": rfc3339(j.parked_at_ms),
+        "reason": j.reason,
+        "last_status": j.last_status,
+        "replays": j.replays,
+        "previous_reasons": j.history,
+    })
+}
+
+/// Query-string form of the filter (serde's `flatten` cannot parse numbers from a query).
+#[derive(Debug, Default, Deserialize)]
+struct QueryParams {
+    route: Option<String>,
+    action: Option<String>,
+    org_id: Option<String>,
+    record_id: Option<String>,
+    reason: Option<String>,
+    since: Option<i64>,
+    until: Option<i64>,
+    #[serde(default)]
+    all: bool,
+    limit: Option<usize>,
+    cursor: Option<String>,
+    #[serde(default)]
+    confirm: bool,
+}
+
+impl QueryParams {
+    fn filter(&self) -> FilterParams {
+        FilterParams {
+            route: self.route.clone(),
+            action: self.action.clone(),
+            org_id: self.org_id.clone(),
+            record_id: self.record_id.clone(),
+            reason: self.reason.clone(),
+            since: self.since,
+            until: self.until,
+            ids: None,
+            all: self.all,
+        }
+    }
+}
+
+async fn list(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    q: web::Query<QueryParams>,
+) -> HttpResponse {
+    if let Some(denied) = deny(&req, &state) {
+        return denied;
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    match state
+        .queue
+        .parked_page(q.filter().filter(), limit, q.cursor.clone())
+        .await
+    {
+        Ok(jobs) => {
+            let next = (jobs.len() == limit)
+                .then(|| jobs.last().map(|j| j.id.clone()))
+                .flatten();
+            HttpResponse::Ok().json(
+                json!({"jobs": jobs.iter().map(job_json).collect::<Vec<_>>(), "next_cursor": next}),
+            )
+        }
+        Err(e) => queue_error(e),
+    }
+}
+
+async fn show(req: HttpRequest, state: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
+    if let Some(denied) = deny(&req, &state) {
+        return denied;
+    }
+    let filter = ParkedFilter {
+        ids: Some(vec![id.to_string()]),
+        ..ParkedFilter::default()
+    };
+    let (parked, job) = match (
+        state.queue.parked_page(filter, 1, None).await,
+        state.queue.load(&id).await,
+    ) {
+        (Ok(p), Ok(j)) => (p, j),
+        (Err(e), _) | (_, Err(e)) => return queue_error(e),
+    };
+    let (Some(parked), Some(job)) = (parked.first(), job) else {
+        return error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "not_found",
+            "no parked job with this id",
+        );
+    };
+    let mut body = job_json(parked);
+    // What a replay would send now, with the current mapping (key and e-mail masked).
+    body["request_now"] = match state.settings.route(&job.route) {
+        None => json!({"error": format!("route `{}` is no longer configured", job.route)}),
+        Some(route) => match mapping::to_centercode(&job.job, route) {
+            Ok(mut request) => {
+                request.find = request.find.as_deref().map(mask_email);
+                json!({"text": request.render_masked()})
+            }
+            Err(e) => json!({"error": e.to_string()}),
+        },
+    };
+    HttpResponse::Ok().json(body)
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplayBody {
+    #[serde(flatten)]
+    filter: FilterParams,
+    #[serde(default)]
+    dry_run: bool,
+    limit: Option<usize>,
+}
+
+async fn replay(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<ReplayBody>,
+) -> HttpResponse {
+    if let Some(denied) = deny(&req, &state) {
+        return denied;
+    }
+    if !body.filter.selects_something() {
+        return error(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "no_filter",
+            "give a filter, ids, or \"all\": true",
+        );
+    }
+    let filter = body.filter.filter();
+    let matched = match state.queue.count_parked(filter.clone()).await {
+        Ok(n) => n,
+        Err(e) => return queue_error(e),
+    };
+    if body.dry_run {
+        return HttpResponse::Ok().json(json!({"matched": matched, "moved": 0, "dry_run": true}));
+    }
+    match state.queue.replay_matching(filter, body.limit).await {
+        Ok(moved) => {
+            state.metrics.inc("relay_replayed_total", &[], moved);
+            tracing::info!(matched, moved, "parked jobs replayed");
+            HttpResponse::Ok().json(json!({"matched": matched, "moved": moved, "dry_run": false}))
+        }
+        Err(e) => queue_error(e),
+    }
+}
+
+async fn purge(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    q: web::Query<QueryParams>,
+) -> HttpResponse {
+    if let Some(denied) = deny(&req, &state) {
+        return denied;
+    }
+    if !q.confirm {
+        return error(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "confirm_required",
+            "purging deletes jobs for good; add confirm=true",
+        );
+    }
+    if !q.filter().selects_something() {
+        return error(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "no_filter",
+            "give a filter, ids, or all=true",
+        );
+    }
+    match state.queue.purge_parked(q.filter().filter()).await {
+        Ok(n) => {
+            tracing::warn!(purged = n, "parked jobs purged");
+            HttpResponse::Ok().json(json!({"purged": n}))
+        }
+        Err(e) => queue_error(e),
+    }
+}
+
+async fn routes(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(denied) = deny(&req, &state) {
+        return denied;
+    }
+    let routes: Vec<Value> = state
+        .settings
+        .routes
+        .iter()
+        .map(|r| json!({"name": r.name, "action": r.action.as_str(), "paused": state.control.is_paused(&r.name)}))
+        .collect();
+    HttpResponse::Ok().json(json!({ "routes": routes }))
+}
+
+async fn pause(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    route: web::Path<String>,
+) -> HttpResponse {
+    set_paused(req, state, route.into_inner(), true).await
+}
+
+async fn resume(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    route: web::Path<String>,
+) -> HttpResponse {
+    set_paused(req, state, route.into_inner(), false).await
+}
+
+async fn set_paused(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    route: String,
+    paused: bool,
+) -> HttpResponse {
+    if let Some(denied) = deny(&req, &state) {
+        return denied;
+    }
+    if state.settings.route(&route).is_none() {
+        return error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "unknown_route",
+            "no route with this name",
+        );
+    }
+    state.control.set_paused(&route, paused);
+    if let Err(e) = state.queue.save_paused_routes(state.control.paused()).await {
+        tracing::warn!(error = %e, "could not persist paused routes; the change holds until restart");
+    }
+    tracing::info!(route = %route, paused, "route pause state changed");
+    HttpResponse::Ok().json(json!({"route": route, "paused": paused}))
+}
+
+fn queue_error(e: crate::queue::QueueError) -> HttpResponse {
+    tracing::error!(error = %e, "admin request failed on the queue");
+    error(
+        actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        "queue_unavailable",
+        "the queue did not answer; try again",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_715_678_467_123), "2024-05-14T09:21:07.123Z");
+    }
+
+    #[test]
+    fn masks_emails() {
+        assert_eq!(mask_email("marta@example.org"), "m***@example.org");
+        assert_eq!(mask_email("nonsense"), "***");
+    }
+}
