@@ -3,18 +3,27 @@
 use std::collections::BTreeSet;
 use std::sync::RwLock;
 
-/// Paused routes: workers do not take their jobs, which wait in the queue with their attempts
-/// untouched.
+/// Paused routes (by an operator, or by the relay itself after a 401/403) and each route's
+/// circuit breaker: workers do not take those jobs, which wait with their attempts untouched.
 #[derive(Debug, Default)]
 pub struct RouteControl {
     paused: RwLock<BTreeSet<String>>,
+    pub breaker: CircuitBreaker,
 }
 
 impl RouteControl {
-    pub fn new(paused: impl IntoIterator<Item = String>) -> Self {
+    pub fn new(breaker: CircuitBreaker) -> Self {
         Self {
-            paused: RwLock::new(paused.into_iter().collect()),
+            paused: RwLock::default(),
+            breaker,
         }
+    }
+
+    /// Routes whose jobs must not be leased now: paused, or circuit open.
+    pub fn excluded(&self) -> Vec<String> {
+        let mut routes = self.paused();
+        routes.extend(self.breaker.blocked());
+        routes
     }
 
     pub fn is_paused(&self, route: &str) -> bool {
@@ -38,5 +47,152 @@ impl RouteControl {
         } else {
             set.remove(route)
         }
+    }
+}
+
+/// Per-route circuit breaker: after `threshold` consecutive transient failures (timeouts,
+/// 5xx, connection errors) the route is skipped for `cooldown` instead of spending retry
+/// attempts; then one job probes, and its result closes or reopens the circuit.
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    threshold: u32,
+    cooldown: std::time::Duration,
+    routes: std::sync::Mutex<std::collections::HashMap<String, Circuit>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Circuit {
+    failures: u32,
+    open_until: Option<std::time::Instant>,
+    probe_in_flight: bool,
+}
+
+/// The state of one route's circuit, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self::new(5, std::time::Duration::from_secs(30))
+    }
+}
+
+impl CircuitBreaker {
+    pub fn new(threshold: u32, cooldown: std::time::Duration) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            cooldown,
+            routes: Default::default(),
+        }
+    }
+
+    /// Whether a job of `route` may be sent now; a half-open circuit admits one probe.
+    pub fn admit(&self, route: &str) -> bool {
+        let mut routes = self.routes.lock().expect("breaker lock");
+        let c = routes.entry(route.to_owned()).or_default();
+        match c.open_until {
+            None => true,
+            Some(until) if std::time::Instant::now() < until => false,
+            Some(_) if c.probe_in_flight => false,
+            Some(_) => {
+                c.probe_in_flight = true;
+                true
+            }
+        }
+    }
+
+    /// Routes whose jobs should not be leased right now.
+    pub fn blocked(&self) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let routes = self.routes.lock().expect("breaker lock");
+        routes
+            .iter()
+            .filter(|(_, c)| {
+                c.open_until
+                    .is_some_and(|until| now < until || c.probe_in_flight)
+            })
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// Record a delivery result: `Some(true)` success, `Some(false)` transient failure,
+    /// `None` an answer that says nothing about Centercode's health (e.g. a 400).
+    pub fn record(&self, route: &str, healthy: Option<bool>) {
+        let mut routes = self.routes.lock().expect("breaker lock");
+        let c = routes.entry(route.to_owned()).or_default();
+        let was_probe = std::mem::take(&mut c.probe_in_flight);
+        match healthy {
+            Some(true) => *c = Circuit::default(),
+            // Any answer to a probe shows Centercode is up again.
+            None if was_probe => *c = Circuit::default(),
+            None => {}
+            Some(false) => {
+                c.failures += 1;
+                if was_probe || c.failures >= self.threshold {
+                    tracing::warn!(route, failures = c.failures, "circuit open: Centercode keeps failing; holding this route's jobs for a cool-down");
+                    c.open_until = Some(std::time::Instant::now() + self.cooldown);
+                }
+            }
+        }
+    }
+
+    pub fn state(&self, route: &str) -> CircuitState {
+        let routes = self.routes.lock().expect("breaker lock");
+        match routes
+            .get(route)
+            .and_then(|c| c.open_until.map(|u| (u, c.probe_in_flight)))
+        {
+            None => CircuitState::Closed,
+            Some((until, probing)) if std::time::Instant::now() < until && !probing => {
+                CircuitState::Open
+            }
+            Some(_) => CircuitState::HalfOpen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn opens_after_consecutive_failures_then_probes_once() {
+        let b = CircuitBreaker::new(3, Duration::from_millis(30));
+        for _ in 0..2 {
+            assert!(b.admit("r"));
+            b.record("r", Some(false));
+        }
+        assert_eq!(b.state("r"), CircuitState::Closed);
+        assert!(b.admit("r"));
+        b.record("r", Some(false));
+        assert_eq!(b.state("r"), CircuitState::Open);
+        assert!(!b.admit("r"));
+        assert_eq!(b.blocked(), vec!["r".to_owned()]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while b.state("r") == CircuitState::Open {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        assert!(b.admit("r"), "one probe after the cool-down");
+        assert!(!b.admit("r"), "only one");
+        b.record("r", Some(true));
+        assert_eq!(b.state("r"), CircuitState::Closed);
+        assert!(b.admit("r"));
+    }
+
+    #[test]
+    fn a_failed_probe_reopens() {
+        let b = CircuitBreaker::new(1, Duration::ZERO);
+        b.record("r", Some(false));
+        assert!(b.admit("r"));
+        b.record("r", Some(false));
+        assert_ne!(b.state("r"), CircuitState::Closed);
+        b.record("other", None);
+        assert_eq!(b.state("other"), CircuitState::Closed);
     }
 }

@@ -94,6 +94,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "gauge",
         "1 when deliveries of the route are paused.",
     ),
+    (
+        "relay_circuit_open",
+        "gauge",
+        "1 while the route's circuit breaker holds its jobs (Centercode failing).",
+    ),
     ("relay_build_info", "gauge", "Build information."),
 ];
 
@@ -116,7 +121,7 @@ impl Metrics {
                 );
             }
             self.inc("relay_ingest_notifications_total", &[("route", route)], 0);
-            for outcome in ["done", "user_not_found", "retried", "parked"] {
+            for outcome in ["done", "user_not_found", "retried", "parked", "held"] {
                 self.inc(
                     "relay_deliveries_total",
                     &[

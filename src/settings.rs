@@ -180,6 +180,13 @@ pub struct WorkerSettings {
     /// Set false to run the gateway only (jobs wait in the queue).
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Consecutive transient failures (timeouts, 5xx, connection errors) of one route that
+    /// open its circuit: its jobs wait instead of spending retry attempts.
+    #[serde(default = "default_circuit_failure_threshold")]
+    pub circuit_failure_threshold: u32,
+    /// How long an open circuit holds a route's jobs before one job probes Centercode.
+    #[serde(default = "default_circuit_cooldown_secs")]
+    pub circuit_cooldown_secs: f64,
     /// RabbitMQ only: unacknowledged deliveries the broker may push to one worker process
     /// (`basic.qos` prefetch count).
     #[serde(default = "default_prefetch")]
@@ -195,6 +202,12 @@ fn default_retry_after_max_secs() -> u64 {
 }
 fn default_poll_interval_ms() -> u64 {
     500
+}
+fn default_circuit_failure_threshold() -> u32 {
+    5
+}
+fn default_circuit_cooldown_secs() -> f64 {
+    30.0
 }
 fn default_true() -> bool {
     true

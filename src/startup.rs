@@ -1,6 +1,6 @@
 //! Wiring: open the queue, bind the listener, run the gateway and the workers until stopped.
 
-use crate::control::RouteControl;
+use crate::control::{CircuitBreaker, RouteControl};
 use crate::inbound::{self, AppState};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, SqliteQueue};
@@ -60,13 +60,17 @@ impl Application {
         let port = listener.local_addr()?.port();
         let metrics = Arc::new(Metrics::new());
         metrics.init_routes(&settings.routes);
+        let control = Arc::new(RouteControl::new(CircuitBreaker::new(
+            settings.worker.circuit_failure_threshold,
+            Duration::from_secs_f64(settings.worker.circuit_cooldown_secs),
+        )));
         Ok(Self {
             port,
             listener,
             settings: Arc::new(settings),
             queue,
             metrics,
-            control: Arc::new(RouteControl::default()),
+            control,
         })
     }
 

@@ -25,6 +25,8 @@ pub enum Outcome {
     Retried { status: Option<u16> },
     /// Given up on; kept where operators can replay it.
     Parked { reason: String, status: Option<u16> },
+    /// Returned to the queue without spending an attempt (route paused or circuit open).
+    Held { reason: String },
 }
 
 /// Delivers jobs from `queue` to Centercode.
@@ -84,7 +86,7 @@ impl Worker {
                 }
                 continue;
             }
-            match self.queue.lease(free, self.control.paused()).await {
+            match self.queue.lease(free, self.control.excluded()).await {
                 Ok(jobs) if jobs.is_empty() => {
                     tokio::select! {
                         _ = self.queue.notified() => {}
@@ -136,7 +138,7 @@ impl Worker {
         loop {
             let jobs = self
                 .queue
-                .lease(self.settings.worker.concurrency, self.control.paused())
+                .lease(self.settings.worker.concurrency, self.control.excluded())
                 .await?;
             if jobs.is_empty() {
                 return Ok(outcomes);
@@ -167,6 +169,7 @@ impl Worker {
                     self.queue.park(&job, reason, *status).await
                 }
                 Outcome::Retried { .. } => Ok(()), // recorded in `decide`, which knows the time
+                Outcome::Held { .. } => self.queue.release(&job).await,
             };
             if let Err(e) = recorded {
                 // The lease will expire and the job come back: at-least-once, never lost.
@@ -177,6 +180,7 @@ impl Worker {
                 Outcome::UserNotFound => "user_not_found",
                 Outcome::Retried { .. } => "retried",
                 Outcome::Parked { .. } => "parked",
+                Outcome::Held { .. } => "held",
             };
             self.metrics.inc(
                 "relay_deliveries_total",
@@ -210,11 +214,29 @@ impl Worker {
                 }
             }
         };
+        if self.control.is_paused(&route.name) {
+            return Outcome::Held {
+                reason: "route paused".into(),
+            };
+        }
+        if !self.control.breaker.admit(&route.name) {
+            return Outcome::Held {
+                reason: "circuit open: Centercode kept failing for this route".into(),
+            };
+        }
         let started = std::time::Instant::now();
         let result = self
             .client
             .send(&request, self.settings.api_key_for(route))
             .await;
+        // Feed the breaker: transient failures count, a permanent 4xx says Centercode is up.
+        let healthy = match &result {
+            Ok(r) if (200..300).contains(&r.status) || r.status == 404 => Some(true),
+            Ok(r) if matches!(r.status, 408 | 429 | 500..=599) => Some(false),
+            Ok(_) => None,
+            Err(_) => Some(false),
+        };
+        self.control.breaker.record(&route.name, healthy);
         let route_label = [("route", route.name.as_str())];
         self.metrics.observe(
             "relay_centercode_latency_seconds",
@@ -256,10 +278,18 @@ impl Worker {
                         self.retry(job, Some(status), format!("Centercode answered {status}"), retry_after)
                             .await
                     }
-                    (401 | 403, _) => Outcome::Parked {
-                        reason: format!("Centercode refused the API key or the relay's address ({status}); check centercode.api_key and the key's IP allow-list"),
-                        status: Some(status),
-                    },
+                    (401 | 403, _) => {
+                        // Every job of this route would fail the same way: pause the route
+                        // (no attempts spent) until an operator fixes the key and resumes.
+                        self.control.set_paused(&route.name, true);
+                        if let Err(e) = self.queue.save_paused_routes(self.control.paused()).await {
+                            tracing::warn!(error = %e, "could not persist the automatic pause");
+                        }
+                        tracing::error!(status, "Centercode refused the API key or the relay's address; route paused until `relay routes resume`");
+                        Outcome::Held {
+                            reason: format!("Centercode answered {status}: check centercode.api_key and the key's IP allow-list, then resume the route"),
+                        }
+                    }
                     _ => Outcome::Parked {
                         reason: format!("Centercode rejected the request ({status}); fix the mapping or the Centercode setup, then replay"),
                         status: Some(status),

@@ -39,6 +39,12 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             &[("route", route.name.as_str())],
             paused,
         );
+        let open = state.control.breaker.state(&route.name) != crate::control::CircuitState::Closed;
+        m.set(
+            "relay_circuit_open",
+            &[("route", route.name.as_str())],
+            if open { 1.0 } else { 0.0 },
+        );
     }
     match state.queue.stats().await {
         Ok(s) => {

@@ -170,7 +170,7 @@ async fn metrics_move_with_ingest_retry_park_and_replay() {
 
     // A park: depth and age of the parked state.
     app.centercode.push_fault(Fault {
-        status: 401,
+        status: 400,
         ..Fault::default()
     });
     app.post_outbound("gdpr", with_id(7)).await;
@@ -181,10 +181,6 @@ async fn metrics_move_with_ingest_retry_park_and_replay() {
             &m,
             r#"relay_deliveries_total{route="gdpr",action="remove_user",outcome="parked"}"#
         ),
-        1.0
-    );
-    assert_eq!(
-        series(&m, r#"relay_centercode_auth_failures_total{route="gdpr"}"#),
         1.0
     );
     assert_eq!(series(&m, r#"relay_queue_depth{state="parked"}"#), 1.0);
@@ -203,6 +199,44 @@ async fn metrics_move_with_ingest_retry_park_and_replay() {
     assert_eq!(series(&m, "relay_replayed_total"), 1.0);
     assert_eq!(series(&m, r#"relay_queue_depth{state="parked"}"#), 0.0);
     assert_eq!(series(&m, r#"relay_queue_depth{state="ready"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn a_401_sets_the_alert_metric_and_pauses_the_route() {
+    let app = spawn_admin_app().await;
+    app.centercode.push_fault(Fault {
+        status: 401,
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", with_id(1)).await;
+    app.worker.deliver_all().await.unwrap();
+    let m = app.metrics().await;
+    assert_eq!(
+        series(&m, r#"relay_centercode_auth_failures_total{route="gdpr"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(series(&m, r#"relay_route_paused{route="gdpr"}"#), 1.0);
+    assert_eq!(
+        series(
+            &m,
+            r#"relay_deliveries_total{route="gdpr",action="remove_user",outcome="held"}"#
+        ),
+        1.0
+    );
+    let (_, routes) = app.admin(reqwest::Method::GET, "/admin/routes", None).await;
+    assert!(routes["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "gdpr" && r["paused"] == true));
+    app.admin(reqwest::Method::POST, "/admin/routes/gdpr/resume", None)
+        .await;
+    assert_eq!(app.deliver_until_settled().await.len(), 1);
+    assert_eq!(
+        series(&app.metrics().await, r#"relay_route_paused{route="gdpr"}"#),
+        0.0
+    );
 }
 
 #[tokio::test]

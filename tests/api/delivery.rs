@@ -1,6 +1,6 @@
 //! Workers against the fake Centercode: mapping, status classes, retries and parking.
 
-use crate::helpers::{fixture, spawn_app, spawn_app_with, API_KEY};
+use crate::helpers::{fixture, spawn_app, spawn_app_with};
 use serde_json::{json, Value};
 use sf_centercode_relay::fake_centercode::{Fault, FaultMode, FaultRoute};
 use sf_centercode_relay::settings::{FieldMapping, FieldRule};
@@ -299,22 +299,92 @@ async fn a_400_parks_at_once_with_its_status() {
 }
 
 #[tokio::test]
-async fn a_rejected_api_key_parks_and_the_key_is_never_in_the_reason() {
-    let app =
-        spawn_app_with(|s| s.centercode.api_key = "wrong-key-value-123".to_owned().into()).await;
+async fn a_rejected_api_key_pauses_the_route_without_spending_attempts() {
+    // Arrange: Centercode refuses the key (401) once; one delivery at a time.
+    let app = spawn_app_with(|s| s.worker.concurrency = 1).await;
+    app.centercode.push_fault(Fault {
+        status: 401,
+        ..Fault::default()
+    });
     app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
         .await;
-    let outcomes = app.deliver_until_settled().await;
-    let reasons = parked(&outcomes);
-    assert_eq!(reasons.len(), 1);
+    app.post_outbound(
+        "gdpr",
+        with_email("o'brien+beta@example.com").replace_id("04l8d0000100002AAA"),
+    )
+    .await;
+    // Act
+    let outcomes = app.worker.deliver_all().await.unwrap();
+    // Assert: one call, the route paused, both jobs back in the queue with no attempt spent.
     assert!(
-        reasons[0].contains("401") && reasons[0].contains("api_key"),
-        "{}",
-        reasons[0]
+        matches!(&outcomes[0], Outcome::Held { reason } if reason.contains("401") && reason.contains("api_key")),
+        "{outcomes:?}"
     );
-    assert!(!reasons[0].contains("wrong-key-value-123"));
-    assert!(!format!("{:?}", app.queue.parked(10).await.unwrap()).contains("wrong-key-value-123"));
-    assert_ne!(API_KEY, "wrong-key-value-123");
+    assert_eq!(
+        app.centercode.requests().len(),
+        1,
+        "the second job was not sent into the same wall"
+    );
+    assert_eq!(app.stats().await.ready, 2);
+    assert_eq!(app.stats().await.parked, 0);
+    assert!(app.worker.deliver_all().await.unwrap().is_empty(), "paused");
+    // Resume (the operator fixed the key): both are delivered on their first attempt.
+    app.control.set_paused("gdpr", false);
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Delivered { status: 200 },
+            Outcome::Delivered { status: 200 }
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failing_centercode_opens_the_circuit_instead_of_burning_attempts() {
+    let app = spawn_app_with(|s| {
+        s.worker.circuit_failure_threshold = 2;
+        s.worker.circuit_cooldown_secs = 0.3;
+        s.worker.concurrency = 1;
+        s.worker.retry_schedule_secs = vec![0.01; 3];
+    })
+    .await;
+    app.centercode.push_fault(Fault {
+        status: 503,
+        times: 2,
+        ..Fault::default()
+    });
+    for n in 1..=3 {
+        app.post_outbound(
+            "gdpr",
+            with_email("nobody@example.com").replace_id(&format!("04l8d000010000{n}AAA")),
+        )
+        .await;
+    }
+    // Two 503s open the circuit: nothing more is sent while it is open.
+    let first = app.worker.deliver_all().await.unwrap();
+    assert_eq!(
+        first
+            .iter()
+            .filter(|o| matches!(o, Outcome::Retried { .. }))
+            .count(),
+        2,
+        "{first:?}"
+    );
+    assert_eq!(app.centercode.requests().len(), 2, "{first:?}");
+    assert!(
+        app.worker.deliver_all().await.unwrap().is_empty(),
+        "circuit open: jobs wait"
+    );
+    assert_eq!(app.centercode.requests().len(), 2);
+    // After the cool-down one probe succeeds and the rest follow, none parked.
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| *o == Outcome::UserNotFound),
+        "{outcomes:?}"
+    );
+    assert_eq!(app.stats().await.parked, 0);
 }
 
 #[tokio::test]
@@ -481,4 +551,31 @@ impl ReplaceId for Vec<u8> {
             .replace("04l8d0000100001AAA", id)
             .into_bytes()
     }
+}
+
+#[tokio::test]
+async fn the_open_circuit_is_visible_in_metrics() {
+    let app = spawn_app_with(|s| {
+        s.worker.circuit_failure_threshold = 1;
+        s.worker.circuit_cooldown_secs = 60.0;
+    })
+    .await;
+    app.centercode.push_fault(Fault {
+        status: 503,
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    app.worker.deliver_all().await.unwrap();
+    let m = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("relay_circuit_open{route=\"gdpr\"} 1"), "{m}");
+    assert!(m.contains("relay_circuit_open{route=\"feedback\"} 0"));
 }

@@ -110,6 +110,7 @@ pub struct TestApp {
     pub queue: Queue,
     pub worker: Worker,
     pub settings: std::sync::Arc<Settings>,
+    pub control: std::sync::Arc<sf_centercode_relay::control::RouteControl>,
     pub client: reqwest::Client,
     _dir: tempfile::TempDir,
     stop: CancellationToken,
@@ -165,6 +166,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let queue = app.queue().clone();
     let worker = app.worker();
     let settings = app.settings();
+    let control = app.control();
     let stop = CancellationToken::new();
     tokio::spawn(app.run_until_stopped(stop.clone(), false));
     TestApp {
@@ -173,6 +175,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
         queue,
         worker,
         settings,
+        control,
         client: reqwest::Client::new(),
         _dir: dir,
         stop,
@@ -231,7 +234,10 @@ impl TestApp {
             if s.ready == 0 && s.retrying == 0 && s.in_flight == 0 {
                 return outcomes;
             }
-            assert!(Instant::now() < deadline, "queue did not settle: {s:?}");
+            assert!(
+                Instant::now() < deadline,
+                "queue did not settle: {s:?} after {outcomes:?}"
+            );
             // Poll interval while retries come due (the schedule is 50 ms in tests).
             tokio::time::sleep(Duration::from_millis(20)).await; // poll with deadline
         }
