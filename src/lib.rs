@@ -31,6 +31,7 @@ pub mod fake_centercode;
 pub mod inbound;
 pub mod mapping;
 pub mod metrics;
+pub mod netaddr;
 pub mod queue;
 pub mod retry;
 pub mod settings;

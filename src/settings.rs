@@ -69,6 +69,9 @@ pub struct ServerSettings {
     /// HTTP worker threads; 0 means one per core.
     #[serde(default)]
     pub workers: usize,
+    /// Proxies (CIDR) whose `X-Forwarded-For` is believed when checking `allowed_ips`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 fn default_body_timeout_ms() -> u64 {
@@ -432,6 +435,13 @@ pub struct RouteSettings {
     pub on_user_not_found: OnUserNotFound,
     /// Defaults to `park` for create_feedback (not idempotent in Centercode), `retry` otherwise.
     pub on_outcome_unknown: Option<OnOutcomeUnknown>,
+    /// A secret path segment: the route then answers only at `/salesforce/outbound/{name}/{token}`
+    /// (set it with `RELAY_ROUTE__<NAME>__PATH_TOKEN`).
+    pub path_token: Option<SecretString>,
+    /// Client addresses (CIDR) allowed to call this route; empty allows any. Salesforce's
+    /// ranges: https://ip-ranges.salesforce.com/ip-ranges.json
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
 }
 
 impl RouteSettings {
@@ -568,6 +578,9 @@ impl Settings {
             if let Some(key) = var("API_KEY") {
                 route.api_key = Some(key);
             }
+            if let Some(token) = var("PATH_TOKEN") {
+                route.path_token = Some(token);
+            }
             let bearer = var("BEARER");
             let hmac = var("HMAC_SECRET");
             if bearer.is_some() || hmac.is_some() {
@@ -601,6 +614,12 @@ impl Settings {
         }
         if self.queue.path.as_os_str().is_empty() {
             return Err(SettingsError::new("queue.path", "expected a file path"));
+        }
+        if let Err((j, e)) = crate::netaddr::parse_list(&self.server.trusted_proxies) {
+            return Err(SettingsError::new(
+                format!("server.trusted_proxies[{j}]"),
+                e,
+            ));
         }
         if self.worker.concurrency == 0 {
             return Err(SettingsError::new(
@@ -748,6 +767,24 @@ impl Settings {
                 ))
             }
         }
+        if let Err((j, e)) = crate::netaddr::parse_list(&route.allowed_ips) {
+            return Err(SettingsError::new(
+                format!("routes[{i}].allowed_ips[{j}]"),
+                e,
+            ));
+        }
+        if route.path_token.as_ref().is_some_and(|t| {
+            let t = t.expose_secret();
+            t.len() < 16
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }) {
+            return Err(SettingsError::new(
+                key("path_token"),
+                "expected at least 16 letters, digits, '-' or '_' (it is a URL path segment)",
+            ));
+        }
         for (j, org) in route.org_ids.iter().enumerate() {
             OrgId::parse(org).map_err(|e| {
                 SettingsError::new(format!("routes[{i}].org_ids[{j}]"), e.to_string())
@@ -779,6 +816,12 @@ impl Settings {
                         "only callout routes take auth",
                     ));
                 }
+            }
+            RouteKind::Callout if route.path_token.is_some() => {
+                return Err(SettingsError::new(
+                    key("path_token"),
+                    "only outbound_message routes take a path token; callouts authenticate with auth",
+                ));
             }
             RouteKind::Callout => {
                 let auth = route.auth.as_ref();

@@ -24,6 +24,8 @@ pub enum CalloutError {
     Body(#[from] BodyError),
     #[error("{0}")]
     Unauthorized(&'static str),
+    #[error("this address may not send to this route")]
+    IpNotAllowed,
     #[error("body is not a JSON object: {0}")]
     InvalidJson(String),
     #[error("idempotency key must be 1 to 200 printable ASCII characters")]
@@ -43,6 +45,7 @@ impl CalloutError {
             CalloutError::Body(BodyError::Timeout) => "body_timeout",
             CalloutError::Body(BodyError::Broken) => "body_unreadable",
             CalloutError::Unauthorized(_) => "unauthorized",
+            CalloutError::IpNotAllowed => "ip_not_allowed",
             CalloutError::InvalidJson(_) => "invalid_json",
             CalloutError::InvalidIdempotencyKey => "invalid_idempotency_key",
             CalloutError::KeyReused(_) => "idempotency_key_reused",
@@ -60,6 +63,7 @@ impl ResponseError for CalloutError {
             CalloutError::Body(BodyError::Timeout) => StatusCode::REQUEST_TIMEOUT,
             CalloutError::Body(BodyError::Broken) => StatusCode::BAD_REQUEST,
             CalloutError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            CalloutError::IpNotAllowed => StatusCode::FORBIDDEN,
             CalloutError::InvalidJson(_) | CalloutError::InvalidIdempotencyKey => {
                 StatusCode::BAD_REQUEST
             }
@@ -245,6 +249,10 @@ async fn handle(
         .route(path)
         .filter(|r| r.kind == RouteKind::Callout)
         .ok_or_else(|| CalloutError::UnknownRoute(path.chars().take(64).collect()))?;
+    super::check_access(route, None, &req, &state.settings).map_err(|denied| match denied {
+        super::AccessDenied::NotFound => CalloutError::UnknownRoute(route.name.clone()),
+        super::AccessDenied::Forbidden => CalloutError::IpNotAllowed,
+    })?;
     if media_type(&req) != "application/json" {
         return Err(CalloutError::UnsupportedMediaType);
     }

@@ -12,6 +12,7 @@ use actix_web::dev::{Service, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::{FutureExt, StreamExt};
+use sha2::Digest;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/salesforce/outbound/{route}")
             .route(web::post().to(salesforce::receive))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/salesforce/outbound/{route}/{token}")
+            .route(web::post().to(salesforce::receive_with_token))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
@@ -216,6 +222,53 @@ pub fn record_ingest(
             started.elapsed().as_secs_f64(),
         );
     }
+}
+
+/// Why a request may not use a route (checked before the body is read).
+#[derive(Debug, PartialEq, Eq)]
+pub enum AccessDenied {
+    /// Missing or wrong path token: answered like an unknown route, revealing nothing.
+    NotFound,
+    /// The client address is not in the route's `allowed_ips`.
+    Forbidden,
+}
+
+/// Check the route's secret path token (constant time) and IP allowlist.
+pub fn check_access(
+    route: &crate::settings::RouteSettings,
+    token: Option<&str>,
+    req: &HttpRequest,
+    settings: &Settings,
+) -> Result<(), AccessDenied> {
+    use secrecy::ExposeSecret;
+    use subtle::ConstantTimeEq;
+    match (&route.path_token, token) {
+        (None, None) => {}
+        (Some(expected), Some(given)) => {
+            let ok: bool = sha2::Sha256::digest(given.as_bytes())
+                .ct_eq(&sha2::Sha256::digest(expected.expose_secret().as_bytes()))
+                .into();
+            if !ok {
+                return Err(AccessDenied::NotFound);
+            }
+        }
+        _ => return Err(AccessDenied::NotFound),
+    }
+    if !route.allowed_ips.is_empty() {
+        let allowed = crate::netaddr::parse_list(&route.allowed_ips).unwrap_or_default();
+        let trusted =
+            crate::netaddr::parse_list(&settings.server.trusted_proxies).unwrap_or_default();
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let client =
+            crate::netaddr::client_ip(req.peer_addr().map(|a| a.ip()), forwarded, &trusted);
+        if !client.is_some_and(|ip| allowed.iter().any(|net| net.contains(ip))) {
+            return Err(AccessDenied::Forbidden);
+        }
+    }
+    Ok(())
 }
 
 /// The media type of a request, lower-cased, without parameters.

@@ -23,6 +23,8 @@ pub enum InboundError {
     Malformed(#[from] SoapError),
     #[error("OrganizationId is not allowed on this route")]
     ForeignOrg,
+    #[error("this address may not send to this route")]
+    IpNotAllowed,
     #[error("sObject type `{found}` is not accepted by this route (expected `{expected}`)")]
     WrongSObject { found: String, expected: String },
     #[error("could not store the notifications; Salesforce will retry")]
@@ -40,7 +42,7 @@ impl ResponseError for InboundError {
             InboundError::Malformed(_) | InboundError::WrongSObject { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            InboundError::ForeignOrg => StatusCode::FORBIDDEN,
+            InboundError::ForeignOrg | InboundError::IpNotAllowed => StatusCode::FORBIDDEN,
             InboundError::Enqueue(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -109,9 +111,30 @@ pub async fn receive(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, InboundError> {
+    receive_on(req, &path, None, payload, state).await
+}
+
+/// `POST /salesforce/outbound/{route}/{token}`: the same, for routes with a secret path token.
+pub async fn receive_with_token(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, InboundError> {
+    let (route, token) = path.into_inner();
+    receive_on(req, &route, Some(&token), payload, state).await
+}
+
+async fn receive_on(
+    req: HttpRequest,
+    path: &str,
+    token: Option<&str>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, InboundError> {
     let started = std::time::Instant::now();
-    let result = handle(&req, &path, payload, &state).await;
-    let route = state.settings.route(&path).map(|r| r.name.as_str());
+    let result = handle(&req, path, token, payload, &state).await;
+    let route = state.settings.route(path).map(|r| r.name.as_str());
     match &result {
         Ok((_, stored)) => record_ingest(&state, route, 200, *stored == 0, *stored, started),
         Err(e) => record_ingest(&state, route, e.status_code().as_u16(), false, 0, started),
@@ -123,6 +146,7 @@ pub async fn receive(
 async fn handle(
     req: &HttpRequest,
     path: &str,
+    token: Option<&str>,
     payload: web::Payload,
     state: &AppState,
 ) -> Result<(HttpResponse, u64), InboundError> {
@@ -134,6 +158,10 @@ async fn handle(
         .route(path)
         .filter(|r| r.kind == RouteKind::OutboundMessage)
         .ok_or_else(|| InboundError::UnknownRoute(path.chars().take(64).collect()))?;
+    super::check_access(route, token, &req, &state.settings).map_err(|denied| match denied {
+        super::AccessDenied::NotFound => InboundError::UnknownRoute(route.name.clone()),
+        super::AccessDenied::Forbidden => InboundError::IpNotAllowed,
+    })?;
     let media = media_type(&req);
     if media != "text/xml" && media != "application/xml" {
         return Err(InboundError::UnsupportedMediaType);

@@ -9,3 +9,5 @@ mod delivery;
 mod deploy;
 mod helpers;
 mod inbound;
+mod secrets;
+mod security;

@@ -1,0 +1,240 @@
+//! Every flow run against a real `relay serve` with TRACE logging: no secret, session id or
+//! e-mail address may appear anywhere in what it printed.
+
+use crate::helpers::{fixture, routes_toml, sign};
+use serde_json::json;
+use sf_centercode_relay::fake_centercode::{ApiKeyConfig, FakeCentercode, FakeConfig, Fault};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const API_KEY: &str = "cc-api-key-Zq81ThisMustNeverBeLogged";
+const ADMIN: &str = "admin-token-Zq82ThisMustNeverBeLogged-000";
+const BEARER: &str = "bearer-Zq83ThisMustNeverBeLogged";
+const HMAC: &str = "hmac-secret-Zq84ThisMustNeverBeLogged";
+const SESSION: &str = "AQ8AQFakeSessionTokenForFixturesOnly";
+
+#[tokio::test]
+async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
+    // Arrange: a fake Centercode that knows our key, and a relay child logging everything.
+    let centercode = FakeCentercode::start(FakeConfig {
+        api_keys: vec![ApiKeyConfig {
+            key: API_KEY.into(),
+            ..ApiKeyConfig::default()
+        }],
+        ..FakeConfig::demo()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\npath = \"{}\"\n[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[telemetry]\nformat = \"json\"\n{}",
+            dir.path().join("relay.db").display(),
+            routes_toml(&centercode.base_url())
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["--config", config.to_str().unwrap(), "serve"])
+        .env("RELAY_CONFIG_DIR", dir.path())
+        .env_remove("RELAY_ENV")
+        .env("RUST_LOG", "trace")
+        .env("RELAY__CENTERCODE__API_KEY", API_KEY)
+        .env("RELAY__ADMIN__TOKEN", ADMIN)
+        .env("RELAY_ROUTE__APEX_REMOVAL__BEARER", BEARER)
+        .env("RELAY_ROUTE__FLOW_FEEDBACK__BEARER", BEARER)
+        .env("RELAY_ROUTE__APEX_FEEDBACK__HMAC_SECRET", HMAC)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("relay listening on ")
+        .unwrap()
+        .to_owned();
+    let mut stderr = child.stderr.take().unwrap();
+    let log_reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        stderr.read_to_string(&mut logs).unwrap();
+        logs
+    });
+    let client = reqwest::Client::new();
+
+    // Act: every kind of flow, good and bad.
+    let om = |route: &'static str, file: &'static str| {
+        client
+            .post(format!("{base}/salesforce/outbound/{route}"))
+            .header("Content-Type", "text/xml; charset=utf-8")
+            .body(fixture(file))
+            .send()
+    };
+    for (route, file) in [
+        ("gdpr", "om_contact_gdpr_removal_single.xml"),
+        ("gdpr", "om_contact_batch_4.xml"),
+        ("case-feedback", "om_case_feedback.xml"),
+        ("feedback", "om_feedback_custom_object.xml"),
+        ("feedback", "om_feedback_nil_fields.xml"),
+        ("gdpr", "hostile_xxe_external_entity.xml"),
+        ("gdpr", "hostile_wrong_org_id.xml"),
+    ] {
+        om(route, file).await.unwrap();
+    }
+    let removal = fixture("apex_removal_request.json");
+    let callout = |route: &str, body: Vec<u8>, headers: Vec<(&'static str, String)>| {
+        let mut req = client
+            .post(format!("{base}/salesforce/callout/{route}"))
+            .header("Content-Type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        req.send()
+    };
+    callout(
+        "apex-removal",
+        removal.clone(),
+        vec![
+            ("Authorization", format!("Bearer {BEARER}")),
+            ("Idempotency-Key", "k1".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    callout(
+        "apex-removal",
+        removal,
+        vec![("Authorization", "Bearer wrong-but-long-token".into())],
+    )
+    .await
+    .unwrap();
+    let feedback = fixture("apex_feedback_submission.json");
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    callout(
+        "apex-feedback",
+        feedback.clone(),
+        vec![
+            ("X-Relay-Timestamp", ts.clone()),
+            ("X-Relay-Signature", sign(HMAC, &ts, &feedback)),
+            ("Idempotency-Key", "k2".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    callout(
+        "flow-feedback",
+        fixture("flow_http_callout_feedback.json"),
+        vec![("Authorization", format!("Bearer {BEARER}"))],
+    )
+    .await
+    .unwrap();
+    // A parked job (Centercode 400) and the admin API around it.
+    centercode.push_fault(Fault {
+        status: 400,
+        ..Fault::default()
+    });
+    om("gdpr", "om_contact_gdpr_removal_redelivery.xml")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while centercode.requests().len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} deliveries",
+            centercode.requests().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+    let admin = |method: reqwest::Method, path: &str| {
+        client
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    let parked: serde_json::Value = admin(reqwest::Method::GET, "/admin/parked")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for job in parked["jobs"].as_array().unwrap() {
+        admin(
+            reqwest::Method::GET,
+            &format!("/admin/parked/{}", job["id"].as_str().unwrap()),
+        )
+        .await
+        .unwrap();
+    }
+    client
+        .post(format!("{base}/admin/parked/replay"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"all": true}))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(format!("{base}/admin/parked"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    // Stop the relay and collect everything it logged.
+    unsafe_sigterm(child.id());
+    let status = child.wait().unwrap();
+    let logs = log_reader.join().unwrap();
+
+    // Assert
+    assert!(status.success(), "SIGTERM ends the relay cleanly");
+    assert!(
+        logs.lines().count() > 100,
+        "TRACE logging was on: {} lines",
+        logs.lines().count()
+    );
+    let emails = [
+        "marta.kowalska@example.org",
+        "aisha.okafor@example.net",
+        "jonas.berg@example.com",
+        "li.wei@example.cn",
+        "sofia.hernandez@example.es",
+    ];
+    for needle in [API_KEY, ADMIN, BEARER, HMAC, SESSION]
+        .iter()
+        .chain(emails.iter())
+    {
+        let hit = logs.lines().find(|l| l.contains(needle));
+        assert!(
+            hit.is_none(),
+            "`{needle}` appears in the logs: {}",
+            hit.unwrap()
+        );
+    }
+    assert!(!logs.contains("apiKey="), "a URL with apiKey was logged");
+}
+
+fn unsafe_sigterm(pid: u32) {
+    // `kill -TERM`: std has no portable signal API and the crate avoids a libc dependency.
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+}

@@ -1,0 +1,132 @@
+//! Access control on inbound routes: secret path tokens, IP allowlists, trusted proxies,
+//! slow clients; and no secret or personal data in the logs.
+
+use crate::helpers::{fixture, spawn_app_with};
+
+const TOKEN: &str = "s3cret-path-token-0123456789";
+
+#[tokio::test]
+async fn a_route_with_a_path_token_answers_only_at_its_secret_url() {
+    let app = spawn_app_with(|s| s.routes[0].path_token = Some(TOKEN.to_owned().into())).await;
+    let body = || fixture("om_contact_gdpr_removal_single.xml");
+    assert_eq!(app.post_outbound("gdpr", body()).await.status(), 404);
+    assert_eq!(
+        app.post_outbound("gdpr/wrong-token-0123456789", body())
+            .await
+            .status(),
+        404
+    );
+    let r = app.post_outbound(&format!("gdpr/{TOKEN}"), body()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.stats().await.ready, 1);
+    // A route without a token does not answer under a token path.
+    assert_eq!(
+        app.post_outbound(
+            &format!("feedback/{TOKEN}"),
+            fixture("om_feedback_custom_object.xml")
+        )
+        .await
+        .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn the_ip_allowlist_refuses_other_addresses() {
+    let app = spawn_app_with(|s| {
+        s.routes[0].allowed_ips = vec!["10.0.0.0/8".into()];
+        s.routes[1].allowed_ips = vec!["127.0.0.1/32".into()];
+        s.routes[3].allowed_ips = vec!["192.0.2.0/24".into()];
+    })
+    .await;
+    let r = app
+        .post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("may not send"));
+    assert_eq!(
+        app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+            .await
+            .status(),
+        200
+    );
+    let callout = app
+        .post_callout(
+            "apex-removal",
+            &fixture("apex_removal_request.json"),
+            &crate::helpers::bearer("k"),
+        )
+        .await;
+    assert_eq!(callout.status(), 403);
+    // X-Forwarded-For from an untrusted peer is ignored.
+    let r = app
+        .client
+        .post(format!("{}/salesforce/outbound/gdpr", app.address))
+        .header("Content-Type", "text/xml")
+        .header("X-Forwarded-For", "10.1.2.3")
+        .body(fixture("om_contact_gdpr_removal_single.xml"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(app.stats().await.ready, 1);
+}
+
+#[tokio::test]
+async fn x_forwarded_for_counts_only_behind_a_trusted_proxy() {
+    let app = spawn_app_with(|s| {
+        s.server.trusted_proxies = vec!["127.0.0.0/8".into()];
+        s.routes[0].allowed_ips = vec!["203.0.113.0/24".into()];
+    })
+    .await;
+    let send = |xff: &'static str| {
+        app.client
+            .post(format!("{}/salesforce/outbound/gdpr", app.address))
+            .header("Content-Type", "text/xml")
+            .header("X-Forwarded-For", xff)
+            .body(fixture("om_contact_gdpr_removal_single.xml"))
+            .send()
+    };
+    assert_eq!(send("198.51.100.7").await.unwrap().status(), 403);
+    assert_eq!(send("203.0.113.9").await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_slow_client_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(|s| {
+        s.server.body_timeout_ms = 300;
+        s.server.header_timeout_ms = 300;
+    })
+    .await;
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    // Headers that never finish.
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream
+        .write_all(b"POST /salesforce/outbound/gdpr HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the relay kept a half-sent request open");
+    // A body that trickles.
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream
+        .write_all(b"POST /salesforce/outbound/gdpr HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: 1000\r\n\r\n<")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the relay waited for a trickling body");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(app.stats().await.ready, 0);
+}
