@@ -8,6 +8,7 @@ mod crash;
 mod delivery;
 mod deploy;
 mod helpers;
+mod hostile;
 mod inbound;
 mod secrets;
 mod security;
