@@ -93,9 +93,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 async fn serve(settings: Settings) -> anyhow::Result<i32> {
     crate::telemetry::init(&settings.telemetry);
+    let scheme = if settings.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let app = Application::build(settings).await?;
     // Tests and scripts read this line to find the port when binding port 0.
-    println!("relay listening on http://127.0.0.1:{}", app.port());
+    println!("relay listening on {scheme}://127.0.0.1:{}", app.port());
     let stop = CancellationToken::new();
     let signal_stop = stop.clone();
     tokio::spawn(async move {

@@ -37,4 +37,5 @@ pub mod retry;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

@@ -72,6 +72,20 @@ pub struct ServerSettings {
     /// Proxies (CIDR) whose `X-Forwarded-For` is believed when checking `allowed_ips`.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Serve HTTPS directly (otherwise terminate TLS at a load balancer).
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[server.tls]`: certificate and key files (PEM), and optionally the CA that client
+/// certificates must chain to (mutual TLS, e.g. Salesforce's client certificate).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Server certificate chain: leaf first, then intermediates (Salesforce needs the full chain).
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate issued by this CA.
+    pub client_ca: Option<PathBuf>,
 }
 
 fn default_body_timeout_ms() -> u64 {
@@ -614,6 +628,22 @@ impl Settings {
         }
         if self.queue.path.as_os_str().is_empty() {
             return Err(SettingsError::new("queue.path", "expected a file path"));
+        }
+        if let Some(tls) = &self.server.tls {
+            for (name, path) in [
+                ("cert_file", Some(&tls.cert_file)),
+                ("key_file", Some(&tls.key_file)),
+                ("client_ca", tls.client_ca.as_ref()),
+            ] {
+                if let Some(path) = path {
+                    if !path.is_file() {
+                        return Err(SettingsError::new(
+                            format!("server.tls.{name}"),
+                            format!("{} is not a readable file", path.display()),
+                        ));
+                    }
+                }
+            }
         }
         if let Err((j, e)) = crate::netaddr::parse_list(&self.server.trusted_proxies) {
             return Err(SettingsError::new(

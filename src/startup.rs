@@ -21,6 +21,7 @@ pub struct Application {
     queue: Queue,
     metrics: Arc<Metrics>,
     control: Arc<RouteControl>,
+    tls: Option<rustls::ServerConfig>,
 }
 
 /// Open the configured queue backend.
@@ -58,6 +59,13 @@ impl Application {
         let listener = TcpListener::bind(&settings.server.bind)
             .with_context(|| format!("binding {}", settings.server.bind))?;
         let port = listener.local_addr()?.port();
+        // Built now so a bad certificate fails the start, not the first connection.
+        let tls = settings
+            .server
+            .tls
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()?;
         let metrics = Arc::new(Metrics::new());
         metrics.init_routes(&settings.routes);
         let control = Arc::new(RouteControl::new(CircuitBreaker::new(
@@ -71,6 +79,7 @@ impl Application {
             queue,
             metrics,
             control,
+            tls,
         })
     }
 
@@ -142,8 +151,11 @@ impl Application {
         .max_connections(server_settings.max_connections.div_ceil(workers))
         .client_request_timeout(Duration::from_millis(server_settings.header_timeout_ms))
         .shutdown_timeout(server_settings.shutdown_grace_secs)
-        .disable_signals()
-        .listen(self.listener)?
+        .disable_signals();
+        let server = match self.tls {
+            Some(config) => server.listen_rustls_0_23(self.listener, config)?,
+            None => server.listen(self.listener)?,
+        }
         .run();
         let handle = server.handle();
         let server_task = tokio::spawn(server);

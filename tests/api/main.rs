@@ -12,3 +12,4 @@ mod hostile;
 mod inbound;
 mod secrets;
 mod security;
+mod tls;
