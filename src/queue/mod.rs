@@ -131,6 +131,8 @@ pub enum QueueError {
     Closed,
     #[error("stored job is unreadable: {0}")]
     Corrupt(String),
+    #[error("queue not ready: {0}")]
+    NotReady(String),
     #[error("queue I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }

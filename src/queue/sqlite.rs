@@ -68,7 +68,12 @@ struct Inner {
     lease_ms: i64,
     dedupe_ttl_ms: i64,
     path: PathBuf,
+    /// When an enqueue last failed (disk full, I/O error); cleared by the next success.
+    last_enqueue_failure: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a failed enqueue keeps readiness down unless an enqueue succeeds first.
+const FAILURE_MEMORY: Duration = Duration::from_secs(30);
 
 fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     let conn = Connection::open(path)?;
@@ -109,6 +114,7 @@ impl SqliteQueue {
                 lease_ms: lease.as_millis() as i64,
                 dedupe_ttl_ms: dedupe_ttl.as_millis() as i64,
                 path: path.to_owned(),
+                last_enqueue_failure: Mutex::new(None),
             }),
         })
     }
@@ -182,6 +188,21 @@ impl SqliteQueue {
 
     /// Store all jobs of one request in one transaction, deduplicating on their keys.
     pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, QueueError> {
+        let result = self.enqueue_inner(jobs).await;
+        // A tiny readiness probe can succeed on a disk too full for real messages, so
+        // readiness also remembers recent enqueue failures.
+        *self
+            .inner
+            .last_enqueue_failure
+            .lock()
+            .expect("failure lock") = match &result {
+            Ok(_) => None,
+            Err(_) => Some(std::time::Instant::now()),
+        };
+        result
+    }
+
+    async fn enqueue_inner(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, QueueError> {
         let ttl = self.inner.dedupe_ttl_ms;
         let outcomes = self
             .write(move |conn| {
@@ -565,6 +586,16 @@ impl SqliteQueue {
     }
 
     pub async fn check_writable(&self) -> Result<(), QueueError> {
+        let failed = *self
+            .inner
+            .last_enqueue_failure
+            .lock()
+            .expect("failure lock");
+        if failed.is_some_and(|at| at.elapsed() < FAILURE_MEMORY) {
+            return Err(QueueError::NotReady(
+                "the last enqueue failed (disk full?); not ready until one succeeds".into(),
+            ));
+        }
         self.write(|conn| {
             conn.execute(
                 "INSERT OR REPLACE INTO meta (k, v) VALUES ('ready_probe', ?1)",

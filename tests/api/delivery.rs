@@ -579,3 +579,61 @@ async fn the_open_circuit_is_visible_in_metrics() {
     assert!(m.contains("relay_circuit_open{route=\"gdpr\"} 1"), "{m}");
     assert!(m.contains("relay_circuit_open{route=\"feedback\"} 0"));
 }
+
+#[tokio::test]
+async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
+    // Arrange: 20 removals, a retry schedule that a 1.5 s outage would exhaust on its own,
+    // and a circuit breaker that holds the route instead.
+    let app = spawn_app_with(|s| {
+        s.worker.retry_schedule_secs = vec![0.05, 0.05, 0.05];
+        s.worker.circuit_failure_threshold = 3;
+        s.worker.circuit_cooldown_secs = 0.2;
+        s.worker.retry_after_max_secs = 0;
+    })
+    .await;
+    for n in 0..20u32 {
+        let body = with_email(&format!("user{n}@example.com")).replace_id(&format!("04l{n:015}"));
+        assert_eq!(app.post_outbound("gdpr", body).await.status(), 200);
+    }
+    let control = format!("{}/__fake/maintenance", app.centercode.base_url());
+    app.client
+        .post(&control)
+        .json(&json!({"on": true, "retryAfter": "1"}))
+        .send()
+        .await
+        .unwrap();
+    let outage = tokio::spawn({
+        let (client, control) = (app.client.clone(), control.clone());
+        async move {
+            // The outage lasts this long (fault timing, not a wait for work).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            client
+                .post(&control)
+                .json(&json!({"on": false}))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+
+    // Act
+    let outcomes = app.deliver_until_settled().await;
+    outage.await.unwrap();
+
+    // Assert: all delivered after the outage, none parked, and far fewer calls than 20 × 4.
+    assert_eq!(parked(&outcomes), Vec::<String>::new());
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::UserNotFound))
+            .count(),
+        20
+    );
+    let failed_calls = app
+        .centercode
+        .requests()
+        .iter()
+        .filter(|r| r.status == 503)
+        .count();
+    assert!(failed_calls < 20, "{failed_calls} calls hit the outage");
+}

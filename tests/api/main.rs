@@ -7,6 +7,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod deploy;
+mod disk_full;
 mod helpers;
 mod hostile;
 mod inbound;
