@@ -147,3 +147,29 @@ fn the_demo_runs_end_to_end() {
     assert_eq!(stdout.matches(" created: ").count(), 2, "{stdout}");
     assert!(stdout.contains("0 ready, 0 retrying, 0 parked"));
 }
+
+#[test]
+fn a_short_admin_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "[admin]\ntoken = \"too-short\"\n");
+    let out = relay(dir.path(), &["--config", &cfg, "check-config"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("admin.token") && stderr.contains("32"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("too-short"),
+        "the token itself is not echoed"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["serve"])
+        .env("RELAY_CONFIG_DIR", dir.path())
+        .env("RELAY__ADMIN__TOKEN", "short")
+        .env("RELAY__SERVER__BIND", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve refused to start");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin.token"));
+}
