@@ -23,7 +23,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway and the delivery workers (the default).
-    Serve,
+    Serve {
+        /// `all`, `gateway` (receive and store only) or `worker` (deliver only).
+        #[arg(long, value_enum, default_value_t = crate::startup::Role::All)]
+        role: crate::startup::Role,
+    },
     /// Run a self-contained demo: the relay on a temporary queue and a fake Centercode.
     Demo {
         /// Exit after the scripted part instead of serving on.
@@ -58,8 +62,11 @@ pub enum Command {
 
 /// Run the parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(Settings::load(cli.config.as_deref())?).await,
+    let default = Command::Serve {
+        role: crate::startup::Role::All,
+    };
+    match cli.command.unwrap_or(default) {
+        Command::Serve { role } => serve(Settings::load(cli.config.as_deref())?, role).await,
         Command::Demo { no_serve } => crate::demo::run(!no_serve).await,
         Command::Parked { conn, command } => crate::admin_cli::parked(&conn, command).await,
         Command::Routes { conn, command } => crate::admin_cli::routes(&conn, command).await,
@@ -91,7 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-async fn serve(settings: Settings) -> anyhow::Result<i32> {
+async fn serve(settings: Settings, role: crate::startup::Role) -> anyhow::Result<i32> {
     crate::telemetry::init(&settings.telemetry);
     let scheme = if settings.server.tls.is_some() {
         "https"
@@ -107,7 +114,7 @@ async fn serve(settings: Settings) -> anyhow::Result<i32> {
         shutdown_signal().await;
         signal_stop.cancel();
     });
-    app.run_until_stopped(stop, true).await?;
+    app.run_as(stop, role).await?;
     Ok(0)
 }
 

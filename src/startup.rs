@@ -3,7 +3,8 @@
 use crate::control::{CircuitBreaker, RouteControl};
 use crate::inbound::{self, AppState};
 use crate::metrics::Metrics;
-use crate::queue::{Queue, SqliteQueue};
+use crate::queue::rabbitmq::RabbitConfig;
+use crate::queue::{Queue, RabbitQueue, SqliteQueue};
 use crate::settings::{QueueBackend, Settings};
 use crate::worker::Worker;
 use actix_web::{web, App, HttpServer};
@@ -12,6 +13,19 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// What one `relay serve` process does; many processes of different roles can share one
+/// RabbitMQ broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Role {
+    /// Gateway and workers.
+    #[default]
+    All,
+    /// Receive and store only.
+    Gateway,
+    /// Deliver only (plus health, metrics and admin).
+    Worker,
+}
 
 /// A built relay: listener bound, queue open, nothing running yet.
 pub struct Application {
@@ -24,8 +38,9 @@ pub struct Application {
     tls: Option<rustls::ServerConfig>,
 }
 
-/// Open the configured queue backend.
-pub fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
+/// Open the configured queue backend: the SQLite file, or the RabbitMQ connection with its
+/// topology (and Redis for dedupe when `queue.redis_url` is set).
+pub async fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
     match settings.queue.backend {
         QueueBackend::Embedded => {
             let q = SqliteQueue::open(
@@ -43,14 +58,21 @@ pub fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
             Ok(Queue::Embedded(q))
         }
         QueueBackend::Rabbitmq => {
-            anyhow::bail!("queue.backend = \"rabbitmq\" is not available in this build")
+            let config = RabbitConfig::from_settings(settings);
+            let q = RabbitQueue::connect(config).await.with_context(|| {
+                format!(
+                    "opening the RabbitMQ queue (prefix `{}`; the URL is not shown)",
+                    settings.queue.prefix
+                )
+            })?;
+            Ok(Queue::Rabbit(q))
         }
     }
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let queue = open_queue(&settings)?;
+        let queue = open_queue(&settings).await?;
         Self::with_queue(settings, queue)
     }
 
@@ -120,6 +142,17 @@ impl Application {
         stop: CancellationToken,
         run_workers: bool,
     ) -> anyhow::Result<()> {
+        let role = if run_workers {
+            Role::All
+        } else {
+            Role::Gateway
+        };
+        self.run_as(stop, role).await
+    }
+
+    /// Run one role: the gateway and workers (`all`), the gateway only, or workers only (which
+    /// still serve health, metrics and the admin API on `server.bind`).
+    pub async fn run_as(self, stop: CancellationToken, role: Role) -> anyhow::Result<()> {
         // Paused routes survive a restart (the embedded queue keeps them in its file).
         if let Ok(paused) = self.queue.paused_routes().await {
             for route in paused {
@@ -145,7 +178,11 @@ impl Application {
             App::new()
                 .app_data(state.clone())
                 .wrap_fn(inbound::request_id_middleware)
-                .configure(inbound::configure)
+                .configure(if role == Role::Worker {
+                    inbound::configure_ops
+                } else {
+                    inbound::configure
+                })
         })
         .workers(workers)
         .max_connections(server_settings.max_connections.div_ceil(workers))
@@ -159,7 +196,7 @@ impl Application {
         .run();
         let handle = server.handle();
         let server_task = tokio::spawn(server);
-        let worker_task = if run_workers && self.settings.worker.enabled {
+        let worker_task = if role != Role::Gateway && self.settings.worker.enabled {
             Some(tokio::spawn(worker.run_until_stopped(stop.clone())))
         } else {
             None

@@ -48,11 +48,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(callout::receive))
             .default_service(web::to(method_not_allowed)),
     )
-    .route("/health/live", web::get().to(health::live))
-    .route("/health/ready", web::get().to(health::ready))
-    .route("/metrics", web::get().to(health::metrics))
-    .configure(crate::admin::configure)
-    .default_service(web::to(not_found));
+    .configure(configure_ops);
+}
+
+/// Health, metrics and the admin API: all a worker-only process serves.
+pub fn configure_ops(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health/live", web::get().to(health::live))
+        .route("/health/ready", web::get().to(health::ready))
+        .route("/metrics", web::get().to(health::metrics))
+        .configure(crate::admin::configure)
+        .default_service(web::to(not_found));
 }
 
 /// Wrap an app so every response carries a request id and every request is logged once

@@ -9,8 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn start_relay(config: &std::path::Path, dir: &std::path::Path) -> (Child, String) {
+    start_relay_as(config, dir, "all")
+}
+
+fn start_relay_as(config: &std::path::Path, dir: &std::path::Path, role: &str) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args(["--config", config.to_str().unwrap(), "serve"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "serve",
+            "--role",
+            role,
+        ])
         .env("RELAY_CONFIG_DIR", dir)
         .env_remove("RELAY_ENV")
         .env("RUST_LOG", "warn")
@@ -252,4 +262,75 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
         "{missing} of {} acknowledged notifications lost",
         expected.len()
     );
+}
+
+#[tokio::test]
+async fn a_gateway_process_stores_and_a_worker_process_delivers() {
+    // Arrange: one gateway-only and one worker-only process on the same queue.
+    let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\npath = \"{}\"\n[worker]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\n{}",
+            dir.path().join("relay.db").display(),
+            routes_toml(&centercode.base_url())
+        ),
+    )
+    .unwrap();
+    let (mut gateway, gateway_url) = start_relay_as(&config, dir.path(), "gateway");
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{gateway_url}/salesforce/outbound/gdpr"))
+        .header("Content-Type", "text/xml")
+        .body(fixture("om_contact_batch_4.xml"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = client
+        .get(format!("{gateway_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_queue_depth{state=\"ready\"} 4"),
+        "the gateway delivers nothing"
+    );
+    assert!(centercode.requests().is_empty());
+
+    // Act: a worker-only process picks the jobs up.
+    let (mut worker, worker_url) = start_relay_as(&config, dir.path(), "worker");
+    let delivered = centercode
+        .wait_for_requests(4, Duration::from_secs(20))
+        .await;
+
+    // Assert
+    assert_eq!(delivered.len(), 4);
+    let inbound = client
+        .post(format!("{worker_url}/salesforce/outbound/gdpr"))
+        .header("Content-Type", "text/xml")
+        .body(fixture("om_contact_batch_4.xml"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        inbound.status(),
+        404,
+        "a worker process takes no Salesforce traffic"
+    );
+    let ready = client
+        .get(format!("{worker_url}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    for child in [&mut gateway, &mut worker] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
