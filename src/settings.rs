@@ -113,13 +113,27 @@ pub enum QueueBackend {
 
 /// The kind of RabbitMQ queues declared for `queue.backend = "rabbitmq"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String")]
 pub enum RabbitQueueType {
     /// Replicated Raft queues with at-least-once dead-lettering (RabbitMQ ≥ 3.10).
     #[default]
     Quorum,
     /// Classic durable queues (single node; dead-lettering is at-most-once).
     Classic,
+}
+
+impl TryFrom<String> for RabbitQueueType {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        match value.as_str() {
+            "quorum" => Ok(RabbitQueueType::Quorum),
+            "classic" => Ok(RabbitQueueType::Classic),
+            other => Err(format!(
+                "queue.queue_type: expected \"quorum\" or \"classic\", got \"{other}\""
+            )),
+        }
+    }
 }
 
 /// `[queue]`.

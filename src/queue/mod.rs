@@ -1,6 +1,8 @@
 //! The durable queue: what a job is, and the backends that store it. Ingest enqueues;
 //! workers lease, then ack, retry or park. Backends are a closed enum, not trait objects.
 
+pub mod dedupe;
+pub mod rabbitmq;
 pub mod sqlite;
 
 use crate::domain::Fields;
@@ -8,6 +10,7 @@ use crate::settings::Action;
 use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use rabbitmq::RabbitQueue;
 pub use sqlite::SqliteQueue;
 
 /// What Salesforce sent, kept until delivery. Translation into a Centercode request happens
@@ -135,18 +138,26 @@ pub enum QueueError {
     NotReady(String),
     #[error("queue I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("message broker failed: {0}")]
+    Broker(String),
+    #[error("deduplication store failed: {0}")]
+    Dedupe(String),
+    #[error("the same notification is being stored by another request right now")]
+    InProgress,
 }
 
 /// The configured backend.
 #[derive(Clone)]
 pub enum Queue {
     Embedded(SqliteQueue),
+    Rabbit(RabbitQueue),
 }
 
 impl Queue {
     pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, QueueError> {
         match self {
             Queue::Embedded(q) => q.enqueue(jobs).await,
+            Queue::Rabbit(q) => q.enqueue(jobs).await,
         }
     }
 
@@ -154,6 +165,7 @@ impl Queue {
     pub async fn lease(&self, max: usize, paused: Vec<String>) -> Result<Vec<Leased>, QueueError> {
         match self {
             Queue::Embedded(q) => q.lease(max, paused).await,
+            Queue::Rabbit(q) => q.lease(max, paused).await,
         }
     }
 
@@ -161,6 +173,7 @@ impl Queue {
     pub async fn ack(&self, job: &Leased) -> Result<(), QueueError> {
         match self {
             Queue::Embedded(q) => q.ack(job).await,
+            Queue::Rabbit(q) => q.ack(job).await,
         }
     }
 
@@ -174,6 +187,7 @@ impl Queue {
     ) -> Result<(), QueueError> {
         match self {
             Queue::Embedded(q) => q.retry(job, at_ms, error, status).await,
+            Queue::Rabbit(q) => q.retry(job, at_ms, error, status).await,
         }
     }
 
@@ -181,6 +195,7 @@ impl Queue {
     pub async fn release(&self, job: &Leased) -> Result<(), QueueError> {
         match self {
             Queue::Embedded(q) => q.release(job).await,
+            Queue::Rabbit(q) => q.release(job).await,
         }
     }
 
@@ -193,18 +208,21 @@ impl Queue {
     ) -> Result<(), QueueError> {
         match self {
             Queue::Embedded(q) => q.park(job, reason, status).await,
+            Queue::Rabbit(q) => q.park(job, reason, status).await,
         }
     }
 
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         match self {
             Queue::Embedded(q) => q.stats().await,
+            Queue::Rabbit(q) => q.stats().await,
         }
     }
 
     pub async fn parked(&self, limit: usize) -> Result<Vec<ParkedJob>, QueueError> {
         match self {
             Queue::Embedded(q) => q.parked(limit).await,
+            Queue::Rabbit(q) => q.parked(limit).await,
         }
     }
 
@@ -212,6 +230,7 @@ impl Queue {
     pub async fn replay(&self, ids: Option<Vec<String>>) -> Result<u64, QueueError> {
         match self {
             Queue::Embedded(q) => q.replay(ids).await,
+            Queue::Rabbit(q) => q.replay(ids).await,
         }
     }
 
@@ -219,6 +238,7 @@ impl Queue {
     pub async fn load(&self, id: &str) -> Result<Option<Leased>, QueueError> {
         match self {
             Queue::Embedded(q) => q.load(id).await,
+            Queue::Rabbit(q) => q.load(id).await,
         }
     }
 
@@ -226,6 +246,7 @@ impl Queue {
     pub async fn check_writable(&self) -> Result<(), QueueError> {
         match self {
             Queue::Embedded(q) => q.check_writable().await,
+            Queue::Rabbit(q) => q.check_writable().await,
         }
     }
 
@@ -233,6 +254,7 @@ impl Queue {
     pub async fn purge_expired_dedupe(&self) -> Result<u64, QueueError> {
         match self {
             Queue::Embedded(q) => q.purge_expired_dedupe().await,
+            Queue::Rabbit(q) => q.purge_expired_dedupe().await,
         }
     }
 
@@ -240,6 +262,7 @@ impl Queue {
     pub fn close(&self) {
         match self {
             Queue::Embedded(q) => q.close(),
+            Queue::Rabbit(q) => q.close(),
         }
     }
 
@@ -247,6 +270,7 @@ impl Queue {
     pub async fn notified(&self) {
         match self {
             Queue::Embedded(q) => q.notified().await,
+            Queue::Rabbit(q) => q.notified().await,
         }
     }
 
@@ -259,6 +283,7 @@ impl Queue {
     ) -> Result<Vec<ParkedJob>, QueueError> {
         match self {
             Queue::Embedded(q) => q.parked_page(filter, limit, cursor).await,
+            Queue::Rabbit(q) => q.parked_page(filter, limit, cursor).await,
         }
     }
 
@@ -266,6 +291,7 @@ impl Queue {
     pub async fn count_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         match self {
             Queue::Embedded(q) => q.count_parked(filter).await,
+            Queue::Rabbit(q) => q.count_parked(filter).await,
         }
     }
 
@@ -277,6 +303,7 @@ impl Queue {
     ) -> Result<u64, QueueError> {
         match self {
             Queue::Embedded(q) => q.replay_matching(filter, limit).await,
+            Queue::Rabbit(q) => q.replay_matching(filter, limit).await,
         }
     }
 
@@ -284,12 +311,14 @@ impl Queue {
     pub async fn paused_routes(&self) -> Result<Vec<String>, QueueError> {
         match self {
             Queue::Embedded(q) => q.paused_routes().await,
+            Queue::Rabbit(q) => q.paused_routes().await,
         }
     }
 
     pub async fn save_paused_routes(&self, routes: Vec<String>) -> Result<(), QueueError> {
         match self {
             Queue::Embedded(q) => q.save_paused_routes(routes).await,
+            Queue::Rabbit(q) => q.save_paused_routes(routes).await,
         }
     }
 
@@ -297,6 +326,7 @@ impl Queue {
     pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         match self {
             Queue::Embedded(q) => q.purge_parked(filter).await,
+            Queue::Rabbit(q) => q.purge_parked(filter).await,
         }
     }
 }

@@ -3,7 +3,9 @@
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
-use sf_centercode_relay::queue::{Queue, QueueStats};
+use sf_centercode_relay::queue::rabbitmq::{QueueNames, RabbitConfig};
+use sf_centercode_relay::queue::{Queue, QueueStats, RabbitQueue};
+use sf_centercode_relay::settings::RabbitQueueType;
 use sf_centercode_relay::settings::Settings;
 use sf_centercode_relay::startup::Application;
 use sf_centercode_relay::worker::{Outcome, Worker};
@@ -114,11 +116,17 @@ pub struct TestApp {
     pub client: reqwest::Client,
     _dir: tempfile::TempDir,
     stop: CancellationToken,
+    /// The broker prefix of a RabbitMQ-backed app (dropped last: deletes its queues).
+    pub rabbit: Option<RabbitEnv>,
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.stop.cancel();
+        if self.rabbit.is_some() {
+            // No reconnection while the test's queues are deleted.
+            self.queue.close();
+        }
     }
 }
 
@@ -154,11 +162,31 @@ timeout_ms = 2000
 
 /// Spawn with the test settings changed by `adjust`.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_on(Backend::Embedded, adjust).await
+}
+
+/// Spawn on the given queue backend with the test settings changed by `adjust`.
+pub async fn spawn_app_on(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let rabbit = match backend {
+        Backend::Embedded => None,
+        Backend::Rabbitmq => Some(RabbitEnv::new().await),
+    };
+    spawn_app_in(rabbit, adjust).await
+}
+
+/// Spawn on RabbitMQ under `rabbit`'s prefix (or on the embedded queue for `None`).
+pub async fn spawn_app_in(
+    rabbit: Option<RabbitEnv>,
+    adjust: impl FnOnce(&mut Settings),
+) -> TestApp {
     let centercode = FakeCentercode::start(FakeConfig::demo())
         .await
         .expect("fake centercode");
     let dir = tempfile::tempdir().unwrap();
     let mut settings = test_settings(&dir.path().join("relay.db"), &centercode.base_url());
+    if let Some(env) = &rabbit {
+        env.apply(&mut settings);
+    }
     adjust(&mut settings);
     settings.validate().expect("adjusted settings are valid");
     let app = Application::build(settings).await.expect("build app");
@@ -179,6 +207,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
         client: reqwest::Client::new(),
         _dir: dir,
         stop,
+        rabbit,
     }
 }
 
@@ -274,4 +303,298 @@ pub fn bearer(key: &str) -> Vec<(&'static str, String)> {
         ("Authorization", format!("Bearer {BEARER}")),
         ("Idempotency-Key", key.to_owned()),
     ]
+}
+
+// ---------------------------------------------------------------------------------------
+// RabbitMQ (and Redis) for the tests that use the broker.
+
+/// Which queue backend a spawned relay uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Rabbitmq,
+}
+
+/// Held shared by every RabbitMQ test and exclusively by the broker-restart test, across all
+/// test processes on this machine, so stopping the broker never breaks another test. It is a
+/// SQLite file lock (rollback journal): a read transaction holds SHARED, `BEGIN EXCLUSIVE`
+/// waits for every reader, and a waiting writer keeps new readers out. Released on drop.
+pub struct BrokerLock(#[allow(dead_code)] rusqlite::Connection);
+
+impl BrokerLock {
+    pub async fn shared() -> Self {
+        Self::take(false).await
+    }
+
+    pub async fn exclusive() -> Self {
+        Self::take(true).await
+    }
+
+    async fn take(exclusive: bool) -> Self {
+        tokio::task::spawn_blocking(move || {
+            let path = std::env::temp_dir().join("sf-centercode-relay-rabbitmq-tests.lock");
+            let conn = rusqlite::Connection::open(path).expect("open the broker lock file");
+            conn.busy_timeout(Duration::from_secs(600)).unwrap();
+            conn.execute_batch(
+                "PRAGMA journal_mode = DELETE; CREATE TABLE IF NOT EXISTS held (x INTEGER);",
+            )
+            .expect("prepare the broker lock file");
+            if exclusive {
+                conn.execute_batch("BEGIN EXCLUSIVE")
+                    .expect("take the broker lock");
+            } else {
+                conn.execute_batch("BEGIN").unwrap();
+                conn.query_row("SELECT count(*) FROM held", [], |r| r.get::<_, i64>(0))
+                    .expect("share the broker lock");
+            }
+            BrokerLock(conn)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// `RELAY_TEST_AMQP_URL`, or the local broker.
+pub fn amqp_url() -> String {
+    std::env::var("RELAY_TEST_AMQP_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// `RELAY_TEST_REDIS_URL`, or the local Redis.
+pub fn redis_url() -> String {
+    std::env::var("RELAY_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
+}
+
+/// Panic (never skip) when no broker answers at `url`.
+pub async fn require_rabbitmq(url: &str) {
+    let connect = lapin::Connection::connect(url, lapin::ConnectionProperties::default());
+    let err = match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close(200, "probe").await;
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 3 s".to_owned(),
+    };
+    panic!(
+        "RabbitMQ is not reachable at {url}: {err}. Start a broker with `rabbitmq-server -detached` \
+         (or `docker compose up -d rabbitmq`), or set RELAY_TEST_AMQP_URL to a running one."
+    );
+}
+
+/// Panic (never skip) when no Redis answers at `url`.
+pub async fn require_redis(url: &str) {
+    let ping = async {
+        let client = redis::Client::open(url)?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    let err = match tokio::time::timeout(Duration::from_secs(3), ping).await {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 3 s".to_owned(),
+    };
+    panic!(
+        "Redis is not reachable at {url}: {err}. Start one with `redis-server --daemonize yes`, \
+         or set RELAY_TEST_REDIS_URL to a running one."
+    );
+}
+
+/// One test's share of the broker: a UUID queue prefix, the queues opened under it, and
+/// cleanup on drop (queues deleted, Redis keys removed), even when the test panics.
+pub struct RabbitEnv {
+    pub url: String,
+    pub redis_url: String,
+    pub prefix: String,
+    opened: std::sync::Mutex<Vec<Queue>>,
+    _lock: Option<BrokerLock>,
+}
+
+impl RabbitEnv {
+    /// A fresh prefix on the shared broker (waits while the broker-restart test runs).
+    pub async fn new() -> Self {
+        let lock = BrokerLock::shared().await;
+        Self::with_lock(Some(lock)).await
+    }
+
+    /// For the test that owns the broker exclusively (holds [`BrokerOwner`]).
+    pub async fn unlocked() -> Self {
+        Self::with_lock(None).await
+    }
+
+    async fn with_lock(lock: Option<BrokerLock>) -> Self {
+        let (url, redis_url) = (amqp_url(), redis_url());
+        require_rabbitmq(&url).await;
+        require_redis(&redis_url).await;
+        Self {
+            url,
+            redis_url,
+            prefix: format!("test-{}", uuid::Uuid::new_v4().simple()),
+            opened: Default::default(),
+            _lock: lock,
+        }
+    }
+
+    /// Point `settings` at this prefix, with Redis dedupe and sub-second retry tiers.
+    pub fn apply(&self, settings: &mut Settings) {
+        use sf_centercode_relay::settings::QueueBackend;
+        settings.queue.backend = QueueBackend::Rabbitmq;
+        settings.queue.url = self.url.clone().into();
+        settings.queue.prefix = self.prefix.clone();
+        settings.queue.redis_url = Some(self.redis_url.clone().into());
+        settings.queue.dedupe_ttl_secs = 600;
+        settings.worker.retry_schedule_secs = vec![0.2, 0.2];
+    }
+
+    /// Backend settings for a queue opened directly (conformance tests).
+    pub fn config(&self, retry_secs: &[f64], with_redis: bool) -> RabbitConfig {
+        RabbitConfig {
+            url: self.url.clone().into(),
+            prefix: self.prefix.clone(),
+            queue_type: RabbitQueueType::Quorum,
+            retry_tiers: retry_secs
+                .iter()
+                .map(|s| Duration::from_secs_f64(*s))
+                .collect(),
+            prefetch: 64,
+            confirm_timeout: Duration::from_secs(5),
+            lease: Duration::from_secs(30),
+            dedupe_ttl: Duration::from_secs(600),
+            redis_url: with_redis.then(|| self.redis_url.clone().into()),
+        }
+    }
+
+    /// Open a queue under this prefix; it is closed before the queues are deleted.
+    pub async fn open(&self, config: RabbitConfig) -> Queue {
+        let q = Queue::Rabbit(
+            RabbitQueue::connect(config)
+                .await
+                .expect("connect to RabbitMQ"),
+        );
+        self.track(q.clone());
+        q
+    }
+
+    /// Close `queue` when this environment is cleaned up.
+    pub fn track(&self, queue: Queue) {
+        self.opened.lock().unwrap().push(queue);
+    }
+}
+
+impl Drop for RabbitEnv {
+    fn drop(&mut self) {
+        for q in self.opened.lock().unwrap().drain(..) {
+            q.close();
+        }
+        let (url, redis_url, prefix) = (
+            self.url.clone(),
+            self.redis_url.clone(),
+            self.prefix.clone(),
+        );
+        // Drop may run inside a runtime: clean up from a thread with its own.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(delete_prefix(&url, &redis_url, &prefix));
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Delete the queues (up to 8 retry tiers) and Redis keys of `prefix`.
+pub async fn delete_prefix(url: &str, redis_url: &str, prefix: &str) {
+    let names = QueueNames::new(prefix, 8);
+    let connect = lapin::Connection::connect(url, lapin::ConnectionProperties::default());
+    if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
+        for name in names.all() {
+            // One channel per delete: an error closes the channel it happened on.
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(name, lapin::options::QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = conn.close(200, "test cleanup").await;
+    }
+    if let Ok(client) = redis::Client::open(redis_url) {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}:*"))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _ = redis::cmd("DEL")
+                    .arg(keys)
+                    .query_async::<()>(&mut conn)
+                    .await;
+            }
+        }
+    }
+}
+
+/// Exclusive use of the broker (to stop and start it); `rabbitmqctl start_app` runs on drop,
+/// so the broker is back even when the test fails.
+pub struct BrokerOwner {
+    _lock: BrokerLock,
+}
+
+impl BrokerOwner {
+    pub async fn acquire() -> Self {
+        Self {
+            _lock: BrokerLock::exclusive().await,
+        }
+    }
+
+    /// `rabbitmqctl stop_app`: every connection is closed and new ones are refused.
+    pub async fn stop_app(&self) {
+        rabbitmqctl("stop_app").await;
+    }
+
+    /// `rabbitmqctl start_app`, then wait until AMQP connections are accepted again.
+    pub async fn start_app(&self) {
+        rabbitmqctl("start_app").await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = amqp_url();
+        loop {
+            let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
+            if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), connect).await {
+                let _ = conn.close(200, "probe").await;
+                return;
+            }
+            assert!(Instant::now() < deadline, "RabbitMQ did not come back");
+            tokio::time::sleep(Duration::from_millis(100)).await; // poll with deadline
+        }
+    }
+}
+
+impl Drop for BrokerOwner {
+    fn drop(&mut self) {
+        // Idempotent: a running app stays running.
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+async fn rabbitmqctl(command: &str) {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .arg(command)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running `rabbitmqctl {command}`: {e}"));
+    assert!(
+        out.status.success(),
+        "`rabbitmqctl {command}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -11,6 +11,8 @@ mod disk_full;
 mod helpers;
 mod hostile;
 mod inbound;
+mod queue_conformance;
+mod rabbitmq;
 mod secrets;
 mod security;
 mod tls;

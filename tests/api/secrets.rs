@@ -230,14 +230,42 @@ async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
     }
     assert!(!logs.contains("apiKey="), "a URL with apiKey was logged");
     // One JSON object per line, and a notification id follows the message to Centercode.
-    let lines: Vec<serde_json::Value> = logs.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert!(lines.len() * 10 >= logs.lines().count() * 9, "log lines are JSON");
-    let mentions: Vec<&serde_json::Value> = lines.iter().filter(|l| l.to_string().contains("04l8d0000100001AAA")).collect();
-    let stored = mentions.iter().find(|l| l["message"] == "notification stored").expect("ingest log line");
-    assert!(stored["job_id"].is_string() && stored["span"]["request_id"].is_string(), "{stored}");
-    let delivered = mentions.iter().find(|l| l["message"] == "delivery finished").expect("delivery log line");
-    for field in ["job_id", "route", "notification_id", "record_id", "attempt", "centercode.status"] {
-        assert!(!delivered["span"][field].is_null(), "`{field}` missing from {delivered}");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        lines.len() * 10 >= logs.lines().count() * 9,
+        "log lines are JSON"
+    );
+    let mentions: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.to_string().contains("04l8d0000100001AAA"))
+        .collect();
+    let stored = mentions
+        .iter()
+        .find(|l| l["message"] == "notification stored")
+        .expect("ingest log line");
+    assert!(
+        stored["job_id"].is_string() && stored["span"]["request_id"].is_string(),
+        "{stored}"
+    );
+    let delivered = mentions
+        .iter()
+        .find(|l| l["message"] == "delivery finished")
+        .expect("delivery log line");
+    for field in [
+        "job_id",
+        "route",
+        "notification_id",
+        "record_id",
+        "attempt",
+        "centercode.status",
+    ] {
+        assert!(
+            !delivered["span"][field].is_null(),
+            "`{field}` missing from {delivered}"
+        );
     }
     assert!(delivered["timestamp"].is_string() && delivered["level"].is_string());
 }

@@ -1,0 +1,438 @@
+//! Deduplication keys for the RabbitMQ backend: claim a key before publishing, record it
+//! after the broker confirmed. A claim that is still pending is never reported as a
+//! duplicate, so a notification is never acknowledged without having been stored.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Lua: claim the key unless it exists, and return the existing value (nil once claimed).
+/// One script instead of `SET NX GET`, which needs Redis ≥ 7.0.
+const CLAIM: &str = "local v = redis.call('GET', KEYS[1]) \
+                     if v then return v end \
+                     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+                     return false";
+/// Lua: delete the key only while it still holds this request's claim.
+const ABANDON: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                       return redis.call('DEL', KEYS[1]) end return 0";
+const PENDING: &str = "pending:";
+
+/// What a key held when a request tried to claim it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This request holds the key now: publish, then [`Dedupe::confirm`] or [`Dedupe::abandon`].
+    Claimed,
+    /// Stored before (broker-confirmed) as `job_id`.
+    Stored {
+        job_id: String,
+        body_hash: Option<String>,
+    },
+    /// Another request is storing the same key right now; its outcome is unknown yet.
+    Pending { job_id: String },
+}
+
+/// The dedupe store could not answer; the request gets 503 and Salesforce retries.
+#[derive(Debug, thiserror::Error)]
+#[error("dedupe store failed: {0}")]
+pub struct DedupeError(pub String);
+
+/// One key of one request: the dedupe key and the job that would store it.
+#[derive(Debug, Clone)]
+pub struct KeyedJob {
+    pub key: String,
+    pub job_id: String,
+    pub body_hash: Option<String>,
+}
+
+/// Where claims live.
+#[derive(Clone)]
+pub enum Dedupe {
+    /// In this process's memory: correct for ONE gateway process only (two gateways would
+    /// each accept the same notification), and forgotten on restart. Multi-gateway
+    /// deployments must set `queue.redis_url`.
+    Local(LocalDedupe),
+    /// Redis, shared by every gateway; keys expire by themselves.
+    Redis(Box<RedisDedupe>),
+}
+
+impl Dedupe {
+    /// An in-memory store (one gateway only).
+    pub fn local(ttl: Duration, pending_ttl: Duration) -> Self {
+        Dedupe::Local(LocalDedupe {
+            map: Arc::default(),
+            state: Arc::default(),
+            ttl,
+            pending_ttl,
+        })
+    }
+
+    /// Connect to Redis; keys are `{namespace}:dedupe:{key}`.
+    pub async fn redis(
+        url: &str,
+        namespace: &str,
+        ttl: Duration,
+        pending_ttl: Duration,
+        timeout: Duration,
+    ) -> Result<Self, DedupeError> {
+        let client = redis::Client::open(url).map_err(|e| DedupeError(e.to_string()))?;
+        // The manager reconnects by itself after Redis restarts; meanwhile calls fail (503).
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_number_of_retries(2)
+            .set_max_delay(1000);
+        let conn = tokio::time::timeout(timeout, client.get_connection_manager_with_config(config))
+            .await
+            .map_err(|_| DedupeError("Redis did not answer in time".into()))?
+            .map_err(|e| DedupeError(e.to_string()))?;
+        Ok(Dedupe::Redis(Box::new(RedisDedupe {
+            conn,
+            namespace: namespace.to_owned(),
+            ttl,
+            pending_ttl,
+            timeout,
+        })))
+    }
+
+    /// Claim every key (in one round trip on Redis). A key already claimed or stored keeps
+    /// its value; the caller must `abandon` its own claims if it gives up.
+    #[tracing::instrument(skip_all, fields(keys = jobs.len()))]
+    pub async fn claim(&self, jobs: &[KeyedJob]) -> Result<Vec<Claim>, DedupeError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Dedupe::Local(d) => Ok(d.claim(jobs)),
+            Dedupe::Redis(d) => d.claim(jobs).await,
+        }
+    }
+
+    /// The broker confirmed these jobs: remember them for the dedupe TTL.
+    #[tracing::instrument(skip_all, fields(keys = jobs.len()))]
+    pub async fn confirm(&self, jobs: &[KeyedJob]) -> Result<(), DedupeError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Dedupe::Local(d) => {
+                d.confirm(jobs);
+                Ok(())
+            }
+            Dedupe::Redis(d) => d.confirm(jobs).await,
+        }
+    }
+
+    /// Publishing failed: release these claims (only where they are still this request's).
+    #[tracing::instrument(skip_all, fields(keys = jobs.len()))]
+    pub async fn abandon(&self, jobs: &[KeyedJob]) -> Result<(), DedupeError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Dedupe::Local(d) => {
+                d.abandon(jobs);
+                Ok(())
+            }
+            Dedupe::Redis(d) => d.abandon(jobs).await,
+        }
+    }
+
+    /// Whether the store answers (readiness).
+    pub async fn check(&self) -> Result<(), DedupeError> {
+        match self {
+            Dedupe::Local(_) => Ok(()),
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("PING").ignore();
+                d.run(pipe).await
+            }
+        }
+    }
+
+    /// A small named value kept beside the keys (the paused routes): shared and durable
+    /// on Redis, per process in memory.
+    pub async fn load_state(&self, name: &str) -> Result<Option<String>, DedupeError> {
+        match self {
+            Dedupe::Local(d) => Ok(d.state.lock().expect("state lock").get(name).cloned()),
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("GET").arg(d.state_key(name));
+                let (value,): (Option<String>,) = d.run(pipe).await?;
+                Ok(value)
+            }
+        }
+    }
+
+    pub async fn save_state(&self, name: &str, value: &str) -> Result<(), DedupeError> {
+        match self {
+            Dedupe::Local(d) => {
+                d.state
+                    .lock()
+                    .expect("state lock")
+                    .insert(name.to_owned(), value.to_owned());
+                Ok(())
+            }
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET").arg(d.state_key(name)).arg(value).ignore();
+                d.run(pipe).await
+            }
+        }
+    }
+
+    /// Forget expired in-memory keys; Redis expires its keys by itself (0).
+    pub fn purge_expired(&self) -> u64 {
+        match self {
+            Dedupe::Local(d) => d.purge_expired(),
+            Dedupe::Redis(_) => 0,
+        }
+    }
+}
+
+fn stored_value(job: &KeyedJob) -> String {
+    // Job ids are UUIDs, so `|` cannot occur in them.
+    format!("{}|{}", job.job_id, job.body_hash.as_deref().unwrap_or(""))
+}
+
+fn parse_value(value: &str) -> Claim {
+    if let Some(job_id) = value.strip_prefix(PENDING) {
+        return Claim::Pending {
+            job_id: job_id.to_owned(),
+        };
+    }
+    let (job_id, hash) = value.split_once('|').unwrap_or((value, ""));
+    Claim::Stored {
+        job_id: job_id.to_owned(),
+        body_hash: (!hash.is_empty()).then(|| hash.to_owned()),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Pending(String),
+    Stored(String, Option<String>),
+}
+
+/// The in-memory store.
+#[derive(Clone)]
+pub struct LocalDedupe {
+    map: Arc<Mutex<HashMap<String, (Entry, Instant)>>>,
+    state: Arc<Mutex<HashMap<String, String>>>,
+    ttl: Duration,
+    pending_ttl: Duration,
+}
+
+impl LocalDedupe {
+    fn claim(&self, jobs: &[KeyedJob]) -> Vec<Claim> {
+        let now = Instant::now();
+        let mut map = self.map.lock().expect("dedupe lock");
+        jobs.iter()
+            .map(|job| match map.get(&job.key) {
+                Some((entry, expires)) if *expires > now => match entry {
+                    Entry::Pending(id) => Claim::Pending { job_id: id.clone() },
+                    Entry::Stored(id, hash) => Claim::Stored {
+                        job_id: id.clone(),
+                        body_hash: hash.clone(),
+                    },
+                },
+                _ => {
+                    map.insert(
+                        job.key.clone(),
+                        (Entry::Pending(job.job_id.clone()), now + self.pending_ttl),
+                    );
+                    Claim::Claimed
+                }
+            })
+            .collect()
+    }
+
+    fn confirm(&self, jobs: &[KeyedJob]) {
+        let expires = Instant::now() + self.ttl;
+        let mut map = self.map.lock().expect("dedupe lock");
+        for job in jobs {
+            map.insert(
+                job.key.clone(),
+                (
+                    Entry::Stored(job.job_id.clone(), job.body_hash.clone()),
+                    expires,
+                ),
+            );
+        }
+    }
+
+    fn abandon(&self, jobs: &[KeyedJob]) {
+        let mut map = self.map.lock().expect("dedupe lock");
+        for job in jobs {
+            if matches!(map.get(&job.key), Some((Entry::Pending(id), _)) if *id == job.job_id) {
+                map.remove(&job.key);
+            }
+        }
+    }
+
+    fn purge_expired(&self) -> u64 {
+        let now = Instant::now();
+        let mut map = self.map.lock().expect("dedupe lock");
+        let before = map.len();
+        map.retain(|_, (_, expires)| *expires > now);
+        (before - map.len()) as u64
+    }
+}
+
+/// The Redis store (a reconnecting, multiplexed connection).
+#[derive(Clone)]
+pub struct RedisDedupe {
+    conn: redis::aio::ConnectionManager,
+    namespace: String,
+    ttl: Duration,
+    pending_ttl: Duration,
+    timeout: Duration,
+}
+
+impl RedisDedupe {
+    fn key(&self, key: &str) -> String {
+        format!("{}:dedupe:{key}", self.namespace)
+    }
+
+    fn state_key(&self, name: &str) -> String {
+        format!("{}:state:{name}", self.namespace)
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, pipe: redis::Pipeline) -> Result<T, DedupeError> {
+        let mut conn = self.conn.clone();
+        tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn))
+            .await
+            .map_err(|_| DedupeError("Redis did not answer in time".into()))?
+            .map_err(|e| DedupeError(e.to_string()))
+    }
+
+    async fn claim(&self, jobs: &[KeyedJob]) -> Result<Vec<Claim>, DedupeError> {
+        let mut pipe = redis::pipe();
+        for job in jobs {
+            pipe.cmd("EVAL")
+                .arg(CLAIM)
+                .arg(1)
+                .arg(self.key(&job.key))
+                .arg(format!("{PENDING}{}", job.job_id))
+                .arg(self.pending_ttl.as_millis() as u64);
+        }
+        let values: Vec<Option<String>> = self.run(pipe).await?;
+        Ok(values
+            .into_iter()
+            .map(|v| v.map_or(Claim::Claimed, |v| parse_value(&v)))
+            .collect())
+    }
+
+    async fn confirm(&self, jobs: &[KeyedJob]) -> Result<(), DedupeError> {
+        let mut pipe = redis::pipe();
+        for job in jobs {
+            pipe.cmd("SET")
+                .arg(self.key(&job.key))
+                .arg(stored_value(job))
+                .arg("PX")
+                .arg(self.ttl.as_millis() as u64)
+                .ignore();
+        }
+        self.run(pipe).await
+    }
+
+    async fn abandon(&self, jobs: &[KeyedJob]) -> Result<(), DedupeError> {
+        let mut pipe = redis::pipe();
+        for job in jobs {
+            pipe.cmd("EVAL")
+                .arg(ABANDON)
+                .arg(1)
+                .arg(self.key(&job.key))
+                .arg(format!("{PENDING}{}", job.job_id))
+                .ignore();
+        }
+        self.run(pipe).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(key: &str, id: &str, hash: Option<&str>) -> KeyedJob {
+        KeyedJob {
+            key: key.into(),
+            job_id: id.into(),
+            body_hash: hash.map(str::to_owned),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_claim_is_never_reported_as_stored() {
+        // Arrange
+        let d = Dedupe::local(Duration::from_secs(60), Duration::from_secs(30));
+        // Act
+        let first = d.claim(&[job("k", "a", None)]).await.unwrap();
+        let second = d.claim(&[job("k", "b", None)]).await.unwrap();
+        // Assert
+        assert_eq!(first, vec![Claim::Claimed]);
+        assert_eq!(second, vec![Claim::Pending { job_id: "a".into() }]);
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_key_is_stored_and_an_abandoned_one_is_free() {
+        let d = Dedupe::local(Duration::from_secs(60), Duration::from_secs(30));
+        d.claim(&[job("k1", "a", Some("h")), job("k2", "b", None)])
+            .await
+            .unwrap();
+        d.confirm(&[job("k1", "a", Some("h"))]).await.unwrap();
+        d.abandon(&[job("k2", "b", None)]).await.unwrap();
+        let again = d
+            .claim(&[job("k1", "c", None), job("k2", "d", None)])
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            vec![
+                Claim::Stored {
+                    job_id: "a".into(),
+                    body_hash: Some("h".into())
+                },
+                Claim::Claimed
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn abandoning_does_not_release_someone_elses_claim() {
+        let d = Dedupe::local(Duration::from_secs(60), Duration::from_secs(30));
+        d.claim(&[job("k", "a", None)]).await.unwrap();
+        d.abandon(&[job("k", "b", None)]).await.unwrap();
+        assert_eq!(
+            d.claim(&[job("k", "c", None)]).await.unwrap(),
+            vec![Claim::Pending { job_id: "a".into() }]
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_keys_are_claimable_and_purged() {
+        let d = Dedupe::local(Duration::ZERO, Duration::ZERO);
+        d.claim(&[job("k", "a", None)]).await.unwrap();
+        assert_eq!(d.purge_expired(), 1);
+        assert_eq!(
+            d.claim(&[job("k", "b", None)]).await.unwrap(),
+            vec![Claim::Claimed]
+        );
+    }
+
+    #[test]
+    fn stored_values_round_trip() {
+        assert_eq!(
+            parse_value(&stored_value(&job("k", "id-1", Some("abc")))),
+            Claim::Stored {
+                job_id: "id-1".into(),
+                body_hash: Some("abc".into())
+            }
+        );
+        assert_eq!(
+            parse_value("pending:id-2"),
+            Claim::Pending {
+                job_id: "id-2".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,452 @@
+//! The relay end to end on RabbitMQ: the real gateway and worker, a per-test queue prefix,
+//! Redis dedupe; a broken connection answers 503, and a broker restart loses nothing acked.
+
+use crate::helpers::{
+    fixture, redis_url, spawn_app_in, spawn_app_on, Backend, BrokerOwner, RabbitEnv, TestApp,
+};
+use sf_centercode_relay::queue::{Job, NewJob, QueueError};
+use sf_centercode_relay::settings::Action;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+fn removal(n: u32) -> Vec<u8> {
+    String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
+        .unwrap()
+        .replace("04l8d0000100001AAA", &format!("04l{n:015}"))
+        .replace(
+            "marta.kowalska@example.org",
+            &format!("user{n}@example.com"),
+        )
+        .into_bytes()
+}
+
+fn finds(app: &TestApp) -> Vec<String> {
+    app.centercode
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.query
+                .get("find")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+async fn ready_status(app: &TestApp) -> u16 {
+    app.client
+        .get(format!("{}/health/ready", app.address))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Poll `check` every 20 ms until it holds, for at most `limit`.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll with deadline
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_100_is_delivered_exactly_once_through_rabbitmq() {
+    // Arrange
+    let app = spawn_app_on(Backend::Rabbitmq, |_| {}).await;
+    // Act: the batch, then Salesforce's redelivery of the same batch.
+    let first = app
+        .post_outbound("gdpr", fixture("om_contact_batch_100.xml"))
+        .await;
+    let second = app
+        .post_outbound("gdpr", fixture("om_contact_batch_100.xml"))
+        .await;
+    // Assert
+    assert_eq!(first.status(), 200);
+    assert!(first.text().await.unwrap().contains("<Ack>true</Ack>"));
+    assert_eq!(second.status(), 200, "a redelivered batch is acknowledged");
+    assert_eq!(app.stats().await.ready, 100, "stored once, not twice");
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes.len(), 100);
+    let mut sent = finds(&app);
+    sent.sort();
+    sent.dedup();
+    assert_eq!(sent.len(), 100, "every e-mail once");
+    assert_eq!(app.centercode.requests().len(), 100, "nothing sent twice");
+    assert_eq!(app.stats().await, Default::default());
+}
+
+#[tokio::test]
+async fn a_notification_being_stored_by_another_request_gets_503_not_a_duplicate_ack() {
+    // Arrange: another gateway holds the claim for this notification id (in Redis).
+    let app = spawn_app_on(Backend::Rabbitmq, |_| {}).await;
+    let prefix = &app.rabbit.as_ref().unwrap().prefix;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{prefix}:dedupe:om:00D8d000001AbCd:04l000000000000007");
+    redis::cmd("SET")
+        .arg(&key)
+        .arg("pending:someone-else")
+        .arg("PX")
+        .arg(30_000)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    // Act
+    let busy = app.post_outbound("gdpr", removal(7)).await;
+    redis::cmd("DEL")
+        .arg(&key)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let later = app.post_outbound("gdpr", removal(7)).await;
+    // Assert
+    assert_eq!(busy.status(), 503, "Salesforce must retry, not get an Ack");
+    assert_eq!(later.status(), 200);
+    assert_eq!(app.stats().await.ready, 1);
+}
+
+#[tokio::test]
+async fn an_unroutable_publish_is_an_error_not_an_ack() {
+    // Arrange: the work queue disappears behind the relay's back.
+    let env = RabbitEnv::new().await;
+    let q = env.open(env.config(&[0.2], true)).await;
+    let conn = lapin::Connection::connect(&env.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            &format!("{}.work", env.prefix),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Act
+    let job = NewJob {
+        id: uuid::Uuid::new_v4().to_string(),
+        route: "gdpr".into(),
+        action: Action::RemoveUser,
+        dedupe_key: Some("k".into()),
+        body_hash: None,
+        org_id: None,
+        notification_id: None,
+        record_id: None,
+        job: Job::CalloutV1 {
+            idempotency_key: None,
+            body: serde_json::json!({}),
+        },
+    };
+    let result = q.enqueue(vec![job.clone()]).await;
+    // Assert: mandatory publish came back; the dedupe claim was released.
+    assert!(
+        matches!(&result, Err(QueueError::Broker(m)) if m.contains("unroutable")),
+        "{result:?}"
+    );
+    let _ = conn.close(200, "done").await;
+    assert!(
+        !matches!(q.enqueue(vec![job]).await, Err(QueueError::InProgress)),
+        "a failed publish leaves no pending claim behind"
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_message_is_dead_lettered_to_parked_not_lost() {
+    // Arrange: something that is not a job lands in the work queue.
+    let env = RabbitEnv::new().await;
+    let q = env.open(env.config(&[0.2], true)).await;
+    let conn = lapin::Connection::connect(&env.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = channel
+        .basic_publish(
+            "",
+            &format!("{}.work", env.prefix),
+            lapin::options::BasicPublishOptions::default(),
+            b"not a job",
+            lapin::BasicProperties::default().with_message_id("garbage-1".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let _ = conn.close(200, "done").await;
+    // Act
+    let leased = q.lease(10, Vec::new()).await.unwrap();
+    // Assert: no worker gets it; the broker's dead-letter route took it to parked.
+    assert!(leased.is_empty());
+    eventually(Duration::from_secs(5), "the message is parked", || async {
+        q.stats().await.unwrap().parked == 1
+    })
+    .await;
+    let parked = q.parked(10).await.unwrap();
+    assert_eq!(parked[0].id, "garbage-1");
+    assert_eq!(parked[0].reason, "dead-lettered by RabbitMQ (rejected)");
+}
+
+/// A TCP forwarder to the broker that the test can cut and restore, so one relay loses its
+/// connection without disturbing the broker other tests use.
+struct Proxy {
+    port: u16,
+    target: String,
+    cut: Mutex<CancellationToken>,
+}
+
+impl Proxy {
+    async fn start(target: &str) -> Arc<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Arc::new(Proxy {
+            port: listener.local_addr().unwrap().port(),
+            target: target.to_owned(),
+            cut: Mutex::new(CancellationToken::new()),
+        });
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(self: &Arc<Self>, listener: TcpListener) {
+        let token = self.cut.lock().unwrap().clone();
+        let target = self.target.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => return },
+                    _ = token.cancelled() => return,
+                };
+                let (token, target) = (token.clone(), target.clone());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// Drop every connection and refuse new ones.
+    fn cut(&self) {
+        self.cut.lock().unwrap().cancel();
+    }
+
+    /// Accept connections again on the same port.
+    async fn restore(self: &Arc<Self>) {
+        *self.cut.lock().unwrap() = CancellationToken::new();
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_answers_503_while_the_broker_connection_is_down_and_recovers() {
+    // Arrange: the relay reaches the broker through a proxy.
+    let env_url = crate::helpers::amqp_url();
+    let broker = env_url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("127.0.0.1:5672")
+        .to_owned();
+    let proxy = Proxy::start(&broker).await;
+    let proxied = env_url.replacen(&broker, &format!("127.0.0.1:{}", proxy.port), 1);
+    let app = spawn_app_on(Backend::Rabbitmq, |s| s.queue.url = proxied.clone().into()).await;
+    assert_eq!(app.post_outbound("gdpr", removal(1)).await.status(), 200);
+    assert_eq!(ready_status(&app).await, 200);
+    // Act: the connection drops and cannot be re-established.
+    proxy.cut();
+    // Assert: fail fast with 503 (Salesforce retries), readiness says not ready.
+    eventually(Duration::from_secs(5), "enqueue fails", || async {
+        app.post_outbound("gdpr", removal(2)).await.status() == 503
+    })
+    .await;
+    let started = Instant::now();
+    assert_eq!(app.post_outbound("gdpr", removal(3)).await.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "503 without waiting"
+    );
+    assert_eq!(ready_status(&app).await, 503);
+    // Act: the broker is reachable again.
+    proxy.restore().await;
+    // Assert: the relay reconnected by itself; what was acknowledged is delivered.
+    eventually(Duration::from_secs(15), "the relay reconnects", || async {
+        ready_status(&app).await == 200
+    })
+    .await;
+    assert_eq!(app.post_outbound("gdpr", removal(4)).await.status(), 200);
+    app.deliver_until_settled().await;
+    let sent: HashSet<String> = finds(&app).into_iter().collect();
+    assert!(sent.contains("user1@example.com") && sent.contains("user4@example.com"));
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_load_loses_nothing_acknowledged() {
+    // Arrange: exclusive use of the broker; a relay with its worker running; four senders
+    // that, like Salesforce, send each notification again until it is acknowledged.
+    let owner = BrokerOwner::acquire().await;
+    let env = RabbitEnv::unlocked().await;
+    let app = spawn_app_in(Some(env), |s| s.worker.poll_interval_ms = 50).await;
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(app.worker.clone().run_until_stopped(stop.clone()));
+    let acked: Arc<Mutex<HashSet<u32>>> = Arc::default();
+    let refused = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let sending = CancellationToken::new();
+    let mut senders = Vec::new();
+    for s in 0..4u32 {
+        let (client, url, acked, refused, sending) = (
+            app.client.clone(),
+            format!("{}/salesforce/outbound/gdpr", app.address),
+            acked.clone(),
+            refused.clone(),
+            sending.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            let mut n = s * 100_000;
+            while !sending.is_cancelled() {
+                let r = client
+                    .post(&url)
+                    .header("Content-Type", "text/xml; charset=utf-8")
+                    .body(removal(n))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        acked.lock().unwrap().insert(n);
+                        n += 1;
+                    }
+                    _ => {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await; // Salesforce's retry, shortened
+                    }
+                }
+            }
+        }));
+    }
+    let count = |acked: &Arc<Mutex<HashSet<u32>>>| acked.lock().unwrap().len();
+    eventually(Duration::from_secs(20), "40 acknowledgements", || async {
+        count(&acked) >= 40
+    })
+    .await;
+
+    // Act: stop the broker mid-load, then start it again.
+    owner.stop_app().await;
+    eventually(Duration::from_secs(10), "the gateway refuses", || async {
+        refused.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+    assert_eq!(
+        ready_status(&app).await,
+        503,
+        "not ready while the broker is down"
+    );
+    let during_outage = count(&acked);
+    owner.start_app().await;
+    eventually(
+        Duration::from_secs(30),
+        "40 more acknowledgements",
+        || async { count(&acked) >= during_outage + 40 },
+    )
+    .await;
+    sending.cancel();
+    for s in senders {
+        s.await.unwrap();
+    }
+
+    // Assert: every acknowledged notification reaches Centercode.
+    let expected: HashSet<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|n| format!("user{n}@example.com"))
+        .collect();
+    let mut missing = expected.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let seen: HashSet<String> = finds(&app).into_iter().collect();
+        missing = expected.difference(&seen).count();
+        if missing == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll with deadline
+    }
+    stop.cancel();
+    let _ = worker.await;
+    let sent = finds(&app);
+    let unique: HashSet<&String> = sent.iter().collect();
+    eprintln!(
+        "broker restart: {} acknowledged ({during_outage} before the outage), {} requests refused, \
+         {} deliveries for {} notifications",
+        expected.len(),
+        refused.load(std::sync::atomic::Ordering::Relaxed),
+        sent.len(),
+        unique.len()
+    );
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acknowledged notifications never reached Centercode",
+        expected.len()
+    );
+    assert_eq!(ready_status(&app).await, 200);
+    drop(app); // deletes the queues while the broker is still ours
+    drop(owner);
+}
+
+#[tokio::test]
+async fn settings_accept_rabbitmq_and_name_the_bad_key() {
+    use sf_centercode_relay::settings::Settings;
+    let ok = Settings::from_toml("[queue]\nbackend = \"rabbitmq\"\n").expect("defaults are valid");
+    assert_eq!(ok.queue.prefix, "relay");
+    assert_eq!(ok.worker.prefetch, 64);
+    assert_eq!(ok.queue.confirm_timeout_ms, 5000);
+    assert!(ok.queue.redis_url.is_none());
+    for (toml, key) in [
+        (
+            "[queue]\nbackend = \"rabbitmq\"\nurl = \"http://x\"\n",
+            "queue.url",
+        ),
+        (
+            "[queue]\nbackend = \"rabbitmq\"\nprefix = \"a b\"\n",
+            "queue.prefix",
+        ),
+        (
+            "[queue]\nbackend = \"rabbitmq\"\nconfirm_timeout_ms = 0\n",
+            "queue.confirm_timeout_ms",
+        ),
+        (
+            "[queue]\nbackend = \"rabbitmq\"\nredis_url = \"localhost\"\n",
+            "queue.redis_url",
+        ),
+        (
+            "[queue]\nbackend = \"rabbitmq\"\n[worker]\nprefetch = 0\n",
+            "worker.prefetch",
+        ),
+        (
+            "[queue]\nbackend = \"rabbitmq\"\nqueue_type = \"stream\"\n",
+            "queue.queue_type",
+        ),
+    ] {
+        let err = Settings::from_toml(toml).unwrap_err();
+        assert!(
+            err.key == key || err.to_string().contains(key),
+            "{key}: {err}"
+        );
+    }
+}
