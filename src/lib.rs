@@ -10,7 +10,8 @@
 //! - [`settings`]: configuration layers, secrets, validation.
 //! - [`domain`]: Salesforce ids and the parsed notification.
 //! - [`inbound`]: the actix-web gateway (SOAP parser, callouts, health).
-//! - [`queue`]: jobs and the embedded SQLite queue (group commit, leases, parking).
+//! - [`queue`]: jobs; the embedded SQLite queue (group commit, leases, parking) and the
+//!   RabbitMQ backend (confirms, TTL retry tiers, Redis dedupe).
 //! - [`mapping`]: Salesforce fields → Centercode request.
 //! - [`centercode`]: the reqwest client.
 //! - [`retry`]: retry schedule, jitter and `Retry-After`.
