@@ -99,6 +99,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "gauge",
         "1 while the route's circuit breaker holds its jobs (Centercode failing).",
     ),
+    (
+        "relay_queue_backlog_high",
+        "gauge",
+        "1 while waiting jobs exceed queue.depth_warning (the gateway keeps accepting).",
+    ),
     ("relay_build_info", "gauge", "Build information."),
 ];
 

@@ -153,6 +153,11 @@ pub struct QueueSettings {
     /// Longest time requests wait for one group commit to gather (microseconds).
     #[serde(default)]
     pub commit_delay_us: u64,
+    /// Above this many waiting jobs (ready + retrying) the relay warns and sets
+    /// `relay_queue_backlog_high`; it keeps accepting, since refusing Salesforce while storage
+    /// is healthy would only move the backlog into Salesforce's 24 h retry window.
+    #[serde(default = "default_depth_warning")]
+    pub depth_warning: u64,
     /// RabbitMQ only: broker URL (`amqp://` or `amqps://`); it holds a password, so set it
     /// with `RELAY__QUEUE__URL` in production.
     #[serde(default = "default_amqp_url")]
@@ -187,6 +192,9 @@ fn default_confirm_timeout_ms() -> u64 {
 
 fn default_dedupe_ttl_secs() -> u64 {
     90_000
+}
+fn default_depth_warning() -> u64 {
+    100_000
 }
 fn default_lease_secs() -> u64 {
     120

@@ -201,7 +201,13 @@ impl Application {
         } else {
             None
         };
+        let monitor = tokio::spawn(watch_backlog(
+            self.queue.clone(),
+            self.settings.queue.depth_warning,
+            stop.clone(),
+        ));
         stop.cancelled().await;
+        monitor.abort();
         tracing::info!("stopping: no new requests; finishing in-flight work");
         handle.stop(true).await;
         let _ = server_task.await;
@@ -210,5 +216,32 @@ impl Application {
         }
         self.queue.close();
         Ok(())
+    }
+}
+
+/// Log when the backlog crosses `queue.depth_warning` (and when it recovers). The gateway keeps
+/// accepting either way; the condition is also exported as `relay_queue_backlog_high`.
+async fn watch_backlog(queue: Queue, threshold: u64, stop: CancellationToken) {
+    let mut high = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let Ok(stats) = queue.stats().await else {
+            continue;
+        };
+        let waiting = stats.ready + stats.retrying;
+        if waiting > threshold && !high {
+            tracing::warn!(waiting, threshold, "queue backlog above queue.depth_warning; still accepting (Centercode slower than Salesforce?)");
+        } else if waiting <= threshold && high {
+            tracing::info!(
+                waiting,
+                threshold,
+                "queue backlog back under queue.depth_warning"
+            );
+        }
+        high = waiting > threshold;
     }
 }

@@ -48,6 +48,12 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     }
     match state.queue.stats().await {
         Ok(s) => {
+            let high = s.ready + s.retrying > state.settings.queue.depth_warning;
+            m.set(
+                "relay_queue_backlog_high",
+                &[],
+                if high { 1.0 } else { 0.0 },
+            );
             let now = crate::queue::now_ms();
             let age = |t: Option<i64>| t.map(|t| ((now - t).max(0)) as f64 / 1000.0).unwrap_or(0.0);
             for (name, depth, oldest) in [

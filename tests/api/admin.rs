@@ -486,3 +486,25 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_deep_queue_is_exported_while_the_gateway_keeps_accepting() {
+    let app = spawn_app_with(|s| s.queue.depth_warning = 2).await;
+    for n in 0..3 {
+        assert_eq!(app.post_outbound("gdpr", with_id(n)).await.status(), 200);
+    }
+    assert_eq!(
+        series(&app.metrics().await, "relay_queue_backlog_high"),
+        1.0
+    );
+    assert_eq!(
+        app.post_outbound("gdpr", with_id(9)).await.status(),
+        200,
+        "still accepting"
+    );
+    app.deliver_until_settled().await;
+    assert_eq!(
+        series(&app.metrics().await, "relay_queue_backlog_high"),
+        0.0
+    );
+}
