@@ -1,0 +1,142 @@
+//! The relay's main flows end to end, once per queue backend (embedded SQLite and RabbitMQ).
+
+use crate::helpers::{bearer, fixture, spawn_app_on, Backend};
+use serde_json::{json, Value};
+use sf_centercode_relay::fake_centercode::Fault;
+use sf_centercode_relay::worker::Outcome;
+
+const ADMIN: &str = "admin-token-for-both-backends-0123456789";
+
+async fn removal_and_redelivery(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
+    for file in [
+        "om_contact_gdpr_removal_single.xml",
+        "om_contact_gdpr_removal_redelivery.xml",
+    ] {
+        let r = app.post_outbound("gdpr", fixture(file)).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.bytes().await.unwrap().as_ref(),
+            fixture("response_ack_true.xml").as_slice()
+        );
+    }
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes, vec![Outcome::Delivered { status: 200 }]);
+    assert_eq!(
+        app.centercode.requests()[0].query["find"],
+        "marta.kowalska@example.org"
+    );
+}
+
+async fn feedback_is_mapped(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
+    app.post_outbound("feedback", fixture("om_feedback_nil_fields.xml"))
+        .await;
+    assert_eq!(
+        app.deliver_until_settled().await,
+        vec![Outcome::Delivered { status: 200 }]
+    );
+    let sent: Value = serde_json::from_str(&app.centercode.requests()[0].body_text).unwrap();
+    assert_eq!(
+        sent,
+        json!({"summary": "Add dark mode to the tester portal", "severity": "Minor", "status": "New", "salesforce_id": "a0B8d00000AbCdFEAV"})
+    );
+}
+
+async fn transient_failures_are_retried(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
+    app.centercode.push_fault(Fault {
+        status: 503,
+        times: 2,
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Retried { status: Some(503) },
+            Outcome::Retried { status: Some(503) },
+            Outcome::Delivered { status: 200 }
+        ]
+    );
+}
+
+async fn parked_then_replayed_through_the_admin_api(backend: Backend) {
+    let app = spawn_app_on(backend, |s| s.admin.token = Some(ADMIN.to_owned().into())).await;
+    app.centercode.push_fault(Fault {
+        status: 400,
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let outcomes = app.deliver_until_settled().await;
+    assert!(
+        matches!(
+            &outcomes[..],
+            [Outcome::Parked {
+                status: Some(400),
+                ..
+            }]
+        ),
+        "{outcomes:?}"
+    );
+    let replay = |dry_run: bool| {
+        app.client
+            .post(format!("{}/admin/parked/replay", app.address))
+            .bearer_auth(ADMIN)
+            .json(&json!({"route": "gdpr", "dry_run": dry_run}))
+            .send()
+    };
+    let dry: Value = replay(true).await.unwrap().json().await.unwrap();
+    assert_eq!(dry["matched"], 1);
+    let done: Value = replay(false).await.unwrap().json().await.unwrap();
+    assert_eq!(done["moved"], 1);
+    assert_eq!(
+        app.deliver_until_settled().await,
+        vec![Outcome::Delivered { status: 200 }]
+    );
+    assert_eq!(app.stats().await.parked, 0);
+}
+
+async fn callouts_are_deduplicated(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
+    let body = fixture("apex_removal_request.json");
+    let first: Value = app
+        .post_callout("apex-removal", &body, &bearer("k-1"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let again: Value = app
+        .post_callout("apex-removal", &body, &bearer("k-1"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (first["status"].as_str(), again["status"].as_str()),
+        (Some("queued"), Some("duplicate"))
+    );
+    assert_eq!(app.deliver_until_settled().await.len(), 1);
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),*) => {
+        mod embedded {
+            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Backend::Embedded).await })*
+        }
+        mod rabbitmq {
+            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Backend::Rabbitmq).await })*
+        }
+    };
+}
+
+on_both_backends!(
+    removal_and_redelivery,
+    feedback_is_mapped,
+    transient_failures_are_retried,
+    parked_then_replayed_through_the_admin_api,
+    callouts_are_deduplicated
+);
