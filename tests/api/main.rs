@@ -14,6 +14,7 @@ mod hostile;
 mod inbound;
 mod queue_conformance;
 mod rabbitmq;
+mod scale_out;
 mod secrets;
 mod security;
 mod tls;
