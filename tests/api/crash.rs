@@ -1,43 +1,18 @@
 //! A real `relay serve` process killed with SIGKILL mid-load loses nothing it acknowledged.
 
-use crate::helpers::{fixture, routes_toml};
+use crate::helpers::{finds, fixture, missing_finds, spawn_relay, write_relay_config};
 use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn start_relay(config: &std::path::Path, dir: &std::path::Path) -> (Child, String) {
-    start_relay_as(config, dir, "all")
+fn start_relay(config: &std::path::Path) -> (Child, String) {
+    start_relay_as(config, "all")
 }
 
-fn start_relay_as(config: &std::path::Path, dir: &std::path::Path, role: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "serve",
-            "--role",
-            role,
-        ])
-        .env("RELAY_CONFIG_DIR", dir)
-        .env_remove("RELAY_ENV")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start relay");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("relay listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_owned();
-    (child, address)
+fn start_relay_as(config: &std::path::Path, role: &str) -> (Child, String) {
+    spawn_relay(config, &["serve", "--role", role], &[], Stdio::null())
 }
 
 fn message(template: &str, n: u32) -> String {
@@ -54,16 +29,11 @@ async fn a_sigkilled_relay_loses_nothing_it_acknowledged() {
     // Arrange: a fake Centercode and a config file for a child relay process.
     let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\n[queue]\npath = \"{}\"\nlease_secs = 3\n[worker]\nconcurrency = 4\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n{}",
-            dir.path().join("relay.db").display(),
-            routes_toml(&centercode.base_url())
-        ),
-    )
-    .unwrap();
+    let config = write_relay_config(
+        dir.path(),
+        "[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\n[queue]\nlease_secs = 3\n[worker]\nconcurrency = 4\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n",
+        &centercode.base_url(),
+    );
     let template = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml")).unwrap();
     let acked: Arc<Mutex<HashSet<u32>>> = Arc::default();
     let client = reqwest::Client::new();
@@ -71,7 +41,7 @@ async fn a_sigkilled_relay_loses_nothing_it_acknowledged() {
 
     // Act: ten rounds of load, each ended by SIGKILL once some messages were acknowledged.
     for round in 0..10u32 {
-        let (mut child, address) = start_relay(&config, dir.path());
+        let (mut child, address) = start_relay(&config);
         // A different moment each round: after 5 to 60 more acknowledgements.
         let stop_after = acked.lock().unwrap().len() + 5 + (round as usize * 37) % 56;
         let mut senders = Vec::new();
@@ -118,31 +88,14 @@ async fn a_sigkilled_relay_loses_nothing_it_acknowledged() {
     }
 
     // Assert: after a restart every acknowledged notification reaches Centercode.
-    let (mut child, _address) = start_relay(&config, dir.path());
+    let (mut child, _address) = start_relay(&config);
     let expected: HashSet<String> = acked
         .lock()
         .unwrap()
         .iter()
         .map(|n| format!("user{n}@example.com"))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let missing = loop {
-        let seen: HashSet<String> = centercode
-            .requests()
-            .iter()
-            .filter_map(|r| {
-                r.query
-                    .get("find")
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned)
-            })
-            .collect();
-        let missing: Vec<&String> = expected.difference(&seen).collect();
-        if missing.is_empty() || Instant::now() > deadline {
-            break missing.len();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
-    };
+    let missing = missing_finds(&centercode, &expected, Duration::from_secs(30)).await;
     child.kill().unwrap();
     child.wait().unwrap();
     report(
@@ -171,18 +124,13 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
     fake.latency.base_ms = 300;
     let centercode = FakeCentercode::start(fake).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\nshutdown_grace_secs = 5\n[queue]\npath = \"{}\"\nlease_secs = 3\n[worker]\nconcurrency = 8\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n{}",
-            dir.path().join("relay.db").display(),
-            routes_toml(&centercode.base_url())
-        ),
-    )
-    .unwrap();
+    let config = write_relay_config(
+        dir.path(),
+        "[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\nshutdown_grace_secs = 5\n[queue]\nlease_secs = 3\n[worker]\nconcurrency = 8\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n",
+        &centercode.base_url(),
+    );
     let template = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml")).unwrap();
-    let (mut child, address) = start_relay(&config, dir.path());
+    let (mut child, address) = start_relay(&config);
     let client = reqwest::Client::new();
     let acked: Arc<Mutex<HashSet<u32>>> = Arc::default();
     let mut senders = Vec::new();
@@ -235,31 +183,14 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
         took < Duration::from_secs(7),
         "took {took:?} to stop with a 5 s grace period"
     );
-    let (mut child, _) = start_relay(&config, dir.path());
+    let (mut child, _) = start_relay(&config);
     let expected: HashSet<String> = acked
         .lock()
         .unwrap()
         .iter()
         .map(|n| format!("user{n}@example.com"))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let missing = loop {
-        let seen: HashSet<String> = centercode
-            .requests()
-            .iter()
-            .filter_map(|r| {
-                r.query
-                    .get("find")
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned)
-            })
-            .collect();
-        let missing = expected.difference(&seen).count();
-        if missing == 0 || Instant::now() > deadline {
-            break missing;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
-    };
+    let missing = missing_finds(&centercode, &expected, Duration::from_secs(60)).await;
     child.kill().unwrap();
     child.wait().unwrap();
     report("SIGTERM under load", expected.len(), &centercode, missing);
@@ -276,17 +207,12 @@ async fn a_gateway_process_stores_and_a_worker_process_delivers() {
     // Arrange: one gateway-only and one worker-only process on the same queue.
     let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\npath = \"{}\"\n[worker]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\n{}",
-            dir.path().join("relay.db").display(),
-            routes_toml(&centercode.base_url())
-        ),
-    )
-    .unwrap();
-    let (mut gateway, gateway_url) = start_relay_as(&config, dir.path(), "gateway");
+    let config = write_relay_config(
+        dir.path(),
+        "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\n[worker]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\n",
+        &centercode.base_url(),
+    );
+    let (mut gateway, gateway_url) = start_relay_as(&config, "gateway");
     let client = reqwest::Client::new();
     let r = client
         .post(format!("{gateway_url}/salesforce/outbound/gdpr"))
@@ -311,7 +237,7 @@ async fn a_gateway_process_stores_and_a_worker_process_delivers() {
     assert!(centercode.requests().is_empty());
 
     // Act: a worker-only process picks the jobs up.
-    let (mut worker, worker_url) = start_relay_as(&config, dir.path(), "worker");
+    let (mut worker, worker_url) = start_relay_as(&config, "worker");
     let delivered = centercode
         .wait_for_requests(4, Duration::from_secs(20))
         .await;
@@ -344,16 +270,7 @@ async fn a_gateway_process_stores_and_a_worker_process_delivers() {
 
 /// One line of figures per fault scenario (shown with `--nocapture`; quoted in release notes).
 fn report(scenario: &str, acknowledged: usize, centercode: &FakeCentercode, lost: usize) {
-    let finds: Vec<String> = centercode
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            r.query
-                .get("find")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })
-        .collect();
+    let finds = finds(centercode);
     let unique: HashSet<&String> = finds.iter().collect();
     eprintln!(
         "fault scenario `{scenario}`: {acknowledged} acknowledged, {} delivered, 0 parked, {lost} lost, {} duplicate deliveries",

@@ -598,3 +598,84 @@ async fn rabbitmqctl(command: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Write a config file for a child `relay` process into `dir` (its queue file lives there
+/// too): `settings` TOML first, then the test routes pointing at the fake at `centercode`.
+pub fn write_relay_config(dir: &std::path::Path, settings: &str, centercode: &str) -> PathBuf {
+    let path = dir.join("relay.toml");
+    let queue = format!("[queue]\npath = \"{}\"\n", dir.join("relay.db").display());
+    // A `[queue]` table in `settings` takes the path line instead of a second table.
+    let settings = if settings.contains("[queue]\n") {
+        settings.replacen("[queue]\n", &queue, 1)
+    } else {
+        format!("{settings}\n{queue}")
+    };
+    std::fs::write(&path, format!("{settings}\n{}", routes_toml(centercode))).unwrap();
+    path
+}
+
+/// Start `relay --config CONFIG <args>` with `env`, and wait for its first stdout line
+/// (`relay listening on URL`). The config's directory doubles as `RELAY_CONFIG_DIR`, so the
+/// repository's `config/local.toml` does not interfere.
+pub fn spawn_relay(
+    config: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RELAY_CONFIG_DIR", config.parent().unwrap())
+        .env_remove("RELAY_ENV")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start relay");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("relay listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line from relay: {line}"))
+        .to_owned();
+    (child, address)
+}
+
+/// Every `find=` e-mail the fake Centercode received, in arrival order.
+pub fn finds(centercode: &FakeCentercode) -> Vec<String> {
+    centercode
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.query
+                .get("find")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Poll (with a deadline) until the fake has received every e-mail in `expected`; returns
+/// how many never arrived.
+pub async fn missing_finds(
+    centercode: &FakeCentercode,
+    expected: &std::collections::HashSet<String>,
+    timeout: Duration,
+) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen: std::collections::HashSet<String> = finds(centercode).into_iter().collect();
+        let missing = expected.difference(&seen).count();
+        if missing == 0 || Instant::now() > deadline {
+            return missing;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+}

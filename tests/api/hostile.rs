@@ -1,10 +1,9 @@
 //! Generated hostile input against a real `relay serve` process: every body gets a 4xx,
 //! nothing is stored, and the process stays responsive with bounded memory (RSS).
 
-use crate::helpers::{fixture, routes_toml};
+use crate::helpers::{fixture, spawn_relay, write_relay_config};
 use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -96,33 +95,12 @@ async fn hostile_bodies_get_4xx_store_nothing_and_memory_stays_bounded() {
     // Arrange
     let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\nbody_timeout_ms = 1000\n[queue]\npath = \"{}\"\n[worker]\nenabled = false\n[centercode]\napi_key = \"test-key\"\n{}",
-            dir.path().join("relay.db").display(),
-            routes_toml(&centercode.base_url())
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args(["--config", config.to_str().unwrap(), "serve"])
-        .env("RELAY_CONFIG_DIR", dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("relay listening on ")
-        .unwrap()
-        .to_owned();
+    let config = write_relay_config(
+        dir.path(),
+        "[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\nbody_timeout_ms = 1000\n[queue]\n[worker]\nenabled = false\n[centercode]\napi_key = \"test-key\"\n",
+        &centercode.base_url(),
+    );
+    let (mut child, base) = spawn_relay(&config, &["serve"], &[], Stdio::null());
     let client = reqwest::Client::new();
     let url = format!("{base}/salesforce/outbound/gdpr");
     // Warm up (allocator pools, first connections) before the baseline.

@@ -1,10 +1,10 @@
 //! Every flow run against a real `relay serve` with TRACE logging: no secret, session id or
 //! e-mail address may appear anywhere in what it printed.
 
-use crate::helpers::{fixture, routes_toml, sign};
+use crate::helpers::{fixture, sign, spawn_relay, write_relay_config};
 use serde_json::json;
 use sf_centercode_relay::fake_centercode::{ApiKeyConfig, FakeCentercode, FakeConfig, Fault};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,39 +27,24 @@ async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
+    let config = write_relay_config(
+        dir.path(),
+        "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\n[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[telemetry]\nformat = \"json\"\n",
+        &centercode.base_url(),
+    );
+    let (mut child, base) = spawn_relay(
         &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\npath = \"{}\"\n[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[telemetry]\nformat = \"json\"\n{}",
-            dir.path().join("relay.db").display(),
-            routes_toml(&centercode.base_url())
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args(["--config", config.to_str().unwrap(), "serve"])
-        .env("RELAY_CONFIG_DIR", dir.path())
-        .env_remove("RELAY_ENV")
-        .env("RUST_LOG", "trace")
-        .env("RELAY__CENTERCODE__API_KEY", API_KEY)
-        .env("RELAY__ADMIN__TOKEN", ADMIN)
-        .env("RELAY_ROUTE__APEX_REMOVAL__BEARER", BEARER)
-        .env("RELAY_ROUTE__FLOW_FEEDBACK__BEARER", BEARER)
-        .env("RELAY_ROUTE__APEX_FEEDBACK__HMAC_SECRET", HMAC)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("relay listening on ")
-        .unwrap()
-        .to_owned();
+        &["serve"],
+        &[
+            ("RUST_LOG", "trace"),
+            ("RELAY__CENTERCODE__API_KEY", API_KEY),
+            ("RELAY__ADMIN__TOKEN", ADMIN),
+            ("RELAY_ROUTE__APEX_REMOVAL__BEARER", BEARER),
+            ("RELAY_ROUTE__FLOW_FEEDBACK__BEARER", BEARER),
+            ("RELAY_ROUTE__APEX_FEEDBACK__HMAC_SECRET", HMAC),
+        ],
+        Stdio::piped(),
+    );
     let mut stderr = child.stderr.take().unwrap();
     let log_reader = std::thread::spawn(move || {
         let mut logs = String::new();
