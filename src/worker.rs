@@ -73,46 +73,101 @@ impl Worker {
     /// within the shutdown grace period (an unfinished job's lease expires and it comes back).
     pub async fn run_until_stopped(self, stop: CancellationToken) {
         let concurrency = self.settings.worker.concurrency;
-        let permits = Arc::new(Semaphore::new(concurrency));
+        // `calls` bounds concurrent Centercode calls; `outstanding` bounds jobs between lease
+        // and their recorded outcome, so a slow queue write never holds a call slot.
+        let calls = Arc::new(Semaphore::new(concurrency));
+        let outstanding = Arc::new(Semaphore::new(concurrency * 2));
+        // A feeder task leases ahead into a bounded channel, so a freed call slot never waits
+        // for a lease round trip (one lease transaction serves many jobs).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Leased>(concurrency);
+        let feeder = tokio::spawn(self.clone().feed(tx, stop.clone()));
+        let mut unstarted = Vec::new();
+        loop {
+            let job = tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+                _ = stop.cancelled() => break,
+            };
+            let permits = tokio::select! {
+                p = async {
+                    let out = outstanding.clone().acquire_owned().await;
+                    let call = calls.clone().acquire_owned().await;
+                    (out, call)
+                } => p,
+                _ = stop.cancelled() => {
+                    unstarted.push(job);
+                    break;
+                }
+            };
+            let (Ok(out), Ok(call)) = permits else { break };
+            let worker = self.clone();
+            tokio::spawn(async move {
+                worker.deliver(job, Some(call)).await;
+                drop(out);
+            });
+        }
+        // Jobs leased but not started go back without spending an attempt.
+        let _ = feeder.await;
+        rx.close();
+        while let Some(job) = rx.recv().await {
+            unstarted.push(job);
+        }
+        for job in unstarted {
+            if let Err(e) = self.queue.release(&job).await {
+                tracing::warn!(error = %e, job_id = %job.id, "could not return a job on shutdown; its lease will expire");
+            }
+        }
+        let grace = Duration::from_secs(self.settings.server.shutdown_grace_secs);
+        if tokio::time::timeout(grace, outstanding.acquire_many((concurrency * 2) as u32))
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period ended with deliveries in flight; their jobs will be redelivered");
+        }
+    }
+
+    /// Lease due jobs into `tx` as room frees up, until `stop`.
+    async fn feed(self, tx: tokio::sync::mpsc::Sender<Leased>, stop: CancellationToken) {
         let poll = Duration::from_millis(self.settings.worker.poll_interval_ms);
         let mut last_purge = std::time::Instant::now();
         while !stop.is_cancelled() {
-            let free = permits.available_permits();
-            if free == 0 {
-                // Wait for one delivery to finish before asking the queue again.
+            if tx.capacity() == 0 {
                 tokio::select! {
-                    p = permits.clone().acquire_owned() => drop(p),
-                    _ = stop.cancelled() => break,
+                    permit = tx.reserve() => match permit {
+                        Ok(permit) => drop(permit),
+                        Err(_) => return,
+                    },
+                    _ = stop.cancelled() => return,
                 }
                 continue;
             }
-            match self.queue.lease(free, self.control.excluded()).await {
+            match self
+                .queue
+                .lease(tx.capacity(), self.control.excluded())
+                .await
+            {
                 Ok(jobs) if jobs.is_empty() => {
                     tokio::select! {
                         _ = self.queue.notified() => {}
                         _ = tokio::time::sleep(poll) => {}
-                        _ = stop.cancelled() => break,
+                        _ = stop.cancelled() => return,
                     }
                 }
                 Ok(jobs) => {
                     for job in jobs {
-                        let permit = permits
-                            .clone()
-                            .acquire_owned()
-                            .await
-                            .expect("semaphore never closed");
-                        let worker = self.clone();
-                        tokio::spawn(async move {
-                            worker.process_one(job).await;
-                            drop(permit);
-                        });
+                        // Room was reserved by `capacity()`; only a closed channel fails.
+                        if let Err(tokio::sync::mpsc::error::SendError(job)) = tx.send(job).await {
+                            let _ = self.queue.release(&job).await;
+                        }
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "could not lease jobs; retrying shortly");
                     tokio::select! {
                         _ = tokio::time::sleep(poll) => {}
-                        _ = stop.cancelled() => break,
+                        _ = stop.cancelled() => return,
                     }
                 }
             }
@@ -122,13 +177,6 @@ impl Worker {
                     tracing::warn!(error = %e, "could not purge expired dedupe keys");
                 }
             }
-        }
-        let grace = Duration::from_secs(self.settings.server.shutdown_grace_secs);
-        if tokio::time::timeout(grace, permits.acquire_many(concurrency as u32))
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown grace period ended with deliveries in flight; their jobs will be redelivered");
         }
     }
 
@@ -151,6 +199,15 @@ impl Worker {
 
     /// Deliver one leased job and record its outcome in the queue.
     pub async fn process_one(&self, job: Leased) -> Outcome {
+        self.deliver(job, None).await
+    }
+
+    /// Deliver, free the call slot, then record the outcome.
+    async fn deliver(
+        &self,
+        job: Leased,
+        call_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Outcome {
         let span = tracing::info_span!(
             "deliver",
             job_id = %job.id,
@@ -162,6 +219,7 @@ impl Worker {
         );
         async move {
             let outcome = self.decide(&job).await;
+            drop(call_slot);
             let recorded = match &outcome {
                 Outcome::Delivered { .. } | Outcome::UserNotFound => self.queue.ack(&job).await,
                 Outcome::Parked { reason, status } => {

@@ -427,10 +427,34 @@ impl RabbitEnv {
         Self::with_lock(None).await
     }
 
-    async fn with_lock(lock: Option<BrokerLock>) -> Self {
+    async fn with_lock(mut lock: Option<BrokerLock>) -> Self {
         let (url, redis_url) = (amqp_url(), redis_url());
         require_rabbitmq(&url).await;
         require_redis(&redis_url).await;
+        if lock.is_some() && !dead_lettering_works(&url).await {
+            // RabbitMQ bug (rabbitmq-server#16652): a burst of deletions of at-least-once
+            // dead-lettering quorum queues, as test cleanups produce, can trip the broker's
+            // DLX supervisor, after which no such queue can be declared until the app
+            // restarts. Restart it while no other test uses the broker.
+            drop(lock.take());
+            let owner = BrokerLock::exclusive().await;
+            if !dead_lettering_works(&url).await {
+                eprintln!("RabbitMQ's dead-lettering supervisor is down (rabbitmq-server#16652); restarting the app");
+                for step in ["stop_app", "start_app"] {
+                    let ok = std::process::Command::new("rabbitmqctl")
+                        .arg(step)
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    assert!(
+                        ok,
+                        "rabbitmqctl {step} failed while repairing the test broker"
+                    );
+                }
+                require_rabbitmq(&url).await;
+            }
+            drop(owner);
+            lock = Some(BrokerLock::shared().await);
+        }
         Self {
             url,
             redis_url,
@@ -508,12 +532,59 @@ impl Drop for RabbitEnv {
     }
 }
 
+/// Whether the broker can still declare an at-least-once dead-lettering quorum queue.
+async fn dead_lettering_works(url: &str) -> bool {
+    use lapin::types::{AMQPValue, FieldTable};
+    let Ok(Ok(conn)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    else {
+        return true; // unreachable brokers are reported by require_rabbitmq
+    };
+    let name = format!("test-probe-{}", uuid::Uuid::new_v4().simple());
+    let mut args = FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+        ("x-dead-letter-exchange", ""),
+    ] {
+        args.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    let ok = match conn.create_channel().await {
+        Ok(ch) => {
+            let declared = ch
+                .queue_declare(&name, lapin::options::QueueDeclareOptions::default(), args)
+                .await
+                .is_ok();
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(&name, lapin::options::QueueDeleteOptions::default())
+                    .await;
+            }
+            declared
+        }
+        Err(_) => false,
+    };
+    let _ = conn.close(200, "probe").await;
+    ok
+}
+
+/// Test cleanups run one at a time and pace their deletions, to stay far below the burst of
+/// dead-lettering worker exits that trips RabbitMQ's supervisor (rabbitmq-server#16652).
+static CLEANUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Delete the queues (up to 8 retry tiers) and Redis keys of `prefix`.
 pub async fn delete_prefix(url: &str, redis_url: &str, prefix: &str) {
+    let _one_at_a_time = CLEANUP.lock().await;
     let names = QueueNames::new(prefix, 8);
     let connect = lapin::Connection::connect(url, lapin::ConnectionProperties::default());
     if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await {
         for name in names.all() {
+            // Pacing, not waiting for work: at most ~50 deletions a second (see CLEANUP).
+            tokio::time::sleep(Duration::from_millis(20)).await;
             // One channel per delete: an error closes the channel it happened on.
             if let Ok(ch) = conn.create_channel().await {
                 let _ = ch
