@@ -63,9 +63,10 @@ struct Args {
     /// Publisher-confirm window of the lapin baseline (the relay's worker.prefetch default).
     #[arg(long, default_value_t = 64)]
     window: usize,
-    /// Redis for the rabbitmq backend's dedupe keys (default: the relay's in-memory dedupe).
-    #[arg(long)]
-    redis_url: Option<String>,
+    /// Redis for the rabbitmq backend's dedupe keys, as production runs it; `none` uses the
+    /// relay's in-memory dedupe (one gateway only, memory grows with notifications seen).
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
     /// The relay's log level (production logs at `info`).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -778,7 +779,7 @@ impl RelayRun {
                     s(&b.args.amqp_url),
                     s(&self.prefix)
                 );
-                if let Some(r) = &b.args.redis_url {
+                if let Some(r) = Some(&b.args.redis_url).filter(|r| *r != "none") {
                     let _ = writeln!(q, "redis_url = {}", s(r));
                 }
                 q

@@ -15,6 +15,10 @@ pub const MAX_DEPTH: usize = 32;
 
 /// Most `Notification` elements one message may carry (the WSDL's `maxOccurs="100"`).
 pub const MAX_NOTIFICATIONS: usize = 100;
+/// Attributes (namespace declarations included) allowed on one element. Salesforce uses at
+/// most three; the cap bounds quick-xml's duplicate-attribute check and prefix lookups, which
+/// grow with the square of the attribute count (found by fuzzing: 300,000 attributes took 51 s).
+pub const MAX_ATTRIBUTES: usize = 16;
 
 const NS_SOAP11: &[u8] = b"http://schemas.xmlsoap.org/soap/envelope/";
 const NS_SOAP12: &[u8] = b"http://www.w3.org/2003/05/soap-envelope";
@@ -55,6 +59,9 @@ pub enum SoapError {
     /// Elements nested deeper than [`MAX_DEPTH`].
     #[error("XML elements are nested too deeply")]
     TooDeep,
+    /// An element with more than [`MAX_ATTRIBUTES`] attributes.
+    #[error("an XML element has too many attributes")]
+    TooManyAttributes,
     /// The root element is not a SOAP 1.1 `Envelope`.
     #[error("root element is not a SOAP 1.1 Envelope")]
     NotSoapEnvelope,
@@ -150,6 +157,7 @@ impl SoapError {
             Self::UndeclaredEntity => "undeclared_entity",
             Self::UndeclaredPrefix => "undeclared_prefix",
             Self::TooDeep => "too_deep",
+            Self::TooManyAttributes => "too_many_attributes",
             Self::NotSoapEnvelope => "not_soap_envelope",
             Self::Soap12Unsupported => "soap12_unsupported",
             Self::MissingBody => "missing_body",
@@ -431,7 +439,10 @@ impl<'i> Parser<'i> {
 
     /// quick-xml only validates attributes when they are iterated, so iterate them all.
     fn check_attributes(&self, e: &BytesStart) -> Result<(), SoapError> {
-        for attr in e.attributes() {
+        for (i, attr) in e.attributes().enumerate() {
+            if i >= MAX_ATTRIBUTES {
+                return Err(SoapError::TooManyAttributes);
+            }
             let attr = attr.map_err(|_| SoapError::MalformedXml)?;
             if let ResolveResult::Unknown(_) = self.reader.resolve_attribute(attr.key).0 {
                 return Err(SoapError::UndeclaredPrefix);
@@ -1698,6 +1709,23 @@ mod tests {
     }
 
     #[test]
+    fn many_attributes_or_namespace_declarations_fail_fast() {
+        // The fuzzer's regressions (fuzz/regressions/soap_parser/), made larger: quadratic
+        // work before the cap, a quick refusal after it.
+        let attrs: String = (0..100_000).map(|i| format!(" a{i}=\"\"")).collect();
+        let decls: String = (0..100_000).map(|i| format!(" xmlns:p{i}=\"u\"")).collect();
+        for body in [format!("<h{attrs}/>"), format!("<h{decls}/>")] {
+            let started = std::time::Instant::now();
+            assert_eq!(parse(&body), Err(SoapError::TooManyAttributes));
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(1),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+    }
+
+    #[test]
     fn error_codes_are_unique_snake_case() {
         let all = [
             SoapError::EmptyBody,
@@ -1708,6 +1736,7 @@ mod tests {
             SoapError::UndeclaredEntity,
             SoapError::UndeclaredPrefix,
             SoapError::TooDeep,
+            SoapError::TooManyAttributes,
             SoapError::NotSoapEnvelope,
             SoapError::Soap12Unsupported,
             SoapError::MissingBody,

@@ -2,6 +2,7 @@
 //! fake Centercode over real HTTP.
 
 mod admin;
+mod amqps;
 mod both_backends;
 mod callout;
 mod cli;
