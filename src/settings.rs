@@ -63,6 +63,10 @@ pub struct ServerSettings {
     /// Cap on open connections, so slow clients cannot exhaust the gateway.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Requests processed at once; more wait (their bodies unread, in the kernel's buffers),
+    /// which bounds memory under bursts without refusing Salesforce.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
     /// On SIGTERM, how long in-flight requests and deliveries may take to finish.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
@@ -96,6 +100,9 @@ fn default_header_timeout_ms() -> u64 {
 }
 fn default_max_connections() -> usize {
     4096
+}
+fn default_max_concurrent_requests() -> usize {
+    64
 }
 fn default_shutdown_grace_secs() -> u64 {
     30
@@ -671,6 +678,12 @@ impl Settings {
             return Err(SettingsError::new(
                 format!("server.trusted_proxies[{j}]"),
                 e,
+            ));
+        }
+        if self.server.max_concurrent_requests == 0 {
+            return Err(SettingsError::new(
+                "server.max_concurrent_requests",
+                "expected at least 1",
             ));
         }
         if self.worker.concurrency == 0 {

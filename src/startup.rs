@@ -165,6 +165,9 @@ impl Application {
             queue: self.queue.clone(),
             metrics: self.metrics.clone(),
             control: self.control.clone(),
+            request_slots: Arc::new(tokio::sync::Semaphore::new(
+                self.settings.server.max_concurrent_requests,
+            )),
         });
         let server_settings = &self.settings.server;
         let workers = if server_settings.workers == 0 {

@@ -225,6 +225,8 @@ pub async fn receive(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, CalloutError> {
     let started = std::time::Instant::now();
+    // Wait for a slot before reading the body: a burst queues in the kernel, not in memory.
+    let _slot = state.request_slots.acquire().await;
     let result = handle(&req, &path, payload, &state).await;
     let route = state.settings.route(&path).map(|r| r.name.as_str());
     match &result {

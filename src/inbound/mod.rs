@@ -23,6 +23,8 @@ pub struct AppState {
     pub queue: Queue,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub control: Arc<crate::control::RouteControl>,
+    /// `server.max_concurrent_requests` permits, taken before a body is read.
+    pub request_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The id of one inbound request, echoed in `X-Request-Id` and in every log line about it.

@@ -330,3 +330,21 @@ async fn a_hostile_flood_leaves_the_gateway_responsive() {
     assert_eq!(r.status(), 200);
     assert_eq!(app.stats().await.ready, 1);
 }
+
+#[tokio::test]
+async fn requests_beyond_the_concurrency_cap_wait_and_are_acked() {
+    let app = spawn_app_with(|s| s.server.max_concurrent_requests = 1).await;
+    let single = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml")).unwrap();
+    let sends: Vec<_> = (0..20)
+        .map(|n| {
+            let body = single
+                .replace("04l8d0000100001AAA", &format!("04l8d00001{n:08}"))
+                .into_bytes();
+            app.post_outbound("gdpr", body)
+        })
+        .collect();
+    for r in futures_util::future::join_all(sends).await {
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(app.stats().await.ready, 20);
+}
