@@ -102,7 +102,7 @@ fn default_max_connections() -> usize {
     4096
 }
 fn default_max_concurrent_requests() -> usize {
-    64
+    32
 }
 fn default_shutdown_grace_secs() -> u64 {
     30
