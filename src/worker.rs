@@ -2,7 +2,7 @@
 //! and ack, schedule a retry or park, according to the answer. A job is never dropped.
 
 use crate::centercode::{status_class, CentercodeClient, CentercodeResponse, TransportError};
-use crate::control::RouteControl;
+use crate::control::{CircuitState, RouteControl};
 use crate::mapping;
 use crate::metrics::Metrics;
 use crate::queue::{now_ms, Leased, Queue, QueueError};
@@ -277,6 +277,8 @@ impl Worker {
                 reason: "route paused".into(),
             };
         }
+        // A job admitted while the circuit is not closed is the probe.
+        let probing = self.control.breaker.state(&route.name) != CircuitState::Closed;
         if !self.control.breaker.admit(&route.name) {
             return Outcome::Held {
                 reason: "circuit open: Centercode kept failing for this route".into(),
@@ -295,6 +297,19 @@ impl Worker {
             Err(_) => Some(false),
         };
         self.control.breaker.record(&route.name, healthy);
+        // A failed probe only says Centercode is still down: it costs the job no attempt (a
+        // long outage would otherwise park every job one probe at a time), unless the job
+        // is past max_age, or the request may have been acted on (outcome unknown).
+        let unknown_outcome = matches!(&result, Err(e) if e.outcome_unknown())
+            && route.on_outcome_unknown() == OnOutcomeUnknown::Park;
+        if probing && healthy == Some(false) && !unknown_outcome {
+            let age = Duration::from_millis((now_ms() - job.first_seen_ms).max(0) as u64);
+            if age < self.policy.max_age {
+                return Outcome::Held {
+                    reason: "circuit still open: the probe to Centercode failed".into(),
+                };
+            }
+        }
         let route_label = [("route", route.name.as_str())];
         self.metrics.observe(
             "relay_centercode_latency_seconds",

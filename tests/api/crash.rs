@@ -1,6 +1,6 @@
 //! A real `relay serve` process killed with SIGKILL mid-load loses nothing it acknowledged.
 
-use crate::helpers::{finds, fixture, missing_finds, spawn_relay, write_relay_config};
+use crate::helpers::{finds, fixture, missing_finds, spawn_relay, write_relay_config, RabbitEnv};
 use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
 use std::collections::HashSet;
 use std::process::{Child, Stdio};
@@ -26,12 +26,28 @@ fn message(template: &str, n: u32) -> String {
 
 #[tokio::test]
 async fn a_sigkilled_relay_loses_nothing_it_acknowledged() {
+    sigkill_ten_times("embedded", "", None).await;
+}
+
+#[tokio::test]
+async fn a_sigkilled_relay_on_rabbitmq_loses_nothing_it_acknowledged() {
+    let env = RabbitEnv::new().await;
+    let queue = format!(
+        "backend = \"rabbitmq\"\nurl = \"{}\"\nprefix = \"{}\"\nredis_url = \"{}\"\n",
+        env.url, env.prefix, env.redis_url
+    );
+    sigkill_ten_times("rabbitmq", &queue, Some(env)).await;
+}
+
+/// Ten rounds of load on a child relay, each ended by SIGKILL at a different moment; then a
+/// restart must deliver every acknowledged notification. `queue` is extra `[queue]` TOML.
+async fn sigkill_ten_times(backend: &str, queue: &str, _env: Option<RabbitEnv>) {
     // Arrange: a fake Centercode and a config file for a child relay process.
     let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_relay_config(
         dir.path(),
-        "[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\n[queue]\nlease_secs = 3\n[worker]\nconcurrency = 4\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n",
+        &format!("[server]\nbind = \"127.0.0.1:0\"\nworkers = 2\n[queue]\nlease_secs = 3\n{queue}[worker]\nconcurrency = 4\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n"),
         &centercode.base_url(),
     );
     let template = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml")).unwrap();
@@ -99,7 +115,7 @@ async fn a_sigkilled_relay_loses_nothing_it_acknowledged() {
     child.kill().unwrap();
     child.wait().unwrap();
     report(
-        "SIGKILL x10 under load",
+        &format!("SIGKILL x10 under load ({backend})"),
         expected.len(),
         &centercode,
         missing,

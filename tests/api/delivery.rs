@@ -595,6 +595,14 @@ async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
         let body = with_email(&format!("user{n}@example.com")).replace_id(&format!("04l{n:015}"));
         assert_eq!(app.post_outbound("gdpr", body).await.status(), 200);
     }
+    // 1.5 s in CI; `RELAY_FAULT_OUTAGE_SECS=60 cargo test --test api outage` is the full
+    // one-minute scenario (README, Operations).
+    let outage = Duration::from_secs_f64(
+        std::env::var("RELAY_FAULT_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1.5),
+    );
     let control = format!("{}/__fake/maintenance", app.centercode.base_url());
     app.client
         .post(&control)
@@ -602,11 +610,11 @@ async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
         .send()
         .await
         .unwrap();
-    let outage = tokio::spawn({
+    let outage_task = tokio::spawn({
         let (client, control) = (app.client.clone(), control.clone());
         async move {
             // The outage lasts this long (fault timing, not a wait for work).
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tokio::time::sleep(outage).await;
             client
                 .post(&control)
                 .json(&json!({"on": false}))
@@ -617,10 +625,12 @@ async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
     });
 
     // Act
-    let outcomes = app.deliver_until_settled().await;
-    outage.await.unwrap();
+    let outcomes = app
+        .deliver_until_settled_within(outage + Duration::from_secs(20))
+        .await;
+    outage_task.await.unwrap();
 
-    // Assert: all delivered after the outage, none parked, and far fewer calls than 20 × 4.
+    // Assert: all delivered after the outage, none parked.
     assert_eq!(parked(&outcomes), Vec::<String>::new());
     assert_eq!(
         outcomes
@@ -635,5 +645,14 @@ async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
         .iter()
         .filter(|r| r.status == 503)
         .count();
-    assert!(failed_calls < 20, "{failed_calls} calls hit the outage");
+    // One probe per cool-down (0.2 s) plus the calls that opened the circuit, not 4 per job.
+    let bound = outage.as_secs_f64() / 0.2 + 10.0;
+    assert!(
+        (failed_calls as f64) <= bound,
+        "{failed_calls} calls hit the outage (bound {bound})"
+    );
+    eprintln!(
+        "fault scenario `Centercode 503 for {:.1} s`: 20 acknowledged, 20 delivered, 0 parked, 0 lost, {failed_calls} calls refused by the outage",
+        outage.as_secs_f64()
+    );
 }

@@ -255,7 +255,13 @@ impl TestApp {
 
     /// Deliver until nothing is ready or waiting for a retry, polling with a deadline.
     pub async fn deliver_until_settled(&self) -> Vec<Outcome> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.deliver_until_settled_within(Duration::from_secs(20))
+            .await
+    }
+
+    /// [`Self::deliver_until_settled`] with another deadline.
+    pub async fn deliver_until_settled_within(&self, limit: Duration) -> Vec<Outcome> {
+        let deadline = Instant::now() + limit;
         let mut outcomes = Vec::new();
         loop {
             outcomes.extend(self.worker.deliver_all().await.unwrap());
