@@ -1532,28 +1532,10 @@ fn de_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::E
     }
 }
 
-/// RFC 3339 UTC with milliseconds (no date crate in the dependency set).
+/// RFC 3339 UTC with milliseconds (the admin API's formatter; no date crate is needed).
 fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
+    crate::admin::rfc3339(ms)
 }
 
 // ---- Control plane (§7.7) ----
