@@ -956,7 +956,43 @@ auth = {{ bearer = "{BEARER}" }}
                 }
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
+            // Dedupe keys expire only after queue.dedupe_ttl_secs (25 h): delete this run's.
+            if b.args.redis_url != "none" {
+                if let Err(e) = delete_redis_keys(&b.args.redis_url, &self.prefix).await {
+                    say(format!(
+                        "  warning: could not delete Redis keys {}:*: {e:#}",
+                        self.prefix
+                    ));
+                }
+            }
         }
+    }
+}
+
+/// Delete the dedupe keys `{prefix}:*` the relay wrote to Redis.
+async fn delete_redis_keys(url: &str, prefix: &str) -> Res<()> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
     }
 }
 
