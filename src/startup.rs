@@ -165,6 +165,7 @@ impl Application {
             queue: self.queue.clone(),
             metrics: self.metrics.clone(),
             control: self.control.clone(),
+            networks: Arc::new(inbound::Networks::from_settings(&self.settings)),
             request_slots: Arc::new(tokio::sync::Semaphore::new(
                 self.settings.server.max_concurrent_requests,
             )),

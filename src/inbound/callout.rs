@@ -251,7 +251,7 @@ async fn handle(
         .route(path)
         .filter(|r| r.kind == RouteKind::Callout)
         .ok_or_else(|| CalloutError::UnknownRoute(path.chars().take(64).collect()))?;
-    super::check_access(route, None, &req, &state.settings).map_err(|denied| match denied {
+    super::check_access(route, None, &req, &state.networks).map_err(|denied| match denied {
         super::AccessDenied::NotFound => CalloutError::UnknownRoute(route.name.clone()),
         super::AccessDenied::Forbidden => CalloutError::IpNotAllowed,
     })?;

@@ -25,6 +25,31 @@ pub struct AppState {
     pub control: Arc<crate::control::RouteControl>,
     /// `server.max_concurrent_requests` permits, taken before a body is read.
     pub request_slots: Arc<tokio::sync::Semaphore>,
+    /// Address ranges parsed once at start, not on every request.
+    pub networks: Arc<Networks>,
+}
+
+/// `server.trusted_proxies` and each route's `allowed_ips`, parsed.
+#[derive(Debug, Default)]
+pub struct Networks {
+    pub trusted_proxies: Vec<crate::netaddr::IpNet>,
+    pub allowed: std::collections::HashMap<String, Vec<crate::netaddr::IpNet>>,
+}
+
+impl Networks {
+    /// Validation has already refused bad entries, so parsing cannot fail here.
+    pub fn from_settings(settings: &Settings) -> Self {
+        let parse = |list: &[String]| crate::netaddr::parse_list(list).unwrap_or_default();
+        Self {
+            trusted_proxies: parse(&settings.server.trusted_proxies),
+            allowed: settings
+                .routes
+                .iter()
+                .filter(|r| !r.allowed_ips.is_empty())
+                .map(|r| (r.name.clone(), parse(&r.allowed_ips)))
+                .collect(),
+        }
+    }
 }
 
 /// The id of one inbound request, echoed in `X-Request-Id` and in every log line about it.
@@ -245,7 +270,7 @@ pub fn check_access(
     route: &crate::settings::RouteSettings,
     token: Option<&str>,
     req: &HttpRequest,
-    settings: &Settings,
+    networks: &Networks,
 ) -> Result<(), AccessDenied> {
     use secrecy::ExposeSecret;
     use subtle::ConstantTimeEq;
@@ -261,16 +286,13 @@ pub fn check_access(
         }
         _ => return Err(AccessDenied::NotFound),
     }
-    if !route.allowed_ips.is_empty() {
-        let allowed = crate::netaddr::parse_list(&route.allowed_ips).unwrap_or_default();
-        let trusted =
-            crate::netaddr::parse_list(&settings.server.trusted_proxies).unwrap_or_default();
+    if let Some(allowed) = networks.allowed.get(&route.name) {
+        let trusted = &networks.trusted_proxies;
         let forwarded = req
             .headers()
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
-        let client =
-            crate::netaddr::client_ip(req.peer_addr().map(|a| a.ip()), forwarded, &trusted);
+        let client = crate::netaddr::client_ip(req.peer_addr().map(|a| a.ip()), forwarded, trusted);
         if !client.is_some_and(|ip| allowed.iter().any(|net| net.contains(ip))) {
             return Err(AccessDenied::Forbidden);
         }

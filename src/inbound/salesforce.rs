@@ -160,7 +160,7 @@ async fn handle(
         .route(path)
         .filter(|r| r.kind == RouteKind::OutboundMessage)
         .ok_or_else(|| InboundError::UnknownRoute(path.chars().take(64).collect()))?;
-    super::check_access(route, token, &req, &state.settings).map_err(|denied| match denied {
+    super::check_access(route, token, &req, &state.networks).map_err(|denied| match denied {
         super::AccessDenied::NotFound => InboundError::UnknownRoute(route.name.clone()),
         super::AccessDenied::Forbidden => InboundError::IpNotAllowed,
     })?;

@@ -104,33 +104,14 @@ async fn sigkill_ten_times(backend: &str, queue: &str, _env: Option<RabbitEnv>) 
     }
 
     // Assert: after a restart every acknowledged notification reaches Centercode.
-    let (mut child, _address) = start_relay(&config);
-    let expected: HashSet<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|n| format!("user{n}@example.com"))
-        .collect();
-    let missing = missing_finds(&centercode, &expected, Duration::from_secs(30)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    report(
-        &format!("SIGKILL x10 under load ({backend})"),
-        expected.len(),
-        &centercode,
-        missing,
-    );
+    let scenario = format!("SIGKILL x10 under load ({backend})");
+    let (expected, missing) =
+        restart_and_count_missing(&config, &centercode, &acked, &scenario, 30).await;
     assert_eq!(
-        missing,
-        0,
-        "{missing} of {} acknowledged notifications never reached Centercode",
-        expected.len()
+        missing, 0,
+        "{missing} of {expected} acknowledged notifications never reached Centercode"
     );
-    assert!(
-        expected.len() >= 100,
-        "only {} acknowledged",
-        expected.len()
-    );
+    assert!(expected >= 100, "only {expected} acknowledged");
 }
 
 #[tokio::test]
@@ -200,22 +181,11 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
         took < Duration::from_secs(7),
         "took {took:?} to stop with a 5 s grace period"
     );
-    let (mut child, _) = start_relay(&config);
-    let expected: HashSet<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|n| format!("user{n}@example.com"))
-        .collect();
-    let missing = missing_finds(&centercode, &expected, Duration::from_secs(60)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    report("SIGTERM under load", expected.len(), &centercode, missing);
+    let (expected, missing) =
+        restart_and_count_missing(&config, &centercode, &acked, "SIGTERM under load", 60).await;
     assert_eq!(
-        missing,
-        0,
-        "{missing} of {} acknowledged notifications lost",
-        expected.len()
+        missing, 0,
+        "{missing} of {expected} acknowledged notifications lost"
     );
 }
 
@@ -283,6 +253,29 @@ async fn a_gateway_process_stores_and_a_worker_process_delivers() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+/// Restart the relay on the same store and wait (up to `secs`) for every acknowledged
+/// notification to reach Centercode; prints the scenario's figures. Returns (acknowledged, lost).
+async fn restart_and_count_missing(
+    config: &std::path::Path,
+    centercode: &FakeCentercode,
+    acked: &Mutex<HashSet<u32>>,
+    scenario: &str,
+    secs: u64,
+) -> (usize, usize) {
+    let (mut child, _) = start_relay(config);
+    let expected: HashSet<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|n| format!("user{n}@example.com"))
+        .collect();
+    let missing = missing_finds(centercode, &expected, Duration::from_secs(secs)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    report(scenario, expected.len(), centercode, missing);
+    (expected.len(), missing)
 }
 
 /// One line of figures per fault scenario (shown with `--nocapture`; quoted in release notes).
