@@ -42,6 +42,10 @@ const DELIVERY_LIMIT: i64 = 1000;
 const HOLD_DELAY: Duration = Duration::from_secs(30);
 /// Longest error text kept in a header.
 const MAX_ERROR_LEN: usize = 1024;
+/// How long a browse waits for a head another process is peeking at.
+const PEEK_GRACE: Duration = Duration::from_millis(20);
+/// Header: when the message is (or will be) ready in the work queue, ms since the epoch.
+const READY_AT: &str = "x-ready-at";
 
 /// What the backend needs from the settings.
 #[derive(Clone)]
@@ -321,6 +325,66 @@ struct Inner {
     consumer_start: tokio::sync::Mutex<()>,
     stop: CancellationToken,
     closed: AtomicBool,
+    /// What this process has seen of the work queue's head, to bound its age.
+    head: Mutex<HeadClock>,
+    /// Held while this process browses or peeks the parked queue: a peek checks the head
+    /// out for a moment, and a browse running then would not see it.
+    parked_browse: tokio::sync::Mutex<()>,
+    /// The parked head's time from the last peek, reused while a browse holds the queue.
+    parked_head_ms: Mutex<Option<i64>>,
+}
+
+/// Bounds on the age of the work queue's oldest ready message. RabbitMQ cannot report it
+/// for quorum queues (rabbitmq-server#6813), and reading the head would count as a
+/// delivery attempt (x-delivery-count), so it is derived from what this process sees.
+/// The queue is FIFO, so its head became ready after (a) the last message this process
+/// was delivered and (b) the last time this process saw the queue empty: the later of
+/// the two is an upper bound on the head's age, tight while messages flow or a backlog
+/// builds from empty. Returns to the queue (a lost consumer) can break the bound briefly.
+#[derive(Debug, Default)]
+struct HeadClock {
+    /// When a stats read last found no ready message.
+    last_empty_ms: Option<i64>,
+    /// The first stats read that found ready messages since then.
+    nonempty_since_ms: Option<i64>,
+    /// When the newest message delivered to this process had become ready.
+    last_delivered_ready_ms: Option<i64>,
+}
+
+impl HeadClock {
+    fn delivered(&mut self, ready_at_ms: i64) {
+        self.last_delivered_ready_ms = self.last_delivered_ready_ms.max(Some(ready_at_ms));
+    }
+
+    /// The estimated time the head became ready, given a stats read at `now_ms`.
+    /// `consumers`: consumers of the work queue (any process); `consuming_here`: whether
+    /// this process is one of them.
+    fn observe(
+        &mut self,
+        ready: u64,
+        consumers: u32,
+        consuming_here: bool,
+        now_ms: i64,
+    ) -> Option<i64> {
+        if ready == 0 {
+            self.last_empty_ms = Some(now_ms);
+            self.nonempty_since_ms = None;
+            return None;
+        }
+        let first_seen = *self.nonempty_since_ms.get_or_insert(now_ms);
+        if consumers > 0 && !consuming_here {
+            // Others consume: only they see where the head is. A gateway-only process
+            // would report a backlog that flows as ever older.
+            return None;
+        }
+        // Neither bound known (the backlog predates this process): the head is at least
+        // as old as the first read that saw it.
+        Some(
+            self.last_empty_ms
+                .max(self.last_delivered_ready_ms)
+                .unwrap_or(first_seen),
+        )
+    }
 }
 
 impl Drop for Inner {
@@ -444,6 +508,9 @@ impl RabbitQueue {
             consumer_start: tokio::sync::Mutex::new(()),
             stop: CancellationToken::new(),
             closed: AtomicBool::new(false),
+            head: Mutex::default(),
+            parked_browse: tokio::sync::Mutex::new(()),
+            parked_head_ms: Mutex::default(),
         });
         let span = tracing::info_span!("rabbitmq_supervisor", queue = %inner.names.work);
         tokio::spawn(
@@ -588,6 +655,26 @@ impl RabbitQueue {
             .await
     }
 
+    /// `x-ready-at`: when the message will be ready in the work queue: now when published
+    /// there, after the tier's TTL when published to a retry tier.
+    fn stamp_ready_at(&self, queue: &str, mut headers: FieldTable) -> FieldTable {
+        let names = &self.inner.names;
+        let wait = if queue == names.work {
+            Some(Duration::ZERO)
+        } else {
+            names
+                .retry
+                .iter()
+                .position(|n| n == queue)
+                .and_then(|i| self.inner.config.retry_tiers.get(i).copied())
+        };
+        if let Some(wait) = wait {
+            let at = now_ms().saturating_add(wait.as_millis() as i64);
+            headers.insert(READY_AT.into(), AMQPValue::LongLongInt(at));
+        }
+        headers
+    }
+
     /// Publish one persistent message to `queue` and wait for the broker's confirm.
     async fn publish(
         &self,
@@ -604,7 +691,7 @@ impl RabbitQueue {
             // delivery_mode 2 = persistent: kept across broker restarts.
             .with_delivery_mode(2)
             .with_timestamp((now_ms() / 1000) as u64)
-            .with_headers(meta.to_headers());
+            .with_headers(self.stamp_ready_at(queue, meta.to_headers()));
         let send = async {
             // Default exchange "" routes by queue name. mandatory: a message that matches no
             // queue comes back (basic.return) instead of being dropped silently.
@@ -831,32 +918,92 @@ impl RabbitQueue {
     }
 
     /// Depths from passive declares; `in_flight` counts deliveries held by this process.
-    /// Ages are not available from RabbitMQ and are left empty.
+    /// Ages: in flight, exact for this process; retrying and parked, from the head message
+    /// of each retry tier and of the parked queue (read and put back in place: those
+    /// queues have no consumers and no delivery limit); ready, bounded by [`HeadClock`].
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         let session = self.inner.current()?;
         // A separate channel: a passive declare of a missing queue closes its channel.
         let channel = session.connection.create_channel().await.map_err(broker)?;
         let result = async {
-            let ready = message_count(&channel, &self.inner.names.work).await?;
-            let mut retrying = 0;
+            let work = queue_counts(&channel, &self.inner.names.work).await?;
+            let mut tiers = Vec::with_capacity(self.inner.names.retry.len());
             for name in &self.inner.names.retry {
-                retrying += message_count(&channel, name).await?;
+                tiers.push(message_count(&channel, name).await?);
             }
             let parked = message_count(&channel, &self.inner.names.parked).await?;
-            Ok::<_, QueueError>((ready, retrying, parked))
+            Ok::<_, QueueError>((work, tiers, parked))
         }
         .await;
         let _ = channel.close(200, "stats").await;
-        let (ready, retrying, parked) = result?;
-        let in_flight = self.inner.buffer.lock().expect("buffer lock").len()
-            + self.inner.held.lock().expect("held lock").len();
+        let ((ready, consumers), tiers, parked) = result?;
+
+        let mut oldest_retrying_ms: Option<i64> = None;
+        for (name, _) in self
+            .inner
+            .names
+            .retry
+            .iter()
+            .zip(&tiers)
+            .filter(|(_, n)| **n > 0)
+        {
+            if let Some(head) = peek_head(&session, name).await? {
+                oldest_retrying_ms = Some(
+                    oldest_retrying_ms.map_or(head.first_seen_ms, |t| t.min(head.first_seen_ms)),
+                );
+            }
+        }
+        let oldest_parked_ms = if parked == 0 {
+            None
+        } else {
+            self.parked_head_ms(&session).await?
+        };
+        let oldest_ready_ms = self.inner.head.lock().expect("head lock").observe(
+            ready,
+            consumers,
+            self.inner.want_consumer.load(Ordering::SeqCst),
+            now_ms(),
+        );
+        let (in_flight, oldest_in_flight_ms) = {
+            let buffer = self.inner.buffer.lock().expect("buffer lock");
+            let held = self.inner.held.lock().expect("held lock");
+            let oldest = buffer
+                .iter()
+                .map(|(_, d)| {
+                    d.properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| get_int(h, "x-first-seen-ms"))
+                })
+                .chain(held.values().map(|h| Some(h.meta.first_seen_ms)))
+                .flatten()
+                .min();
+            (buffer.len() + held.len(), oldest)
+        };
         Ok(QueueStats {
             ready,
             in_flight: in_flight as u64,
-            retrying,
+            retrying: tiers.iter().sum(),
             parked,
-            ..QueueStats::default()
+            oldest_ready_ms,
+            oldest_parked_ms,
+            oldest_in_flight_ms,
+            oldest_retrying_ms,
         })
+    }
+
+    /// When the parked queue's head was parked (parking order is queue order). While this
+    /// process browses the queue, the last reading stands in rather than hiding a job
+    /// from the browse.
+    async fn parked_head_ms(&self, session: &Arc<Session>) -> Result<Option<i64>, QueueError> {
+        let Ok(_browse) = self.inner.parked_browse.try_lock() else {
+            return Ok(*self.inner.parked_head_ms.lock().expect("parked head lock"));
+        };
+        let head = peek_head(session, &self.inner.names.parked)
+            .await?
+            .map(|m| m.failed_at_ms.unwrap_or(m.first_seen_ms));
+        *self.inner.parked_head_ms.lock().expect("parked head lock") = head;
+        Ok(head)
     }
 
     /// The first `limit` parked jobs, in queue order.
@@ -885,6 +1032,7 @@ impl RabbitQueue {
         cursor: Option<String>,
     ) -> Result<Vec<ParkedJob>, QueueError> {
         let session = self.inner.current()?;
+        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut after_cursor = cursor.is_none();
         let mut out = Vec::new();
@@ -908,6 +1056,7 @@ impl RabbitQueue {
     /// How many parked jobs match (reads the whole parked queue).
     pub async fn count_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
+        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut n = 0;
         while let Some(delivery) = browser.next().await? {
@@ -929,6 +1078,7 @@ impl RabbitQueue {
         limit: Option<usize>,
     ) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
+        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut wanted: Option<std::collections::HashSet<String>> =
             filter.ids.as_ref().map(|ids| ids.iter().cloned().collect());
@@ -981,6 +1131,7 @@ impl RabbitQueue {
     #[tracing::instrument(skip_all, fields(queue = %self.inner.names.parked))]
     pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
+        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut purged = 0;
         while let Some(delivery) = browser.next().await? {
@@ -1019,6 +1170,7 @@ impl RabbitQueue {
     /// A parked job's payload (preview). Jobs in the work or retry queues are not found.
     pub async fn load(&self, id: &str) -> Result<Option<Leased>, QueueError> {
         let session = self.inner.current()?;
+        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut found = None;
         while let Some(delivery) = browser.next().await? {
@@ -1107,7 +1259,12 @@ fn retry_tier(tiers: &[Duration], delay: Duration) -> Option<usize> {
 }
 
 async fn message_count(channel: &Channel, queue: &str) -> Result<u64, QueueError> {
-    // passive: only check the queue exists and read its depth (ready messages, not unacked).
+    Ok(queue_counts(channel, queue).await?.0)
+}
+
+/// Ready messages (not unacked ones) and consumers of `queue`, from a passive declare: it
+/// only checks that the queue exists.
+async fn queue_counts(channel: &Channel, queue: &str) -> Result<(u64, u32), QueueError> {
     let q = channel
         .queue_declare(
             queue,
@@ -1119,7 +1276,23 @@ async fn message_count(channel: &Channel, queue: &str) -> Result<u64, QueueError
         )
         .await
         .map_err(broker)?;
-    Ok(u64::from(q.message_count()))
+    Ok((u64::from(q.message_count()), q.consumer_count()))
+}
+
+/// The headers of `queue`'s head message, read with `basic.get` and put back in place (the
+/// channel closes unacked). Only for queues nobody consumes: the read counts as a delivery.
+async fn peek_head(session: &Arc<Session>, queue: &str) -> Result<Option<Meta>, QueueError> {
+    let mut browser = Browser::open(session, queue).await?;
+    let head = browser.next().await;
+    browser.finish().await;
+    Ok(head?.map(|d| {
+        Meta::read(
+            d.properties
+                .headers()
+                .as_ref()
+                .unwrap_or(&FieldTable::default()),
+        )
+    }))
 }
 
 async fn start_consumer(inner: &Arc<Inner>) -> Result<(), QueueError> {
@@ -1185,6 +1358,10 @@ async fn consume(
         let Some(inner) = weak.upgrade() else { break };
         match item {
             Ok(delivery) => {
+                let headers = delivery.properties.headers().as_ref();
+                if let Some(at) = headers.and_then(|h| get_int(h, READY_AT)) {
+                    inner.head.lock().expect("head lock").delivered(at);
+                }
                 inner
                     .buffer
                     .lock()
@@ -1294,6 +1471,8 @@ struct Browser {
     initial: u64,
     removed: u64,
     taken: u64,
+    /// Whether an empty read was already confirmed by a second look.
+    rechecked: bool,
 }
 
 impl Browser {
@@ -1307,17 +1486,29 @@ impl Browser {
             initial,
             removed: 0,
             taken: 0,
+            rechecked: false,
         })
     }
 
     async fn next(&mut self) -> Result<Option<Delivery>, QueueError> {
-        let message = self
-            .channel
-            .basic_get(&self.queue, BasicGetOptions { no_ack: false })
-            .await
-            .map_err(broker)?;
+        let mut message = self.get().await?;
+        if message.is_none() && !self.rechecked {
+            // Another relay process may hold the head for a moment (`peek_head` on a
+            // /metrics scrape); it goes back to the front, so look once more before
+            // calling the queue read to the end.
+            self.rechecked = true;
+            tokio::time::sleep(PEEK_GRACE).await;
+            message = self.get().await?;
+        }
         self.taken += u64::from(message.is_some());
         Ok(message.map(|m| m.delivery))
+    }
+
+    async fn get(&self) -> Result<Option<lapin::message::BasicGetMessage>, QueueError> {
+        self.channel
+            .basic_get(&self.queue, BasicGetOptions { no_ack: false })
+            .await
+            .map_err(broker)
     }
 
     /// Ack a message taken by `next`: it leaves the queue for good.
@@ -1589,6 +1780,46 @@ mod tests {
 
     fn secs(s: &[f64]) -> Vec<Duration> {
         s.iter().map(|s| Duration::from_secs_f64(*s)).collect()
+    }
+
+    #[test]
+    fn the_head_became_ready_after_the_queue_was_last_seen_empty() {
+        let mut clock = HeadClock::default();
+        assert_eq!(clock.observe(0, 0, false, 1_000), None);
+        // A backlog builds with nobody consuming: the head is younger than the empty read.
+        assert_eq!(clock.observe(5, 0, false, 4_000), Some(1_000));
+        assert_eq!(clock.observe(9, 0, false, 9_000), Some(1_000));
+        // Drained: no age, and the next backlog counts from the new empty read.
+        assert_eq!(clock.observe(0, 1, false, 10_000), None);
+        assert_eq!(clock.observe(2, 0, false, 12_000), Some(10_000));
+    }
+
+    #[test]
+    fn a_consumer_bounds_the_head_by_its_newest_delivery() {
+        let mut clock = HeadClock::default();
+        assert_eq!(clock.observe(0, 1, true, 1_000), None);
+        // Messages flow and a backlog stays: the head became ready after the newest
+        // delivered message did, which is later than the last empty read.
+        clock.delivered(5_000);
+        clock.delivered(4_000);
+        assert_eq!(clock.observe(40, 1, true, 6_000), Some(5_000));
+    }
+
+    #[test]
+    fn a_process_that_does_not_consume_reports_no_age_while_others_do() {
+        let mut clock = HeadClock::default();
+        assert_eq!(clock.observe(0, 0, false, 1_000), None);
+        // Others consume: only they can tell how far the head has moved.
+        assert_eq!(clock.observe(40, 3, false, 60_000), None);
+        // Everyone stopped consuming: the bound applies again.
+        assert_eq!(clock.observe(40, 0, false, 61_000), Some(1_000));
+    }
+
+    #[test]
+    fn a_backlog_older_than_the_process_is_at_least_as_old_as_its_first_read() {
+        let mut clock = HeadClock::default();
+        assert_eq!(clock.observe(7, 0, false, 2_000), Some(2_000));
+        assert_eq!(clock.observe(7, 0, false, 9_000), Some(2_000));
     }
 
     #[test]

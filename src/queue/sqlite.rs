@@ -381,7 +381,8 @@ impl SqliteQueue {
                    coalesce(sum(state = 'queued' AND lease_until > ?1), 0),
                    coalesce(sum(state = 'queued' AND lease_until <= ?1 AND available_at > ?1), 0),
                    coalesce(sum(state = 'parked'), 0),
-                   min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at <= ?1 THEN first_seen END),
+                   -- ready: since it became due (stored, or its retry came due): its wait for a worker
+                   min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at <= ?1 THEN available_at END),
                    min(CASE WHEN state = 'parked' THEN parked_at END),
                    min(CASE WHEN state = 'queued' AND lease_until > ?1 THEN first_seen END),
                    min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at > ?1 THEN first_seen END)

@@ -4,6 +4,7 @@ use crate::helpers::{bearer, fixture, spawn_app_on, Backend};
 use serde_json::{json, Value};
 use sf_centercode_relay::fake_centercode::Fault;
 use sf_centercode_relay::worker::Outcome;
+use std::time::{Duration, Instant};
 
 const ADMIN: &str = "admin-token-for-both-backends-0123456789";
 
@@ -122,6 +123,53 @@ async fn callouts_are_deduplicated(backend: Backend) {
     assert_eq!(app.deliver_until_settled().await.len(), 1);
 }
 
+/// Poll /metrics until `series` reads at least `min`; it must never exceed the time since
+/// `since` (the age cannot be older than the test's own clock).
+async fn age_reaches(app: &crate::helpers::TestApp, series: &str, min: f64, since: Instant) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let age = crate::admin::series(&app.metrics().await, series);
+        let bound = since.elapsed().as_secs_f64();
+        assert!(
+            age <= bound,
+            "{series} = {age}, older than the {bound} s it can be"
+        );
+        if age >= min {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{series} stayed at {age}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+}
+
+async fn queue_ages_show_on_metrics(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
+    let ready = r#"relay_queue_oldest_age_seconds{state="ready"}"#;
+    let parked = r#"relay_queue_oldest_age_seconds{state="parked"}"#;
+    let before_post = Instant::now();
+    assert_eq!(crate::admin::series(&app.metrics().await, ready), 0.0);
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    age_reaches(&app, ready, 1.0, before_post).await;
+    app.centercode.push_fault(Fault {
+        status: 400,
+        ..Fault::default()
+    });
+    let before_park = Instant::now();
+    let outcomes = app.deliver_until_settled().await;
+    assert!(
+        matches!(&outcomes[..], [Outcome::Parked { .. }]),
+        "{outcomes:?}"
+    );
+    age_reaches(&app, parked, 1.0, before_park).await;
+    let m = app.metrics().await;
+    assert_eq!(crate::admin::series(&m, ready), 0.0);
+    assert_eq!(
+        crate::admin::series(&m, r#"relay_queue_depth{state="parked"}"#),
+        1.0
+    );
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),*) => {
         mod embedded {
@@ -138,5 +186,6 @@ on_both_backends!(
     feedback_is_mapped,
     transient_failures_are_retried,
     parked_then_replayed_through_the_admin_api,
-    callouts_are_deduplicated
+    callouts_are_deduplicated,
+    queue_ages_show_on_metrics
 );

@@ -147,6 +147,62 @@ async fn a_retried_job_comes_back_after_its_delay(q: Queue) {
     assert_eq!(depths(&q.stats().await.unwrap()), (0, 0, 0, 0));
 }
 
+/// `lo <= t <= hi`, with a message naming the state.
+fn within(state: &str, t: Option<i64>, lo: i64, hi: i64) {
+    let t = t.unwrap_or_else(|| panic!("no oldest {state} time"));
+    assert!(
+        (lo..=hi).contains(&t),
+        "oldest {state} at {t}, expected {lo}..={hi}"
+    );
+}
+
+async fn oldest_times_follow_the_job_through_each_state(q: Queue) {
+    // Arrange: the queue seen empty, then one job stored.
+    let before = now_ms();
+    let empty = q.stats().await.unwrap();
+    assert_eq!(empty.oldest_ready_ms, None);
+    q.enqueue(vec![job(1, None, None)]).await.unwrap();
+    let stored = now_ms();
+    // Act + Assert: ready since it was stored.
+    let s = q.stats().await.unwrap();
+    assert_eq!(s.ready, 1, "{s:?}");
+    within("ready", s.oldest_ready_ms, before, stored);
+    // In flight: the job's first-seen time; nothing ready any more.
+    let leased = lease_n(&q, 1).await;
+    let s = q.stats().await.unwrap();
+    assert_eq!((s.ready, s.in_flight), (0, 1), "{s:?}");
+    assert_eq!(s.oldest_ready_ms, None);
+    within("in_flight", s.oldest_in_flight_ms, before, stored);
+    // Retrying: still the first-seen time. Reading the retry tier's head (RabbitMQ) must
+    // neither lose the job nor count as an attempt.
+    q.retry(
+        &leased[0],
+        now_ms() + 200,
+        "Centercode answered 503",
+        Some(503),
+    )
+    .await
+    .unwrap();
+    let s = q.stats().await.unwrap();
+    assert_eq!((s.in_flight, s.retrying), (0, 1), "{s:?}");
+    within("retrying", s.oldest_retrying_ms, before, stored);
+    assert_eq!(s.oldest_in_flight_ms, None);
+    let back = lease_n(&q, 1).await;
+    assert_eq!(back[0].attempts, 2, "the head reads cost no attempt");
+    // Parked: since it was parked; reading the head leaves it listed and counted.
+    let parking = now_ms();
+    q.park(&back[0], "Centercode rejected the request (400)", Some(400))
+        .await
+        .unwrap();
+    let parked_by = now_ms();
+    for _ in 0..3 {
+        let s = q.stats().await.unwrap();
+        assert_eq!(depths(&s), (0, 0, 0, 1));
+        within("parked", s.oldest_parked_ms, parking, parked_by);
+    }
+    assert_eq!(q.parked(10).await.unwrap().len(), 1);
+}
+
 async fn a_parked_job_is_listed_with_its_reason(q: Queue) {
     // Arrange
     let j = job(1, None, None);
@@ -342,6 +398,12 @@ async fn sqlite_a_retried_job_comes_back_after_its_delay() {
 }
 
 #[tokio::test]
+async fn sqlite_oldest_times_follow_the_job_through_each_state() {
+    let dir = tempfile::tempdir().unwrap();
+    oldest_times_follow_the_job_through_each_state(sqlite(&dir, Duration::from_secs(30))).await;
+}
+
+#[tokio::test]
 async fn sqlite_a_parked_job_is_listed_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     a_parked_job_is_listed_with_its_reason(sqlite(&dir, Duration::from_secs(30))).await;
@@ -401,6 +463,14 @@ async fn rabbitmq_a_retried_job_comes_back_after_its_delay() {
     // Proves the quorum retry tier's TTL dead-letters into the work queue on this broker.
     let env = RabbitEnv::new().await;
     a_retried_job_comes_back_after_its_delay(rabbit(&env).await).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_oldest_times_follow_the_job_through_each_state() {
+    // Quorum queues cannot report their head's age: the relay bounds it (ready), reads the
+    // heads of the retry tier and parked queue in place, and knows what it holds.
+    let env = RabbitEnv::new().await;
+    oldest_times_follow_the_job_through_each_state(rabbit(&env).await).await;
 }
 
 #[tokio::test]
