@@ -1509,6 +1509,10 @@ async fn end_to_end(b: &Bench, backend: Backend) -> Res<Value> {
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut arrivals: Vec<i64> = Vec::with_capacity(records.len());
     let mut done_ms = spawn_ms;
+    // The fake's own measure of how long it held each request: what the limit assumes.
+    let held_us: Vec<u64> = records.iter().map(|r| r.duration_us).collect();
+    let fake_answer_ms = (!held_us.is_empty())
+        .then(|| held_us.iter().sum::<u64>() as f64 / held_us.len() as f64 / 1000.0);
     for r in &records {
         *statuses.entry(r.status.to_string()).or_default() += 1;
         if let Some(at) = parse_fake_time(&r.at) {
@@ -1536,8 +1540,9 @@ async fn end_to_end(b: &Bench, backend: Backend) -> Res<Value> {
         .sum();
     let rate = steady.unwrap_or(f64::NAN);
     say(format!(
-        "[{}] end to end, {WORKERS} workers, fake at {FAKE_LATENCY_MS} ms: {} deliveries/s steady = {} of the Little's-law limit {}/s",
+        "[{}] end to end, {WORKERS} workers, fake at {FAKE_LATENCY_MS} ms (measured mean {:.2} ms): {} deliveries/s steady = {} of the Little's-law limit {}/s",
         backend.name(),
+        fake_answer_ms.unwrap_or(f64::NAN),
         num(rate),
         fmt_ratio(ratio(rate, Some(limit))),
         num(limit)
@@ -1559,6 +1564,7 @@ async fn end_to_end(b: &Bench, backend: Backend) -> Res<Value> {
     Ok(json!({
         "workers": WORKERS,
         "fake_latency_ms": FAKE_LATENCY_MS,
+        "fake_measured_answer_ms": fake_answer_ms,
         "littles_law_limit_per_s": limit,
         "deliveries_per_s_steady": steady,
         "ratio_to_littles_law": ratio(rate, Some(limit)),
@@ -1816,7 +1822,10 @@ fn targets(b: &Bench, results: &BTreeMap<&'static str, Value>) -> Vec<Target> {
         });
         // "Flat": a relay that just stored the backlog uses no more than the same load shape
         // (100-notification messages, 32 senders) needed in its few-second ingest cell, and a
-        // relay restarted on the backlog no more than an idle one.
+        // relay restarted on the backlog, delivering with its 64 workers, no more than the same
+        // relay delivering the end-to-end test's much smaller backlog: memory must not grow
+        // with the backlog. (Against an idle relay the comparison would measure the workers'
+        // connections and buffers, not the backlog.)
         let jobs = num(b.plan.backlog_jobs as f64);
         let stored = f(&r["memory"]["rss_after_enqueue_kib"]).map(|k| k / MB);
         let cell = find_cell(r, "om100", 32)
@@ -1830,12 +1839,13 @@ fn targets(b: &Bench, results: &BTreeMap<&'static str, Value>) -> Vec<Target> {
             met: stored.zip(cell).map(|(v, c)| v <= c + 10.0),
         });
         let restarted = f(&r["memory"]["rss_restarted_delivering_kib"]).map(|k| k / MB);
+        let drained = f(&r["end_to_end"]["rss_at_end_kib"]).map(|k| k / MB);
         out.push(Target {
-            name: format!("RSS restarted on {jobs} jobs (MB)"),
+            name: format!("RSS restarted on {jobs} jobs, delivering (MB)"),
             backend,
             value: restarted,
-            goal: "≤ idle + 10 MB".into(),
-            met: restarted.zip(idle).map(|(v, i)| v <= i + 10.0),
+            goal: format!("≤ 1.1 × delivering {} jobs", num(b.plan.drain_jobs as f64)),
+            met: restarted.zip(drained).map(|(v, d)| v <= d * 1.1),
         });
         let errors: u64 = r["ingest"]
             .as_array()

@@ -42,6 +42,21 @@ const DELIVERY_LIMIT: i64 = 1000;
 const HOLD_DELAY: Duration = Duration::from_secs(30);
 /// Longest error text kept in a header.
 const MAX_ERROR_LEN: usize = 1024;
+/// Largest AMQP frame asked of the broker unless the URL sets `frame_max`. lapin keeps a send
+/// and a receive buffer of 32 frames each, zero-filled: at RabbitMQ's default of 128 KiB that
+/// is 8 MiB resident in an idle relay. Jobs are a few KiB; a bigger one spans several frames.
+const FRAME_MAX: u32 = 16 * 1024;
+
+/// The connection URL, with [`FRAME_MAX`] unless it asks for another frame size.
+fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, QueueError> {
+    // The parser's message may quote the URL, and with it the password: not repeated here.
+    let mut uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|_: String| QueueError::Broker("queue.url is not a valid AMQP URL".into()))?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Ok(uri)
+}
+
 /// How long a browse waits for a head another process is peeking at.
 const PEEK_GRACE: Duration = Duration::from_millis(20);
 /// Header: when the message is (or will be) ready in the work queue, ms since the epoch.
@@ -213,13 +228,11 @@ impl Session {
     ) -> Result<Arc<Session>, QueueError> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("sf-centercode-relay {}", config.prefix).into());
-        let connection = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            Connection::connect(config.url.expose_secret(), props),
-        )
-        .await
-        .map_err(|_| QueueError::Broker("connecting to RabbitMQ timed out".into()))?
-        .map_err(|e| QueueError::Broker(format!("connecting to RabbitMQ: {e}")))?;
+        let uri = amqp_uri(config.url.expose_secret())?;
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props))
+            .await
+            .map_err(|_| QueueError::Broker("connecting to RabbitMQ timed out".into()))?
+            .map_err(|e| QueueError::Broker(format!("connecting to RabbitMQ: {e}")))?;
         let w = wake.clone();
         connection.on_error(move |e| {
             tracing::warn!(error = %e, "RabbitMQ connection failed");
@@ -1780,6 +1793,17 @@ mod tests {
 
     fn secs(s: &[f64]) -> Vec<Duration> {
         s.iter().map(|s| Duration::from_secs_f64(*s)).collect()
+    }
+
+    #[test]
+    fn small_frames_unless_the_url_asks_for_others() {
+        let uri = amqp_uri("amqp://guest:secret@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
+        let uri = amqp_uri("amqps://u:p@rabbit.internal/vh?frame_max=131072&heartbeat=30").unwrap();
+        assert_eq!(uri.query.frame_max, Some(131_072));
+        assert_eq!(uri.query.heartbeat, Some(30));
+        let e = amqp_uri("http://guest:secret@x").unwrap_err().to_string();
+        assert!(!e.contains("secret"), "{e}");
     }
 
     #[test]

@@ -147,6 +147,21 @@ async fn a_retried_job_comes_back_after_its_delay(q: Queue) {
     assert_eq!(depths(&q.stats().await.unwrap()), (0, 0, 0, 0));
 }
 
+async fn a_job_larger_than_a_frame_comes_back_whole(q: Queue) {
+    // 300 KB: Salesforce long text holds 131,072 characters, up to 4 bytes each in UTF-8;
+    // on RabbitMQ it spans many 16 KiB frames.
+    let mut j = job(1, None, None);
+    let long = "Długi opis zgłoszenia 🚀 ".repeat(10_000);
+    j.job = Job::CalloutV1 {
+        idempotency_key: None,
+        body: serde_json::json!({ "description": long }),
+    };
+    q.enqueue(vec![j.clone()]).await.unwrap();
+    let back = lease_n(&q, 1).await;
+    assert_eq!(back[0].job, j.job);
+    q.ack(&back[0]).await.unwrap();
+}
+
 /// `lo <= t <= hi`, with a message naming the state.
 fn within(state: &str, t: Option<i64>, lo: i64, hi: i64) {
     let t = t.unwrap_or_else(|| panic!("no oldest {state} time"));
@@ -398,6 +413,12 @@ async fn sqlite_a_retried_job_comes_back_after_its_delay() {
 }
 
 #[tokio::test]
+async fn sqlite_a_job_larger_than_a_frame_comes_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    a_job_larger_than_a_frame_comes_back_whole(sqlite(&dir, Duration::from_secs(30))).await;
+}
+
+#[tokio::test]
 async fn sqlite_oldest_times_follow_the_job_through_each_state() {
     let dir = tempfile::tempdir().unwrap();
     oldest_times_follow_the_job_through_each_state(sqlite(&dir, Duration::from_secs(30))).await;
@@ -463,6 +484,12 @@ async fn rabbitmq_a_retried_job_comes_back_after_its_delay() {
     // Proves the quorum retry tier's TTL dead-letters into the work queue on this broker.
     let env = RabbitEnv::new().await;
     a_retried_job_comes_back_after_its_delay(rabbit(&env).await).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_a_job_larger_than_a_frame_comes_back_whole() {
+    let env = RabbitEnv::new().await;
+    a_job_larger_than_a_frame_comes_back_whole(rabbit(&env).await).await;
 }
 
 #[tokio::test]
