@@ -234,13 +234,9 @@ pub struct WorkerSettings {
     #[serde(default = "default_circuit_cooldown_secs")]
     pub circuit_cooldown_secs: f64,
     /// RabbitMQ only: unacknowledged deliveries the broker may push to one worker process
-    /// (`basic.qos` prefetch count).
-    #[serde(default = "default_prefetch")]
-    pub prefetch: u16,
-}
-
-fn default_prefetch() -> u16 {
-    64
+    /// (`basic.qos` prefetch count); see [`WorkerSettings::prefetch`] for the default.
+    #[serde(default)]
+    pub prefetch: Option<u16>,
 }
 
 fn default_retry_after_max_secs() -> u64 {
@@ -260,6 +256,17 @@ fn default_true() -> bool {
 }
 
 impl WorkerSettings {
+    /// The prefetch count: as set, or twice `concurrency`. With no more than `concurrency`,
+    /// a worker that settles a job waits for the broker to take the ack and push the next
+    /// delivery (a Raft round on a quorum queue, ~3 ms here) before it can start again.
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch.unwrap_or_else(|| {
+            self.concurrency
+                .saturating_mul(2)
+                .clamp(1, usize::from(u16::MAX)) as u16
+        })
+    }
+
     pub fn retry_delays(&self) -> Vec<Duration> {
         self.retry_schedule_secs
             .iter()
@@ -786,7 +793,7 @@ impl Settings {
                 }
             }
         }
-        if self.worker.prefetch == 0 {
+        if self.worker.prefetch == Some(0) {
             return Err(SettingsError::new("worker.prefetch", "expected at least 1"));
         }
         if let Some(bad) = self

@@ -86,7 +86,7 @@ impl RabbitConfig {
             prefix: q.prefix.clone(),
             queue_type: q.queue_type,
             retry_tiers: settings.worker.retry_delays(),
-            prefetch: settings.worker.prefetch,
+            prefetch: settings.worker.prefetch(),
             confirm_timeout: Duration::from_millis(q.confirm_timeout_ms),
             lease: Duration::from_secs(q.lease_secs),
             dedupe_ttl: Duration::from_secs(q.dedupe_ttl_secs),
@@ -226,7 +226,11 @@ impl Session {
         generation: u64,
         wake: &Arc<Notify>,
     ) -> Result<Arc<Session>, QueueError> {
+        // lapin's own executor and reactor would add threads, and a thread hop for every
+        // frame; the relay's tokio runtime runs its futures and watches its socket instead.
         let props = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio)
             .with_connection_name(format!("sf-centercode-relay {}", config.prefix).into());
         let uri = amqp_uri(config.url.expose_secret())?;
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props))

@@ -414,7 +414,7 @@ async fn settings_accept_rabbitmq_and_name_the_bad_key() {
     use sf_centercode_relay::settings::Settings;
     let ok = Settings::from_toml("[queue]\nbackend = \"rabbitmq\"\n").expect("defaults are valid");
     assert_eq!(ok.queue.prefix, "relay");
-    assert_eq!(ok.worker.prefetch, 64);
+    assert_eq!(ok.worker.prefetch(), 2 * ok.worker.concurrency as u16);
     assert_eq!(ok.queue.confirm_timeout_ms, 5000);
     assert!(ok.queue.redis_url.is_none());
     for (toml, key) in [
