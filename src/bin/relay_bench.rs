@@ -60,7 +60,7 @@ struct Args {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,
-    /// Publisher-confirm window of the lapin baseline (the relay's worker.prefetch default).
+    /// Publisher-confirm window of the lapin baseline.
     #[arg(long, default_value_t = 64)]
     window: usize,
     /// Redis for the rabbitmq backend's dedupe keys, as production runs it; `none` uses the
