@@ -47,18 +47,24 @@ const MAX_ERROR_LEN: usize = 1024;
 /// is 8 MiB resident in an idle relay. Jobs are a few KiB; a bigger one spans several frames.
 const FRAME_MAX: u32 = 16 * 1024;
 
-/// The connection URL, with [`FRAME_MAX`] unless it asks for another frame size.
+/// The connection URL, with [`FRAME_MAX`] and [`CONNECT_TIMEOUT`] unless it sets its own
+/// `frame_max` or `connection_timeout`. The timeout matters: lapin connects in a blocking
+/// thread, which a timeout around the future would leave hanging on an unreachable broker.
 fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, QueueError> {
     // The parser's message may quote the URL, and with it the password: not repeated here.
     let mut uri: lapin::uri::AMQPUri = url
         .parse()
         .map_err(|_: String| QueueError::Broker("queue.url is not a valid AMQP URL".into()))?;
     uri.query.frame_max.get_or_insert(FRAME_MAX);
+    uri.query
+        .connection_timeout
+        .get_or_insert(CONNECT_TIMEOUT.as_millis() as u64);
     Ok(uri)
 }
 
-/// How long a browse waits for a head another process is peeking at.
-const PEEK_GRACE: Duration = Duration::from_millis(20);
+/// Retries remembered per tier for their age (see [`LocalAges`]); beyond it the earliest due
+/// are forgotten.
+const MAX_TRACKED_RETRIES: usize = 100_000;
 /// Header: when the message is (or will be) ready in the work queue, ms since the epoch.
 const READY_AT: &str = "x-ready-at";
 
@@ -344,11 +350,67 @@ struct Inner {
     closed: AtomicBool,
     /// What this process has seen of the work queue's head, to bound its age.
     head: Mutex<HeadClock>,
-    /// Held while this process browses or peeks the parked queue: a peek checks the head
-    /// out for a moment, and a browse running then would not see it.
-    parked_browse: tokio::sync::Mutex<()>,
-    /// The parked head's time from the last peek, reused while a browse holds the queue.
-    parked_head_ms: Mutex<Option<i64>>,
+    /// What this process put in the retry tiers and the parked queue, for their ages.
+    ages: Mutex<LocalAges>,
+}
+
+/// Ages of the retrying and parked jobs from what this process did, not from the queues:
+/// reading a quorum queue's head returns it with its delivery count raised, and RabbitMQ
+/// 4.0-4.2 drop a message after 20 deliveries by default. With several processes, the
+/// oldest is the maximum across them (Prometheus `max`).
+#[derive(Debug, Default)]
+struct LocalAges {
+    /// Per retry tier, in publish order (= due order, one TTL per tier): when each job is
+    /// due back in work, and when Salesforce first sent it.
+    retrying: Vec<VecDeque<(i64, i64)>>,
+    /// When the oldest parked job was parked, as far as this process knows: the earlier of
+    /// the first reading that found the parked queue non-empty and what it parked since.
+    parked_since_ms: Option<i64>,
+}
+
+impl LocalAges {
+    fn retried(&mut self, tier: usize, due_ms: i64, first_seen_ms: i64) {
+        if self.retrying.len() <= tier {
+            self.retrying.resize_with(tier + 1, VecDeque::new);
+        }
+        let queue = &mut self.retrying[tier];
+        if queue.len() >= MAX_TRACKED_RETRIES {
+            queue.pop_front();
+        }
+        queue.push_back((due_ms, first_seen_ms));
+    }
+
+    fn parked(&mut self, parked_at_ms: i64) {
+        self.parked_since_ms = Some(
+            self.parked_since_ms
+                .map_or(parked_at_ms, |t| t.min(parked_at_ms)),
+        );
+    }
+
+    /// The oldest first-seen time among retries not yet due, and the parked estimate, given
+    /// the broker's counts read at `now_ms`.
+    fn observe(&mut self, retrying: u64, parked: u64, now_ms: i64) -> (Option<i64>, Option<i64>) {
+        for queue in &mut self.retrying {
+            while queue.front().is_some_and(|(due, _)| *due <= now_ms) {
+                queue.pop_front();
+            }
+            if retrying == 0 {
+                queue.clear();
+            }
+        }
+        let oldest_retrying = self
+            .retrying
+            .iter()
+            .flatten()
+            .map(|(_, first)| *first)
+            .min();
+        if parked == 0 {
+            self.parked_since_ms = None;
+        } else {
+            self.parked(now_ms);
+        }
+        (oldest_retrying, self.parked_since_ms)
+    }
 }
 
 /// Bounds on the age of the work queue's oldest ready message. RabbitMQ cannot report it
@@ -526,8 +588,7 @@ impl RabbitQueue {
             stop: CancellationToken::new(),
             closed: AtomicBool::new(false),
             head: Mutex::default(),
-            parked_browse: tokio::sync::Mutex::new(()),
-            parked_head_ms: Mutex::default(),
+            ages: Mutex::default(),
         });
         let span = tracing::info_span!("rabbitmq_supervisor", queue = %inner.names.work);
         tokio::spawn(
@@ -883,7 +944,25 @@ impl RabbitQueue {
         meta.last_status = status;
         let body = serde_json::to_vec(&job.job).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         self.publish(&session, queue, &job.id, &body, &meta).await?;
+        self.note_retry(tier, job);
         self.settle(job).await
+    }
+
+    /// Remember a job set in retry tier `tier` until it is due back in work, for its age.
+    fn note_retry(&self, tier: usize, job: &Leased) {
+        let wait = self
+            .inner
+            .config
+            .retry_tiers
+            .get(tier)
+            .copied()
+            .unwrap_or_default();
+        let due = now_ms().saturating_add(wait.as_millis() as i64);
+        self.inner
+            .ages
+            .lock()
+            .expect("ages lock")
+            .retried(tier, due, job.first_seen_ms);
     }
 
     /// Give the job back without spending the attempt (route paused, circuit open): a copy
@@ -908,6 +987,7 @@ impl RabbitQueue {
         meta.attempts = job.attempts.saturating_sub(1);
         let body = serde_json::to_vec(&job.job).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         self.publish(&session, queue, &job.id, &body, &meta).await?;
+        self.note_retry(tier, job);
         self.settle(job).await
     }
 
@@ -926,61 +1006,49 @@ impl RabbitQueue {
         let mut meta = held.meta.with_job(job);
         meta.last_error = Some(truncate(reason));
         meta.last_status = status;
-        meta.failed_at_ms = Some(now_ms());
+        let parked_at = now_ms();
+        meta.failed_at_ms = Some(parked_at);
         meta.status = Some("parked".into());
         let body = serde_json::to_vec(&job.job).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         self.publish(&session, &self.inner.names.parked, &job.id, &body, &meta)
             .await?;
+        self.inner.ages.lock().expect("ages lock").parked(parked_at);
         self.settle(job).await
     }
 
     /// Depths from passive declares; `in_flight` counts deliveries held by this process.
-    /// Ages: in flight, exact for this process; retrying and parked, from the head message
-    /// of each retry tier and of the parked queue (read and put back in place: those
-    /// queues have no consumers and no delivery limit); ready, bounded by [`HeadClock`].
+    /// Ages: in flight, exact for this process; retrying and parked, from what this process
+    /// put there ([`LocalAges`]); ready, bounded by [`HeadClock`]. No queue is read.
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         let session = self.inner.current()?;
         // A separate channel: a passive declare of a missing queue closes its channel.
         let channel = session.connection.create_channel().await.map_err(broker)?;
+        // Before the counts: an empty work queue read now bounds what arrives after.
+        let read_at = now_ms();
         let result = async {
             let work = queue_counts(&channel, &self.inner.names.work).await?;
-            let mut tiers = Vec::with_capacity(self.inner.names.retry.len());
+            let mut retrying = 0;
             for name in &self.inner.names.retry {
-                tiers.push(message_count(&channel, name).await?);
+                retrying += message_count(&channel, name).await?;
             }
             let parked = message_count(&channel, &self.inner.names.parked).await?;
-            Ok::<_, QueueError>((work, tiers, parked))
+            Ok::<_, QueueError>((work, retrying, parked))
         }
         .await;
         let _ = channel.close(200, "stats").await;
-        let ((ready, consumers), tiers, parked) = result?;
-
-        let mut oldest_retrying_ms: Option<i64> = None;
-        for (name, _) in self
-            .inner
-            .names
-            .retry
-            .iter()
-            .zip(&tiers)
-            .filter(|(_, n)| **n > 0)
-        {
-            if let Some(head) = peek_head(&session, name).await? {
-                oldest_retrying_ms = Some(
-                    oldest_retrying_ms.map_or(head.first_seen_ms, |t| t.min(head.first_seen_ms)),
-                );
-            }
-        }
-        let oldest_parked_ms = if parked == 0 {
-            None
-        } else {
-            self.parked_head_ms(&session).await?
-        };
+        let ((ready, consumers), retrying, parked) = result?;
         let oldest_ready_ms = self.inner.head.lock().expect("head lock").observe(
             ready,
             consumers,
             self.inner.want_consumer.load(Ordering::SeqCst),
-            now_ms(),
+            read_at,
         );
+        let (oldest_retrying_ms, oldest_parked_ms) = self
+            .inner
+            .ages
+            .lock()
+            .expect("ages lock")
+            .observe(retrying, parked, read_at);
         let (in_flight, oldest_in_flight_ms) = {
             let buffer = self.inner.buffer.lock().expect("buffer lock");
             let held = self.inner.held.lock().expect("held lock");
@@ -1000,27 +1068,13 @@ impl RabbitQueue {
         Ok(QueueStats {
             ready,
             in_flight: in_flight as u64,
-            retrying: tiers.iter().sum(),
+            retrying,
             parked,
             oldest_ready_ms,
             oldest_parked_ms,
             oldest_in_flight_ms,
             oldest_retrying_ms,
         })
-    }
-
-    /// When the parked queue's head was parked (parking order is queue order). While this
-    /// process browses the queue, the last reading stands in rather than hiding a job
-    /// from the browse.
-    async fn parked_head_ms(&self, session: &Arc<Session>) -> Result<Option<i64>, QueueError> {
-        let Ok(_browse) = self.inner.parked_browse.try_lock() else {
-            return Ok(*self.inner.parked_head_ms.lock().expect("parked head lock"));
-        };
-        let head = peek_head(session, &self.inner.names.parked)
-            .await?
-            .map(|m| m.failed_at_ms.unwrap_or(m.first_seen_ms));
-        *self.inner.parked_head_ms.lock().expect("parked head lock") = head;
-        Ok(head)
     }
 
     /// The first `limit` parked jobs, in queue order.
@@ -1049,7 +1103,6 @@ impl RabbitQueue {
         cursor: Option<String>,
     ) -> Result<Vec<ParkedJob>, QueueError> {
         let session = self.inner.current()?;
-        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut after_cursor = cursor.is_none();
         let mut out = Vec::new();
@@ -1073,7 +1126,6 @@ impl RabbitQueue {
     /// How many parked jobs match (reads the whole parked queue).
     pub async fn count_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut n = 0;
         while let Some(delivery) = browser.next().await? {
@@ -1095,7 +1147,6 @@ impl RabbitQueue {
         limit: Option<usize>,
     ) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut wanted: Option<std::collections::HashSet<String>> =
             filter.ids.as_ref().map(|ids| ids.iter().cloned().collect());
@@ -1148,7 +1199,6 @@ impl RabbitQueue {
     #[tracing::instrument(skip_all, fields(queue = %self.inner.names.parked))]
     pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut purged = 0;
         while let Some(delivery) = browser.next().await? {
@@ -1187,7 +1237,6 @@ impl RabbitQueue {
     /// A parked job's payload (preview). Jobs in the work or retry queues are not found.
     pub async fn load(&self, id: &str) -> Result<Option<Leased>, QueueError> {
         let session = self.inner.current()?;
-        let _browse = self.inner.parked_browse.lock().await;
         let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
         let mut found = None;
         while let Some(delivery) = browser.next().await? {
@@ -1294,22 +1343,6 @@ async fn queue_counts(channel: &Channel, queue: &str) -> Result<(u64, u32), Queu
         .await
         .map_err(broker)?;
     Ok((u64::from(q.message_count()), q.consumer_count()))
-}
-
-/// The headers of `queue`'s head message, read with `basic.get` and put back in place (the
-/// channel closes unacked). Only for queues nobody consumes: the read counts as a delivery.
-async fn peek_head(session: &Arc<Session>, queue: &str) -> Result<Option<Meta>, QueueError> {
-    let mut browser = Browser::open(session, queue).await?;
-    let head = browser.next().await;
-    browser.finish().await;
-    Ok(head?.map(|d| {
-        Meta::read(
-            d.properties
-                .headers()
-                .as_ref()
-                .unwrap_or(&FieldTable::default()),
-        )
-    }))
 }
 
 async fn start_consumer(inner: &Arc<Inner>) -> Result<(), QueueError> {
@@ -1488,8 +1521,6 @@ struct Browser {
     initial: u64,
     removed: u64,
     taken: u64,
-    /// Whether an empty read was already confirmed by a second look.
-    rechecked: bool,
 }
 
 impl Browser {
@@ -1503,20 +1534,11 @@ impl Browser {
             initial,
             removed: 0,
             taken: 0,
-            rechecked: false,
         })
     }
 
     async fn next(&mut self) -> Result<Option<Delivery>, QueueError> {
-        let mut message = self.get().await?;
-        if message.is_none() && !self.rechecked {
-            // Another relay process may hold the head for a moment (`peek_head` on a
-            // /metrics scrape); it goes back to the front, so look once more before
-            // calling the queue read to the end.
-            self.rechecked = true;
-            tokio::time::sleep(PEEK_GRACE).await;
-            message = self.get().await?;
-        }
+        let message = self.get().await?;
         self.taken += u64::from(message.is_some());
         Ok(message.map(|m| m.delivery))
     }
@@ -1803,11 +1825,36 @@ mod tests {
     fn small_frames_unless_the_url_asks_for_others() {
         let uri = amqp_uri("amqp://guest:secret@127.0.0.1:5672/%2f").unwrap();
         assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
+        assert_eq!(uri.query.connection_timeout, Some(5_000));
         let uri = amqp_uri("amqps://u:p@rabbit.internal/vh?frame_max=131072&heartbeat=30").unwrap();
         assert_eq!(uri.query.frame_max, Some(131_072));
         assert_eq!(uri.query.heartbeat, Some(30));
         let e = amqp_uri("http://guest:secret@x").unwrap_err().to_string();
         assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn a_retry_counts_until_it_is_due_back_in_work() {
+        let mut ages = LocalAges::default();
+        ages.retried(1, 5_000, 100);
+        ages.retried(0, 2_000, 300);
+        assert_eq!(ages.observe(2, 0, 1_000), (Some(100), None));
+        // The tier-1 job came back at 5 s; the tier-0 one went earlier.
+        assert_eq!(ages.observe(0, 0, 6_000), (None, None));
+    }
+
+    #[test]
+    fn the_parked_age_counts_from_the_oldest_park_seen() {
+        let mut ages = LocalAges::default();
+        assert_eq!(ages.observe(0, 0, 1_000).1, None);
+        // Parked by another process before this one looked: at least since the first reading.
+        assert_eq!(ages.observe(0, 3, 2_000).1, Some(2_000));
+        ages.parked(2_500);
+        assert_eq!(ages.observe(0, 4, 3_000).1, Some(2_000));
+        // All replayed: the next park starts the clock again.
+        assert_eq!(ages.observe(0, 0, 4_000).1, None);
+        ages.parked(4_200);
+        assert_eq!(ages.observe(0, 1, 5_000).1, Some(4_200));
     }
 
     #[test]

@@ -188,8 +188,7 @@ async fn oldest_times_follow_the_job_through_each_state(q: Queue) {
     assert_eq!((s.ready, s.in_flight), (0, 1), "{s:?}");
     assert_eq!(s.oldest_ready_ms, None);
     within("in_flight", s.oldest_in_flight_ms, before, stored);
-    // Retrying: still the first-seen time. Reading the retry tier's head (RabbitMQ) must
-    // neither lose the job nor count as an attempt.
+    // Retrying: still the first-seen time; the stats reads cost the job no attempt.
     q.retry(
         &leased[0],
         now_ms() + 200,
@@ -203,8 +202,8 @@ async fn oldest_times_follow_the_job_through_each_state(q: Queue) {
     within("retrying", s.oldest_retrying_ms, before, stored);
     assert_eq!(s.oldest_in_flight_ms, None);
     let back = lease_n(&q, 1).await;
-    assert_eq!(back[0].attempts, 2, "the head reads cost no attempt");
-    // Parked: since it was parked; reading the head leaves it listed and counted.
+    assert_eq!(back[0].attempts, 2, "the stats reads cost no attempt");
+    // Parked: since it was parked; reading stats leaves it listed and counted.
     let parking = now_ms();
     q.park(&back[0], "Centercode rejected the request (400)", Some(400))
         .await
@@ -494,8 +493,8 @@ async fn rabbitmq_a_job_larger_than_a_frame_comes_back_whole() {
 
 #[tokio::test]
 async fn rabbitmq_oldest_times_follow_the_job_through_each_state() {
-    // Quorum queues cannot report their head's age: the relay bounds it (ready), reads the
-    // heads of the retry tier and parked queue in place, and knows what it holds.
+    // Quorum queues cannot report their head's age: the relay bounds it (ready) and counts
+    // from what it held, retried and parked itself.
     let env = RabbitEnv::new().await;
     oldest_times_follow_the_job_through_each_state(rabbit(&env).await).await;
 }
