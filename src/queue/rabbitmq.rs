@@ -62,6 +62,8 @@ fn amqp_uri(url: &str) -> Result<lapin::uri::AMQPUri, QueueError> {
     Ok(uri)
 }
 
+/// Delivery limit of the parked queue: never reached by listings (see [`declare_parked`]).
+const PARKED_DELIVERY_LIMIT: i64 = 1_000_000_000;
 /// Retries remembered per tier for their age (see [`LocalAges`]); beyond it the earliest due
 /// are forgotten.
 const MAX_TRACKED_RETRIES: usize = 100_000;
@@ -131,6 +133,7 @@ impl QueueNames {
 /// no-op; an existing queue with other arguments fails with PRECONDITION_FAILED (406).
 /// <https://www.rabbitmq.com/docs/queues#property-equivalence>
 pub async fn declare_topology(
+    connection: &Connection,
     channel: &Channel,
     names: &QueueNames,
     queue_type: RabbitQueueType,
@@ -164,10 +167,56 @@ pub async fn declare_topology(
         dead_letter_to(&mut args, queue_type, &names.work);
         channel.queue_declare(name, durable, args).await?;
     }
-    channel
-        .queue_declare(&names.parked, durable, base_args(queue_type))
-        .await?;
-    Ok(())
+    declare_parked(connection, names, queue_type).await
+}
+
+/// Declare the parked queue. Listings, replays and purges read it and put back the jobs they
+/// do not take; RabbitMQ 4.0-4.2 count each such read as a delivery and by default drop a
+/// quorum queue message after 20. A delivery limit no listing reaches keeps parked jobs. A
+/// parked queue declared by an older relay without it is kept as it is, with a warning:
+/// redeclaring it would need deleting it, and a policy can add the limit instead.
+async fn declare_parked(
+    connection: &Connection,
+    names: &QueueNames,
+    queue_type: RabbitQueueType,
+) -> Result<(), lapin::Error> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut args = base_args(queue_type);
+    if queue_type == RabbitQueueType::Quorum {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(PARKED_DELIVERY_LIMIT),
+        );
+    }
+    // Its own channel: a refused declare (406) closes the channel it was made on.
+    let channel = connection.create_channel().await?;
+    let declared = channel.queue_declare(&names.parked, durable, args).await;
+    let result = match declared {
+        Ok(_) => Ok(()),
+        Err(lapin::Error::ProtocolError(e)) if e.get_id() == 406 => {
+            tracing::warn!(
+                queue = %names.parked,
+                "the parked queue was declared without a delivery limit (by an older relay); on RabbitMQ 4.0-4.2 add one by policy (deploy/rabbitmq/README.md), or parked jobs may be dropped after about 20 listings"
+            );
+            let check = connection.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let found = check
+                .queue_declare(&names.parked, passive, FieldTable::default())
+                .await
+                .map(|_| ());
+            let _ = check.close(200, "declared").await;
+            found
+        }
+        Err(e) => Err(e),
+    };
+    let _ = channel.close(200, "declared").await;
+    result
 }
 
 fn base_args(queue_type: RabbitQueueType) -> FieldTable {
@@ -262,7 +311,13 @@ impl Session {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(broker)?;
-            declare_topology(&publisher, names, config.queue_type, &config.retry_tiers)
+            declare_topology(
+                &connection,
+                &publisher,
+                names,
+                config.queue_type,
+                &config.retry_tiers,
+            )
                 .await
                 .map_err(|e| {
                     QueueError::Broker(format!(

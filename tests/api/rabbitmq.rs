@@ -450,3 +450,68 @@ async fn settings_accept_rabbitmq_and_name_the_bad_key() {
         );
     }
 }
+
+/// `x-queue-type: quorum` and `x-overflow: reject-publish`, plus `extra`.
+fn quorum_args(extra: Option<(&str, i64)>) -> lapin::types::FieldTable {
+    use lapin::types::AMQPValue;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    if let Some((k, v)) = extra {
+        args.insert(k.into(), AMQPValue::LongLongInt(v));
+    }
+    args
+}
+
+async fn declare(url: &str, queue: &str, args: lapin::types::FieldTable) -> Result<(), String> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    let result = ch
+        .queue_declare(queue, durable, args)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    let _ = conn.close(200, "test").await;
+    result
+}
+
+#[tokio::test]
+async fn the_parked_queue_has_a_delivery_limit_that_listings_never_reach() {
+    // RabbitMQ 4.0-4.2 would otherwise drop a parked job after ~20 listings put it back.
+    let env = RabbitEnv::new().await;
+    let _q = env.open(env.config(&[0.2], true)).await;
+    let parked = format!("{}.parked", env.prefix);
+    declare(
+        &env.url,
+        &parked,
+        quorum_args(Some(("x-delivery-limit", 1_000_000_000))),
+    )
+    .await
+    .expect("the relay declared exactly these arguments");
+    let without = declare(&env.url, &parked, quorum_args(None)).await;
+    assert!(
+        without.as_ref().is_err_and(|e| e.contains("PRECONDITION")),
+        "{without:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_parked_queue_declared_by_an_older_relay_is_kept() {
+    let env = RabbitEnv::new().await;
+    let parked = format!("{}.parked", env.prefix);
+    declare(&env.url, &parked, quorum_args(None)).await.unwrap();
+    let q = env.open(env.config(&[0.2], true)).await;
+    assert_eq!(q.stats().await.unwrap().parked, 0);
+}
