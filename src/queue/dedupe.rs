@@ -75,17 +75,11 @@ impl Dedupe {
         timeout: Duration,
     ) -> Result<Self, DedupeError> {
         let client = redis::Client::open(url).map_err(|e| DedupeError(e.to_string()))?;
-        // The manager reconnects by itself after Redis restarts; meanwhile calls fail (503).
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout)
-            .set_number_of_retries(2)
-            .set_max_delay(1000);
-        let conn = tokio::time::timeout(timeout, client.get_connection_manager_with_config(config))
-            .await
-            .map_err(|_| DedupeError("Redis did not answer in time".into()))?
-            .map_err(|e| DedupeError(e.to_string()))?;
+        let conn = connect_redis(&client, timeout).await?;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Dedupe::Redis(Box::new(RedisDedupe {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            client,
             conn,
             namespace: namespace.to_owned(),
             ttl,
@@ -278,9 +272,37 @@ impl LocalDedupe {
     }
 }
 
-/// The Redis store (a reconnecting, multiplexed connection).
+/// A reconnecting, multiplexed connection: after a Redis restart it reconnects by itself,
+/// and calls fail (503) meanwhile.
+async fn connect_redis(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<redis::aio::ConnectionManager, DedupeError> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout)
+        .set_number_of_retries(2)
+        .set_max_delay(1000);
+    tokio::time::timeout(timeout, client.get_connection_manager_with_config(config))
+        .await
+        .map_err(|_| DedupeError("Redis did not answer in time".into()))?
+        .map_err(|e| DedupeError(e.to_string()))
+}
+
+thread_local! {
+    /// Per thread and per store: a connection whose driver task runs on this thread's
+    /// runtime (an actix worker's), so a command does not hop to another thread and back.
+    static THREAD_CONNS: std::cell::RefCell<HashMap<u64, redis::aio::ConnectionManager>> =
+        std::cell::RefCell::default();
+}
+
+/// The Redis store.
 #[derive(Clone)]
 pub struct RedisDedupe {
+    /// Tells this store's per-thread connections from another store's.
+    id: u64,
+    client: redis::Client,
+    /// The shared connection, made at start; used until a thread has its own.
     conn: redis::aio::ConnectionManager,
     namespace: String,
     ttl: Duration,
@@ -297,12 +319,31 @@ impl RedisDedupe {
         format!("{}:state:{name}", self.namespace)
     }
 
+    /// This thread's connection, made on first use; the shared one if that fails.
+    async fn conn(&self) -> redis::aio::ConnectionManager {
+        if let Some(conn) = THREAD_CONNS.with(|m| m.borrow().get(&self.id).cloned()) {
+            return conn;
+        }
+        match connect_redis(&self.client, self.timeout).await {
+            Ok(conn) => {
+                THREAD_CONNS.with(|m| m.borrow_mut().insert(self.id, conn.clone()));
+                conn
+            }
+            Err(_) => self.conn.clone(),
+        }
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, pipe: redis::Pipeline) -> Result<T, DedupeError> {
-        let mut conn = self.conn.clone();
-        tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn))
+        let mut conn = self.conn().await;
+        let result = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn))
             .await
-            .map_err(|_| DedupeError("Redis did not answer in time".into()))?
-            .map_err(|e| DedupeError(e.to_string()))
+            .map_err(|_| DedupeError("Redis did not answer in time".into()))
+            .and_then(|r| r.map_err(|e| DedupeError(e.to_string())));
+        if result.is_err() {
+            // A thread may outlive the runtime its connection's driver ran on: start afresh.
+            THREAD_CONNS.with(|m| m.borrow_mut().remove(&self.id));
+        }
+        result
     }
 
     async fn claim(&self, jobs: &[KeyedJob]) -> Result<Vec<Claim>, DedupeError> {

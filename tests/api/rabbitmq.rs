@@ -515,3 +515,44 @@ async fn a_parked_queue_declared_by_an_older_relay_is_kept() {
     let q = env.open(env.config(&[0.2], true)).await;
     assert_eq!(q.stats().await.unwrap().parked, 0);
 }
+
+#[test]
+fn a_redis_dedupe_outlives_the_runtime_its_thread_connection_was_made_on() {
+    // Each thread gets its own Redis connection, driven by that thread's runtime. A thread
+    // can outlive that runtime; the store must then connect again, not fail forever.
+    use sf_centercode_relay::queue::dedupe::{Claim, Dedupe, KeyedJob};
+    let url = crate::helpers::redis_url();
+    let namespace = format!("relay-test-{}", uuid::Uuid::new_v4().simple());
+    let job = |key: &str| KeyedJob {
+        key: key.into(),
+        job_id: format!("job-{key}"),
+        body_hash: None,
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let store = first.block_on(async {
+        let ttl = Duration::from_secs(60);
+        let store = Dedupe::redis(&url, &namespace, ttl, ttl, Duration::from_secs(2))
+            .await
+            .expect("Redis at RELAY_TEST_REDIS_URL or 127.0.0.1:6379");
+        assert_eq!(
+            store.claim(&[job("a")]).await.unwrap(),
+            vec![Claim::Claimed]
+        );
+        store
+    });
+    drop(first);
+    runtime().block_on(async {
+        // The first call may meet the dead connection; the next one has a fresh one.
+        let _ = store.claim(&[job("b")]).await;
+        assert_eq!(
+            store.claim(&[job("c")]).await.unwrap(),
+            vec![Claim::Claimed]
+        );
+    });
+}
