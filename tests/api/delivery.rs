@@ -612,9 +612,24 @@ async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
         .unwrap();
     let outage_task = tokio::spawn({
         let (client, control) = (app.client.clone(), control.clone());
+        let log = format!("{}/__fake/requests", app.centercode.base_url());
         async move {
-            // The outage lasts this long (fault timing, not a wait for work).
-            tokio::time::sleep(outage).await;
+            // The outage ends once it has lasted `outage` and the relay has met it: enough
+            // refused calls to open the circuit (polled from the fake's log, with a deadline).
+            let started = std::time::Instant::now();
+            loop {
+                let log: Vec<serde_json::Value> =
+                    client.get(&log).send().await.unwrap().json().await.unwrap();
+                let refused = log.iter().filter(|r| r["status"] == 503).count();
+                if started.elapsed() >= outage && refused >= 3 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < outage + Duration::from_secs(20),
+                    "the relay met the outage only {refused} times"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+            }
             client
                 .post(&control)
                 .json(&json!({"on": false}))

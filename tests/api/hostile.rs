@@ -156,14 +156,16 @@ async fn hostile_bodies_get_4xx_store_nothing_and_memory_stays_bounded() {
                 .await
                 .unwrap();
             s.write_all(b"POST /salesforce/outbound/gdpr HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+            // A slow sender, on purpose: one 1 KiB chunk every 50 ms.
+            let mut pace = tokio::time::interval(std::time::Duration::from_millis(50));
             for _ in 0..30 {
+                pace.tick().await;
                 if s.write_all(b"400\r\n").await.is_err()
                     || s.write_all(&[b'x'; 1024]).await.is_err()
                     || s.write_all(b"\r\n").await.is_err()
                 {
                     break;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await; // a slow sender, on purpose
             }
             let mut buf = Vec::new();
             let _ =

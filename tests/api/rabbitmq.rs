@@ -319,6 +319,10 @@ async fn a_broker_restart_mid_load_loses_nothing_acknowledged() {
         );
         senders.push(tokio::spawn(async move {
             let mut n = s * 100_000;
+            // Salesforce's retry delay, shortened: a refused send is tried again on the next
+            // tick, or never once the test stops sending.
+            let mut retry = tokio::time::interval(Duration::from_millis(50));
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !sending.is_cancelled() {
                 let r = client
                     .post(&url)
@@ -333,7 +337,11 @@ async fn a_broker_restart_mid_load_loses_nothing_acknowledged() {
                     }
                     _ => {
                         refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(50)).await; // Salesforce's retry, shortened
+                        retry.reset();
+                        tokio::select! {
+                            _ = retry.tick() => {}
+                            _ = sending.cancelled() => break,
+                        }
                     }
                 }
             }
