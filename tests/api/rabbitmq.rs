@@ -119,10 +119,7 @@ async fn an_unroutable_publish_is_an_error_not_an_ack() {
     // Arrange: the work queue disappears behind the relay's back.
     let env = RabbitEnv::new().await;
     let q = env.open(env.config(&[0.2], true)).await;
-    let conn = lapin::Connection::connect(&env.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
+    let (conn, channel) = broker_channel(&env.url).await;
     channel
         .queue_delete(
             &format!("{}.work", env.prefix),
@@ -163,10 +160,7 @@ async fn an_unreadable_message_is_dead_lettered_to_parked_not_lost() {
     // Arrange: something that is not a job lands in the work queue.
     let env = RabbitEnv::new().await;
     let q = env.open(env.config(&[0.2], true)).await;
-    let conn = lapin::Connection::connect(&env.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
+    let (conn, channel) = broker_channel(&env.url).await;
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
@@ -459,6 +453,15 @@ async fn settings_accept_rabbitmq_and_name_the_bad_key() {
     }
 }
 
+/// A connection of the test's own to the broker, and a channel on it.
+async fn broker_channel(url: &str) -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    (conn, channel)
+}
+
 /// `x-queue-type: quorum` and `x-overflow: reject-publish`, plus `extra`.
 fn quorum_args(extra: Option<(&str, i64)>) -> lapin::types::FieldTable {
     use lapin::types::AMQPValue;
@@ -478,10 +481,7 @@ fn quorum_args(extra: Option<(&str, i64)>) -> lapin::types::FieldTable {
 }
 
 async fn declare(url: &str, queue: &str, args: lapin::types::FieldTable) -> Result<(), String> {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
+    let (conn, ch) = broker_channel(url).await;
     let durable = lapin::options::QueueDeclareOptions {
         durable: true,
         ..lapin::options::QueueDeclareOptions::default()

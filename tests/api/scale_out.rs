@@ -3,7 +3,7 @@
 //! deliver every notification exactly once and share the work.
 
 use crate::admin::series;
-use crate::helpers::{fixture, routes_toml, spawn_app_on, Backend, RabbitEnv, TestApp};
+use crate::helpers::{finds, fixture, routes_toml, spawn_app_on, Backend, RabbitEnv, TestApp};
 use serde_json::{json, Value};
 use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig, Fault};
 use sf_centercode_relay::worker::Outcome;
@@ -57,20 +57,6 @@ fn feedback(ns: &[u32]) -> String {
             .replace("04l8d0000100030AAA", &notification_id(n))
             .replace("a0B8d00000AbCdEEAV", &format!("a0B{n:015}"))
     })
-}
-
-/// The `find` e-mail of every removal request the fake received, in arrival order.
-fn finds(centercode: &FakeCentercode) -> Vec<String> {
-    centercode
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            r.query
-                .get("find")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })
-        .collect()
 }
 
 // ---- Replaying one route of 1,000 parked jobs ---------------------------------------------
