@@ -292,7 +292,8 @@ async fn connect_redis(
 thread_local! {
     /// Per thread and per store: a connection whose driver task runs on this thread's
     /// runtime (an actix worker's), so a command does not hop to another thread and back.
-    static THREAD_CONNS: std::cell::RefCell<HashMap<u64, redis::aio::ConnectionManager>> =
+    /// `None` while it is being made.
+    static THREAD_CONNS: std::cell::RefCell<HashMap<u64, Option<redis::aio::ConnectionManager>>> =
         std::cell::RefCell::default();
 }
 
@@ -319,22 +320,36 @@ impl RedisDedupe {
         format!("{}:state:{name}", self.namespace)
     }
 
-    /// This thread's connection, made on first use; the shared one if that fails.
-    async fn conn(&self) -> redis::aio::ConnectionManager {
-        if let Some(conn) = THREAD_CONNS.with(|m| m.borrow().get(&self.id).cloned()) {
-            return conn;
-        }
-        match connect_redis(&self.client, self.timeout).await {
-            Ok(conn) => {
-                THREAD_CONNS.with(|m| m.borrow_mut().insert(self.id, conn.clone()));
-                conn
+    /// This thread's connection, or the shared one until it is made. It is made in the
+    /// background, so no request waits for a connect (or its timeout while Redis is down).
+    fn conn(&self) -> redis::aio::ConnectionManager {
+        let (own, start) = THREAD_CONNS.with(|m| {
+            let mut m = m.borrow_mut();
+            match m.get(&self.id) {
+                Some(own) => (own.clone(), false),
+                None => {
+                    m.insert(self.id, None);
+                    (None, true)
+                }
             }
-            Err(_) => self.conn.clone(),
+        });
+        if start {
+            let (id, client, timeout) = (self.id, self.client.clone(), self.timeout);
+            // On the current runtime: an actix worker's runs it on this same thread.
+            tokio::spawn(async move {
+                let made = connect_redis(&client, timeout).await.ok();
+                THREAD_CONNS.with(|m| match made {
+                    Some(conn) => m.borrow_mut().insert(id, Some(conn)),
+                    // Try again on a later call.
+                    None => m.borrow_mut().remove(&id),
+                });
+            });
         }
+        own.unwrap_or_else(|| self.conn.clone())
     }
 
     async fn run<T: redis::FromRedisValue>(&self, pipe: redis::Pipeline) -> Result<T, DedupeError> {
-        let mut conn = self.conn().await;
+        let mut conn = self.conn();
         let result = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn))
             .await
             .map_err(|_| DedupeError("Redis did not answer in time".into()))
