@@ -355,8 +355,18 @@ impl RedisDedupe {
             .map_err(|_| DedupeError("Redis did not answer in time".into()))
             .and_then(|r| r.map_err(|e| DedupeError(e.to_string())));
         if result.is_err() {
-            // A thread may outlive the runtime its connection's driver ran on: start afresh.
-            THREAD_CONNS.with(|m| m.borrow_mut().remove(&self.id));
+            // A thread may outlive the runtime its connection's driver ran on, and so may the
+            // shared connection's. Connect afresh now, on this runtime, so the next call does
+            // not meet a dead connection again (a connect started in the background might not
+            // have run yet). This call still fails: its request gets 503 and is retried.
+            let fresh = connect_redis(&self.client, self.timeout).await.ok();
+            THREAD_CONNS.with(|m| {
+                let mut m = m.borrow_mut();
+                match fresh {
+                    Some(conn) => m.insert(self.id, Some(conn)),
+                    None => m.remove(&self.id),
+                }
+            });
         }
         result
     }
