@@ -6,11 +6,14 @@ use sf_centercode_relay::cli::{self, Cli};
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    match cli::run(cli).await {
-        Ok(code) => std::process::exit(code),
+    let code = match cli::run(cli).await {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("relay: {e:#}");
-            std::process::exit(1);
+            1
         }
-    }
+    };
+    // Log lines are written in batches; the last ones must not be lost at exit.
+    sf_centercode_relay::telemetry::flush();
+    std::process::exit(code);
 }
