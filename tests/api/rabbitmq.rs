@@ -564,3 +564,72 @@ fn a_redis_dedupe_outlives_the_runtime_its_thread_connection_was_made_on() {
         );
     });
 }
+
+#[tokio::test]
+async fn redis_claims_are_exclusive_pending_until_confirmed_and_free_once_abandoned() {
+    use sf_centercode_relay::queue::dedupe::{Claim, Dedupe, KeyedJob};
+    let url = crate::helpers::redis_url();
+    crate::helpers::require_redis(&url).await;
+    let namespace = format!("relay-test-{}", uuid::Uuid::new_v4().simple());
+    let ttl = Duration::from_secs(60);
+    let store = Dedupe::redis(&url, &namespace, ttl, ttl, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let job = |key: &str, id: &str, hash: Option<&str>| KeyedJob {
+        key: key.into(),
+        job_id: id.into(),
+        body_hash: hash.map(str::to_owned),
+    };
+
+    let first = store
+        .claim(&[job("a", "j1", Some("h1")), job("b", "j2", None)])
+        .await
+        .unwrap();
+    assert_eq!(first, vec![Claim::Claimed, Claim::Claimed]);
+    // Another request meets both claims still pending: never "stored" before the confirm.
+    let racing = store
+        .claim(&[
+            job("a", "j3", None),
+            job("b", "j4", None),
+            job("c", "j5", None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        racing,
+        vec![
+            Claim::Pending {
+                job_id: "j1".into()
+            },
+            Claim::Pending {
+                job_id: "j2".into()
+            },
+            Claim::Claimed
+        ]
+    );
+    store.confirm(&[job("a", "j1", Some("h1"))]).await.unwrap();
+    store.abandon(&[job("b", "j2", None)]).await.unwrap();
+    // Someone else's claim is not released by an abandon naming another job.
+    store.abandon(&[job("c", "j9", None)]).await.unwrap();
+    let later = store
+        .claim(&[
+            job("a", "j6", None),
+            job("b", "j7", None),
+            job("c", "j8", None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        later,
+        vec![
+            Claim::Stored {
+                job_id: "j1".into(),
+                body_hash: Some("h1".into())
+            },
+            Claim::Claimed,
+            Claim::Pending {
+                job_id: "j5".into()
+            }
+        ]
+    );
+}
