@@ -82,6 +82,15 @@ struct Args {
     /// The relay binary (default: `relay` next to this executable).
     #[arg(long)]
     relay: Option<PathBuf>,
+    /// The relay's `server.workers` (HTTP threads); 0 = one per core, as shipped. On a
+    /// machine that also runs the broker, fewer threads can contend less for its cores.
+    #[arg(long, default_value_t = 0)]
+    http_threads: usize,
+    /// Measure only these ingest cells, e.g. `om1x32,calloutx32` (kinds om1, om10, om100,
+    /// callout; any sender count), and skip the latency, end-to-end and memory phases: to
+    /// re-measure or profile one figure. The targets of skipped figures read "not measured".
+    #[arg(long, value_parser = parse_cells)]
+    cells: Option<Cells>,
     /// Where the JSON result goes.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -95,6 +104,37 @@ enum BackendArg {
     Embedded,
     Rabbitmq,
     Both,
+}
+
+/// The ingest cells `--cells` selected.
+#[derive(Debug, Clone)]
+struct Cells(Vec<(Kind, usize)>);
+
+fn parse_cells(text: &str) -> Result<Cells, String> {
+    text.split(',')
+        .map(|cell| {
+            let cell = cell.trim();
+            let (kind, senders) = cell
+                .split_once('x')
+                .ok_or_else(|| format!("`{cell}`: expected KINDxSENDERS, e.g. om1x32"))?;
+            let kind = match kind {
+                "callout" => Kind::Callout,
+                om => Kind::Om(
+                    om.strip_prefix("om")
+                        .and_then(|n| n.parse().ok())
+                        .filter(|n| [1, 10, 100].contains(n))
+                        .ok_or_else(|| format!("`{kind}`: kinds are om1, om10, om100, callout"))?,
+                ),
+            };
+            let senders = senders
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("`{senders}`: senders must be a positive number"))?;
+            Ok((kind, senders))
+        })
+        .collect::<Result<_, _>>()
+        .map(Cells)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +354,41 @@ impl CpuMeter {
             d(cpu_secs(&self.pid), self.relay0),
             d(cpu_secs("self"), self.bench0),
         )
+    }
+}
+
+/// Busy CPU seconds of the whole machine so far (all cores; not idle, not iowait).
+fn machine_busy_secs() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let (idle, iowait) = (*ticks.get(3)?, *ticks.get(4)?);
+    // guest time is already counted in user time.
+    let total: u64 = ticks.iter().take(8).sum();
+    Some((total - idle - iowait) as f64 / 100.0)
+}
+
+/// Cores the whole machine kept busy over an interval: relay, bench, broker, Redis and
+/// anything else. Next to the relay's and the bench's share it shows what the rest took.
+struct MachineMeter {
+    busy0: Option<f64>,
+    t0: Instant,
+}
+
+impl MachineMeter {
+    fn start() -> Self {
+        MachineMeter {
+            busy0: machine_busy_secs(),
+            t0: Instant::now(),
+        }
+    }
+
+    fn read(&self) -> Option<f64> {
+        Some((machine_busy_secs()? - self.busy0?) / self.t0.elapsed().as_secs_f64().max(1e-9))
     }
 }
 
@@ -786,11 +861,13 @@ impl RelayRun {
             }
         };
         let listener = s(&format!("{centercode}/api/v1/userMacroListeners/demo"));
+        let http_threads = b.args.http_threads;
         let text = format!(
             r#"# Written by relay-bench.
 [server]
 bind = "127.0.0.1:0"
 shutdown_grace_secs = 10
+workers = {http_threads}
 
 [queue]
 {queue}
@@ -1304,6 +1381,7 @@ struct Bench {
     /// Baseline rates: lapin publish-confirm at the window, SQLite best batched insert.
     lapin_rate: Option<f64>,
     sqlite_rate: Option<f64>,
+    cores: usize,
 }
 
 fn fake_config() -> FakeConfig {
@@ -1336,6 +1414,7 @@ struct Cell {
     load: LoadResult,
     rss_peak_kib: Option<u64>,
     cpu: (Option<f64>, Option<f64>),
+    machine_cores: Option<f64>,
 }
 
 /// One fresh relay (gateway only) per cell, so no cell pays for an earlier cell's store.
@@ -1345,8 +1424,10 @@ async fn ingest_cell(b: &Bench, backend: Backend, kind: Kind, senders: usize) ->
     let gen = LoadGen::new(b, &relay.base);
     // Includes the warm-up request of each sender: a few ms in a cell of seconds.
     let meter = CpuMeter::start(relay.pid);
+    let machine = MachineMeter::start();
     let load = closed_loop(gen, kind, senders, Stop::After(b.plan.cell), true).await;
     let cpu = meter.read();
+    let machine_cores = machine.read();
     let rss_peak_kib = relay.hwm_kib();
     relay.stop().await?;
     run.cleanup(b).await;
@@ -1356,6 +1437,7 @@ async fn ingest_cell(b: &Bench, backend: Backend, kind: Kind, senders: usize) ->
         load,
         rss_peak_kib,
         cpu,
+        machine_cores,
     })
 }
 
@@ -1367,6 +1449,7 @@ fn cell_json(b: &Bench, c: &Cell) -> Value {
     v["rss_peak_kib"] = json!(c.rss_peak_kib);
     v["relay_cpu_cores"] = json!(c.cpu.0);
     v["bench_cpu_cores"] = json!(c.cpu.1);
+    v["machine_busy_cores"] = json!(c.machine_cores);
     v["ratio_to_lapin_publish_confirm"] = json!(ratio(c.load.nps(), b.lapin_rate));
     v["ratio_to_sqlite_batched_insert"] = json!(ratio(c.load.nps(), b.sqlite_rate));
     v
@@ -1661,45 +1744,54 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
 
     let mut cells = Vec::new();
     let mut cell_values = Vec::new();
-    for kind in [Kind::Om(1), Kind::Om(10), Kind::Om(100), Kind::Callout] {
-        for senders in SENDERS {
-            match ingest_cell(b, backend, kind, senders).await {
-                Ok(c) => {
-                    let mut line = format!(
-                        "[{name}] ingest {} × {} senders: {}",
-                        c.kind.label(),
-                        c.senders,
-                        c.load.brief()
-                    );
-                    if backend == Backend::Embedded {
-                        let _ = write!(
-                            line,
-                            ", {} SQLite baseline",
-                            fmt_ratio(ratio(c.load.nps(), b.sqlite_rate))
-                        );
-                    }
+    let plan: Vec<(Kind, usize)> = match &b.args.cells {
+        Some(Cells(only)) => only.clone(),
+        None => [Kind::Om(1), Kind::Om(10), Kind::Om(100), Kind::Callout]
+            .into_iter()
+            .flat_map(|kind| SENDERS.map(|senders| (kind, senders)))
+            .collect(),
+    };
+    for (kind, senders) in plan {
+        match ingest_cell(b, backend, kind, senders).await {
+            Ok(c) => {
+                let mut line = format!(
+                    "[{name}] ingest {} × {} senders: {}",
+                    c.kind.label(),
+                    c.senders,
+                    c.load.brief()
+                );
+                if backend == Backend::Embedded {
                     let _ = write!(
                         line,
-                        ", {} lapin baseline, peak RSS {}, CPU relay {:.2} / bench {:.2} cores",
-                        fmt_ratio(ratio(c.load.nps(), b.lapin_rate)),
-                        mb(c.rss_peak_kib),
-                        c.cpu.0.unwrap_or(f64::NAN),
-                        c.cpu.1.unwrap_or(f64::NAN),
+                        ", {} SQLite baseline",
+                        fmt_ratio(ratio(c.load.nps(), b.sqlite_rate))
                     );
-                    say(line);
-                    for s in &c.load.error_samples {
-                        say(format!("    error: {s}"));
-                    }
-                    cell_values.push(cell_json(b, &c));
-                    cells.push(c);
                 }
-                Err(e) => {
-                    say(format!(
-                        "[{name}] ingest {} × {senders} FAILED: {e:#}",
-                        kind.label()
-                    ));
-                    cell_values.push(json!({"kind": kind.label(), "senders": senders, "error": format!("{e:#}")}));
+                let _ = write!(
+                    line,
+                    ", {} lapin baseline, peak RSS {}, CPU relay {:.2} / bench {:.2} / machine {:.2} of {} cores",
+                    fmt_ratio(ratio(c.load.nps(), b.lapin_rate)),
+                    mb(c.rss_peak_kib),
+                    c.cpu.0.unwrap_or(f64::NAN),
+                    c.cpu.1.unwrap_or(f64::NAN),
+                    c.machine_cores.unwrap_or(f64::NAN),
+                    b.cores,
+                );
+                say(line);
+                for s in &c.load.error_samples {
+                    say(format!("    error: {s}"));
                 }
+                cell_values.push(cell_json(b, &c));
+                cells.push(c);
+            }
+            Err(e) => {
+                say(format!(
+                    "[{name}] ingest {} × {senders} FAILED: {e:#}",
+                    kind.label()
+                ));
+                cell_values.push(
+                    json!({"kind": kind.label(), "senders": senders, "error": format!("{e:#}")}),
+                );
             }
         }
     }
@@ -1708,6 +1800,18 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
         .filter(|c| c.kind == Kind::Om(10))
         .map(|c| c.load.rps())
         .fold(0.0, f64::max);
+    if b.args.cells.is_some() {
+        let skipped = json!({"skipped": "--cells"});
+        return json!({
+            "rss_idle_kib": idle.get("rss_idle_kib").cloned().unwrap_or(Value::Null),
+            "idle": idle,
+            "rss_peak_ingest_kib": cells.iter().filter_map(|c| c.rss_peak_kib).max(),
+            "ingest": cell_values,
+            "latency_under_load": skipped,
+            "end_to_end": skipped,
+            "memory": skipped,
+        });
+    }
     let latency = if max_om10 > 0.0 {
         phase(
             &format!("[{name}] latency under load"),
@@ -2079,13 +2183,14 @@ async fn run(args: Args) -> Res<()> {
         ids: Arc::new(Ids::new()),
         lapin_rate: None,
         sqlite_rate: None,
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         args,
     };
     let started = Instant::now();
     let (file_stamp, iso_stamp) = utc_stamps();
     let rev = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
     let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = b.cores;
     let load_start = loadavg();
     if load_start.is_some_and(|l| l >= cores as f64 / 2.0) {
         say(format!(
@@ -2155,6 +2260,8 @@ async fn run(args: Args) -> Res<()> {
         "message_bytes": MESSAGE_BYTES,
         "publish_window": b.args.window,
         "relay_log_level": b.args.log_level,
+        "relay_http_threads": b.args.http_threads,
+        "cells_only": b.args.cells.as_ref().map(|c| c.0.iter().map(|(k, s)| format!("{}x{s}", k.label())).collect::<Vec<_>>()),
         "plan": b.plan.to_json(),
         "baselines": {"lapin": lapin, "sqlite": sqlite},
         "results": results,
