@@ -19,7 +19,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -46,6 +46,18 @@ const MAX_ERROR_LEN: usize = 1024;
 /// and a receive buffer of 32 frames each, zero-filled: at RabbitMQ's default of 128 KiB that
 /// is 8 MiB resident in an idle relay. Jobs are a few KiB; a bigger one spans several frames.
 const FRAME_MAX: u32 = 16 * 1024;
+/// Publisher channels per connection, at most. A channel is one lock in lapin and one
+/// process in the broker: with one channel, every HTTP thread's publishes queued behind one
+/// another there (strace showed the threads spinning on lapin's channel lock).
+const MAX_PUBLISHER_CHANNELS: usize = 4;
+
+thread_local! {
+    /// Which publisher channel this thread uses: threads are spread over them in turn.
+    static PUBLISHER_SLOT: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    };
+}
 
 /// The connection URL, with [`FRAME_MAX`] and [`CONNECT_TIMEOUT`] unless it sets its own
 /// `frame_max` or `connection_timeout`. The timeout matters: lapin connects in a blocking
@@ -266,8 +278,8 @@ fn broker(e: lapin::Error) -> QueueError {
 struct Session {
     generation: u64,
     connection: Connection,
-    /// In confirm mode; shared by every publish of this process.
-    publisher: Channel,
+    /// In confirm mode; each thread publishes on one of them (see [`PUBLISHER_SLOT`]).
+    publishers: Vec<Channel>,
     consumer: Mutex<Option<Channel>>,
     consumer_started: AtomicBool,
     consumer_alive: Arc<AtomicBool>,
@@ -298,22 +310,29 @@ impl Session {
             w.notify_one();
         });
         let result = async {
-            let publisher = connection.create_channel().await.map_err(broker)?;
-            let w = wake.clone();
-            publisher.on_error(move |e| {
-                tracing::warn!(error = %e, "RabbitMQ publisher channel closed");
-                w.notify_one();
-            });
-            // confirm.select: the broker acks every publish once the message is safely
-            // enqueued (for quorum queues: written by a majority), or nacks it.
-            // <https://www.rabbitmq.com/docs/confirms#publisher-confirms>
-            publisher
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(broker)?;
+            let count = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_PUBLISHER_CHANNELS);
+            let mut publishers = Vec::with_capacity(count);
+            for _ in 0..count {
+                let publisher = connection.create_channel().await.map_err(broker)?;
+                let w = wake.clone();
+                publisher.on_error(move |e| {
+                    tracing::warn!(error = %e, "RabbitMQ publisher channel closed");
+                    w.notify_one();
+                });
+                // confirm.select: the broker acks every publish once the message is safely
+                // enqueued (for quorum queues: written by a majority), or nacks it.
+                // <https://www.rabbitmq.com/docs/confirms#publisher-confirms>
+                publisher
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(broker)?;
+                publishers.push(publisher);
+            }
             declare_topology(
                 &connection,
-                &publisher,
+                &publishers[0],
                 names,
                 config.queue_type,
                 &config.retry_tiers,
@@ -327,14 +346,14 @@ impl Session {
                         config.prefix
                     ))
                 })?;
-            Ok::<_, QueueError>(publisher)
+            Ok::<_, QueueError>(publishers)
         }
         .await;
         match result {
-            Ok(publisher) => Ok(Arc::new(Session {
+            Ok(publishers) => Ok(Arc::new(Session {
                 generation,
                 connection,
-                publisher,
+                publishers,
                 consumer: Mutex::new(None),
                 consumer_started: AtomicBool::new(false),
                 consumer_alive: Arc::new(AtomicBool::new(false)),
@@ -359,7 +378,14 @@ impl Session {
                     .expect("consumer lock")
                     .as_ref()
                     .is_some_and(|c| c.status().connected()));
-        self.connection.status().connected() && self.publisher.status().connected() && consumer_ok
+        self.connection.status().connected()
+            && self.publishers.iter().all(|p| p.status().connected())
+            && consumer_ok
+    }
+
+    /// This thread's publisher channel.
+    fn publisher(&self) -> &Channel {
+        &self.publishers[PUBLISHER_SLOT.with(|slot| *slot) % self.publishers.len()]
     }
 
     /// Close channels and connection; unacked deliveries go back to their queue.
@@ -369,7 +395,9 @@ impl Session {
         if let Some(channel) = consumer {
             let _ = tokio::time::timeout(wait, channel.close(200, "relay stopping")).await;
         }
-        let _ = tokio::time::timeout(wait, self.publisher.close(200, "relay stopping")).await;
+        for publisher in &self.publishers {
+            let _ = tokio::time::timeout(wait, publisher.close(200, "relay stopping")).await;
+        }
         let _ = tokio::time::timeout(wait, self.connection.close(200, "relay stopping")).await;
     }
 }
@@ -829,7 +857,7 @@ impl RabbitQueue {
             // Default exchange "" routes by queue name. mandatory: a message that matches no
             // queue comes back (basic.return) instead of being dropped silently.
             let confirm = session
-                .publisher
+                .publisher()
                 .basic_publish(
                     "",
                     queue,
