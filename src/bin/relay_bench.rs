@@ -372,23 +372,94 @@ fn machine_busy_secs() -> Option<f64> {
     Some((total - idle - iowait) as f64 / 100.0)
 }
 
-/// Cores the whole machine kept busy over an interval: relay, bench, broker, Redis and
-/// anything else. Next to the relay's and the bench's share it shows what the rest took.
+/// Processes of the services the relay uses, when they run on this machine: RabbitMQ's
+/// Erlang VM and Redis. Their CPU next to the relay's shows who limits a figure.
+const LOCAL_SERVICES: [(&str, &str); 2] = [("broker", "beam.smp"), ("redis", "redis-server")];
+
+/// The pids of local processes whose command name is `comm`.
+fn pids_named(comm: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
+/// Cores the whole machine kept busy over an interval (relay, bench, broker, Redis and
+/// anything else), and those of the local broker and Redis, if they run here.
 struct MachineMeter {
     busy0: Option<f64>,
+    services0: Vec<(&'static str, Vec<(String, f64)>)>,
     t0: Instant,
+}
+
+/// What [`MachineMeter`] saw, in cores.
+#[derive(Debug, Clone, Default)]
+struct MachineCpu {
+    busy: Option<f64>,
+    services: Vec<(&'static str, f64)>,
+}
+
+impl MachineCpu {
+    fn brief(&self) -> String {
+        let mut text = format!("machine {:.2}", self.busy.unwrap_or(f64::NAN));
+        for (name, cores) in &self.services {
+            let _ = write!(text, " (of which {name} {cores:.2})");
+        }
+        text
+    }
+
+    fn json(&self) -> Value {
+        let mut v = json!({"machine_busy_cores": self.busy});
+        for (name, cores) in &self.services {
+            v[format!("{name}_cpu_cores")] = json!(cores);
+        }
+        v
+    }
 }
 
 impl MachineMeter {
     fn start() -> Self {
+        let services0 = LOCAL_SERVICES
+            .iter()
+            .map(|&(name, comm)| {
+                let pids = pids_named(comm)
+                    .into_iter()
+                    .filter_map(|pid| Some((pid.clone(), cpu_secs(&pid)?)))
+                    .collect();
+                (name, pids)
+            })
+            .collect();
         MachineMeter {
             busy0: machine_busy_secs(),
+            services0,
             t0: Instant::now(),
         }
     }
 
-    fn read(&self) -> Option<f64> {
-        Some((machine_busy_secs()? - self.busy0?) / self.t0.elapsed().as_secs_f64().max(1e-9))
+    fn read(&self) -> MachineCpu {
+        let secs = self.t0.elapsed().as_secs_f64().max(1e-9);
+        let busy = machine_busy_secs()
+            .zip(self.busy0)
+            .map(|(now, then)| (now - then) / secs);
+        let services = self
+            .services0
+            .iter()
+            .filter(|(_, pids)| !pids.is_empty())
+            .map(|(name, pids)| {
+                let used: f64 = pids
+                    .iter()
+                    .filter_map(|(pid, then)| Some(cpu_secs(pid)? - then))
+                    .sum();
+                (*name, used / secs)
+            })
+            .collect();
+        MachineCpu { busy, services }
     }
 }
 
@@ -1414,7 +1485,7 @@ struct Cell {
     load: LoadResult,
     rss_peak_kib: Option<u64>,
     cpu: (Option<f64>, Option<f64>),
-    machine_cores: Option<f64>,
+    machine: MachineCpu,
 }
 
 /// One fresh relay (gateway only) per cell, so no cell pays for an earlier cell's store.
@@ -1427,7 +1498,7 @@ async fn ingest_cell(b: &Bench, backend: Backend, kind: Kind, senders: usize) ->
     let machine = MachineMeter::start();
     let load = closed_loop(gen, kind, senders, Stop::After(b.plan.cell), true).await;
     let cpu = meter.read();
-    let machine_cores = machine.read();
+    let machine = machine.read();
     let rss_peak_kib = relay.hwm_kib();
     relay.stop().await?;
     run.cleanup(b).await;
@@ -1437,7 +1508,7 @@ async fn ingest_cell(b: &Bench, backend: Backend, kind: Kind, senders: usize) ->
         load,
         rss_peak_kib,
         cpu,
-        machine_cores,
+        machine,
     })
 }
 
@@ -1449,7 +1520,9 @@ fn cell_json(b: &Bench, c: &Cell) -> Value {
     v["rss_peak_kib"] = json!(c.rss_peak_kib);
     v["relay_cpu_cores"] = json!(c.cpu.0);
     v["bench_cpu_cores"] = json!(c.cpu.1);
-    v["machine_busy_cores"] = json!(c.machine_cores);
+    if let (Value::Object(v), Value::Object(m)) = (&mut v, c.machine.json()) {
+        v.extend(m);
+    }
     v["ratio_to_lapin_publish_confirm"] = json!(ratio(c.load.nps(), b.lapin_rate));
     v["ratio_to_sqlite_batched_insert"] = json!(ratio(c.load.nps(), b.sqlite_rate));
     v
@@ -1769,12 +1842,12 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
                 }
                 let _ = write!(
                     line,
-                    ", {} lapin baseline, peak RSS {}, CPU relay {:.2} / bench {:.2} / machine {:.2} of {} cores",
+                    ", {} lapin baseline, peak RSS {}, CPU relay {:.2} / bench {:.2} / {} of {} cores",
                     fmt_ratio(ratio(c.load.nps(), b.lapin_rate)),
                     mb(c.rss_peak_kib),
                     c.cpu.0.unwrap_or(f64::NAN),
                     c.cpu.1.unwrap_or(f64::NAN),
-                    c.machine_cores.unwrap_or(f64::NAN),
+                    c.machine.brief(),
                     b.cores,
                 );
                 say(line);
