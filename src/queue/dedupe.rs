@@ -84,7 +84,7 @@ impl Dedupe {
 
     /// Claim every key (in one round trip on Redis). A key already claimed or stored keeps
     /// its value; the caller must `abandon` its own claims if it gives up.
-    #[tracing::instrument(skip_all, fields(keys = jobs.len()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = jobs.len()))]
     pub async fn claim(&self, jobs: &[KeyedJob]) -> Result<Vec<Claim>, DedupeError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
@@ -96,7 +96,7 @@ impl Dedupe {
     }
 
     /// The broker confirmed these jobs: remember them for the dedupe TTL.
-    #[tracing::instrument(skip_all, fields(keys = jobs.len()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = jobs.len()))]
     pub async fn confirm(&self, jobs: &[KeyedJob]) -> Result<(), DedupeError> {
         if jobs.is_empty() {
             return Ok(());
@@ -111,7 +111,7 @@ impl Dedupe {
     }
 
     /// Publishing failed: release these claims (only where they are still this request's).
-    #[tracing::instrument(skip_all, fields(keys = jobs.len()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = jobs.len()))]
     pub async fn abandon(&self, jobs: &[KeyedJob]) -> Result<(), DedupeError> {
         if jobs.is_empty() {
             return Ok(());
