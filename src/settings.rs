@@ -70,7 +70,7 @@ pub struct ServerSettings {
     /// On SIGTERM, how long in-flight requests and deliveries may take to finish.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
-    /// HTTP worker threads; 0 means one per core.
+    /// HTTP worker threads; 0 means one per two cores (at least one).
     #[serde(default)]
     pub workers: usize,
     /// Proxies (CIDR) whose `X-Forwarded-For` is believed when checking `allowed_ips`.

@@ -82,8 +82,8 @@ struct Args {
     /// The relay binary (default: `relay` next to this executable).
     #[arg(long)]
     relay: Option<PathBuf>,
-    /// The relay's `server.workers` (HTTP threads); 0 = one per core, as shipped. On a
-    /// machine that also runs the broker, fewer threads can contend less for its cores.
+    /// The relay's `server.workers` (HTTP threads); 0 = the relay's default (one per two
+    /// cores), as shipped.
     #[arg(long, default_value_t = 0)]
     http_threads: usize,
     /// Measure only these ingest cells, e.g. `om1x32,calloutx32` (kinds om1, om10, om100,
