@@ -4,7 +4,7 @@
 use crate::helpers::{
     fixture, redis_url, spawn_app_in, spawn_app_on, Backend, BrokerOwner, RabbitEnv, TestApp,
 };
-use sf_centercode_relay::queue::{Job, NewJob, QueueError};
+use sf_centercode_relay::queue::{EnqueueOutcome, Job, NewJob, QueueError};
 use sf_centercode_relay::settings::Action;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -128,20 +128,7 @@ async fn an_unroutable_publish_is_an_error_not_an_ack() {
         .await
         .unwrap();
     // Act
-    let job = NewJob {
-        id: uuid::Uuid::new_v4().to_string(),
-        route: "gdpr".into(),
-        action: Action::RemoveUser,
-        dedupe_key: Some("k".into()),
-        body_hash: None,
-        org_id: None,
-        notification_id: None,
-        record_id: None,
-        job: Job::CalloutV1 {
-            idempotency_key: None,
-            body: serde_json::json!({}),
-        },
-    };
+    let job = removal_job("k");
     let result = q.enqueue(vec![job.clone()]).await;
     // Assert: mandatory publish came back; the dedupe claim was released.
     assert!(
@@ -632,4 +619,114 @@ async fn redis_claims_are_exclusive_pending_until_confirmed_and_free_once_abando
             }
         ]
     );
+}
+
+#[tokio::test]
+async fn a_broker_nack_is_an_error_and_releases_the_claim() {
+    // Arrange: an operator's length limit on the work queue; with `reject-publish` the broker
+    // nacks publishes once the queue is full.
+    let env = RabbitEnv::new().await;
+    let q = env.open(env.config(&[0.2], true)).await;
+    let work = format!("{}.work", env.prefix);
+    let policy = format!("{}-limit", env.prefix);
+    let ctl = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("rabbitmqctl")
+            .args(&args)
+            .output()
+            .await
+            .expect("rabbitmqctl runs");
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let applied = |want: bool| {
+        let (work, policy) = (work.clone(), policy.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let listing = ctl(vec![
+                    "list_queues".into(),
+                    "-q".into(),
+                    "name".into(),
+                    "policy".into(),
+                ])
+                .await;
+                let now = listing
+                    .lines()
+                    .any(|l| l.split_whitespace().eq([work.as_str(), policy.as_str()]));
+                if now == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "policy {policy} applied: {now}");
+                tokio::time::sleep(Duration::from_millis(100)).await; // poll with deadline
+            }
+        }
+    };
+    ctl(vec![
+        "set_policy".into(),
+        "--apply-to".into(),
+        "queues".into(),
+        "--priority".into(),
+        "100".into(),
+        policy.clone(),
+        format!("^{}$", work.replace('.', "\\.")),
+        r#"{"max-length":1}"#.into(),
+    ])
+    .await;
+    applied(true).await;
+    let job = |key: &str| removal_job(&format!("{}-{key}", env.prefix));
+
+    // Act: publish until the broker refuses one.
+    let mut refused = None;
+    for i in 0..10 {
+        let next = job(&i.to_string());
+        match q.enqueue(vec![next.clone()]).await {
+            Ok(_) => continue,
+            Err(e) => {
+                refused = Some((next, e, i));
+                break;
+            }
+        }
+    }
+
+    // Assert: the refusal is an error (the gateway answers 503), not a stored job.
+    let (refused, error, stored) = refused.expect("the broker nacked a publish to the full queue");
+    assert!(
+        matches!(&error, QueueError::Broker(m) if m.contains("nack")),
+        "{error:?}"
+    );
+    // Room again once a worker drained the queue: the same notification is stored, not held
+    // back by its own failed claim.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut drained = 0;
+    while drained < stored {
+        for leased in q.lease(10, Vec::new()).await.unwrap() {
+            q.ack(&leased).await.unwrap();
+            drained += 1;
+        }
+        assert!(Instant::now() < deadline, "drained {drained} jobs");
+    }
+    let again = q.enqueue(vec![refused]).await;
+    ctl(vec!["clear_policy".into(), policy.clone()]).await;
+    assert!(
+        matches!(again.as_deref(), Ok([EnqueueOutcome::Stored])),
+        "{again:?}"
+    );
+}
+
+/// A removal callout job with this dedupe key.
+fn removal_job(dedupe_key: &str) -> NewJob {
+    NewJob {
+        id: uuid::Uuid::new_v4().to_string(),
+        route: "gdpr".into(),
+        action: Action::RemoveUser,
+        dedupe_key: Some(dedupe_key.into()),
+        body_hash: None,
+        org_id: None,
+        notification_id: None,
+        record_id: None,
+        job: Job::CalloutV1 {
+            idempotency_key: None,
+            body: serde_json::json!({}),
+        },
+    }
 }
