@@ -56,13 +56,7 @@ async fn tls_proxy(certs: &std::path::Path, broker: String) -> (u16, Arc<AtomicU
 async fn the_relay_talks_to_rabbitmq_over_amqps() {
     // Arrange: a test CA, a TLS proxy to the broker, and a relay configured with amqps://.
     let env = RabbitEnv::new().await;
-    let broker = env
-        .url
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .to_owned();
+    let broker = crate::helpers::broker_address(&env.url);
     let certs = tempfile::tempdir().unwrap();
     make_certificates(certs.path());
     let (port, handshakes) = tls_proxy(certs.path(), broker).await;

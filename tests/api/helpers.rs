@@ -369,6 +369,15 @@ pub fn amqp_url() -> String {
 }
 
 /// `RELAY_TEST_REDIS_URL`, or the local Redis.
+/// `host:port` of an AMQP URL (`amqp://user:pass@host:port/vhost`), for proxies in front of it.
+pub fn broker_address(url: &str) -> String {
+    url.split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("127.0.0.1:5672")
+        .to_owned()
+}
+
 pub fn redis_url() -> String {
     std::env::var("RELAY_TEST_REDIS_URL")
         .ok()

@@ -185,6 +185,8 @@ struct Proxy {
     port: u16,
     target: String,
     cut: Mutex<CancellationToken>,
+    /// While true, the broker's bytes are held back (the client's still go through).
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -194,6 +196,7 @@ impl Proxy {
             port: listener.local_addr().unwrap().port(),
             target: target.to_owned(),
             cut: Mutex::new(CancellationToken::new()),
+            hold: tokio::sync::watch::channel(false).0,
         });
         proxy.serve(listener);
         proxy
@@ -202,24 +205,50 @@ impl Proxy {
     fn serve(self: &Arc<Self>, listener: TcpListener) {
         let token = self.cut.lock().unwrap().clone();
         let target = self.target.clone();
+        let hold = self.hold.clone();
         tokio::spawn(async move {
             loop {
-                let (mut inbound, _) = tokio::select! {
+                let (inbound, _) = tokio::select! {
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => return },
                     _ = token.cancelled() => return,
                 };
                 let (token, target) = (token.clone(), target.clone());
+                let mut hold = hold.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                    let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_broker, mut to_broker) = outbound.into_split();
+                    let replies = async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from_broker.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if hold.wait_for(|held| !held).await.is_err() {
+                                return;
+                            }
+                            if to_client.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = tokio::io::copy(&mut from_client, &mut to_broker) => {}
+                        _ = replies => {}
                         _ = token.cancelled() => {}
                     }
                 });
             }
         });
+    }
+
+    /// Hold back (true) or pass on (false) what the broker sends.
+    fn hold_replies(&self, held: bool) {
+        self.hold.send_replace(held);
     }
 
     /// Drop every connection and refuse new ones.
@@ -239,12 +268,7 @@ impl Proxy {
 async fn the_gateway_answers_503_while_the_broker_connection_is_down_and_recovers() {
     // Arrange: the relay reaches the broker through a proxy.
     let env_url = crate::helpers::amqp_url();
-    let broker = env_url
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or("127.0.0.1:5672")
-        .to_owned();
+    let broker = crate::helpers::broker_address(&env_url);
     let proxy = Proxy::start(&broker).await;
     let proxied = env_url.replacen(&broker, &format!("127.0.0.1:{}", proxy.port), 1);
     let app = spawn_app_on(Backend::Rabbitmq, |s| s.queue.url = proxied.clone().into()).await;
@@ -729,4 +753,38 @@ fn removal_job(dedupe_key: &str) -> NewJob {
             body: serde_json::json!({}),
         },
     }
+}
+
+#[tokio::test]
+async fn a_confirm_that_never_comes_is_an_error_and_releases_the_claim() {
+    // Arrange: the queue reaches the broker through a proxy that can hold back its answers.
+    let env = RabbitEnv::new().await;
+    let broker = crate::helpers::broker_address(&env.url);
+    let proxy = Proxy::start(&broker).await;
+    let mut config = env.config(&[0.2], true);
+    config.url = env
+        .url
+        .replacen(&broker, &format!("127.0.0.1:{}", proxy.port), 1)
+        .into();
+    config.confirm_timeout = Duration::from_millis(500);
+    let q = env.open(config).await;
+    let job = removal_job(&format!("{}-late", env.prefix));
+
+    // Act: the publish goes out, its confirm does not come back in time.
+    proxy.hold_replies(true);
+    let result = tokio::time::timeout(Duration::from_secs(10), q.enqueue(vec![job.clone()])).await;
+    proxy.hold_replies(false);
+    let result = result.expect("the enqueue gives up by itself, well before 10 s");
+
+    // Assert: an error (the gateway answers 503 and Salesforce sends it again), and the claim
+    // is released, so the redelivery is stored rather than held back as "in progress".
+    assert!(
+        matches!(&result, Err(QueueError::Broker(m)) if m.contains("no publisher confirm")),
+        "{result:?}"
+    );
+    let again = q.enqueue(vec![job]).await;
+    assert!(
+        matches!(again.as_deref(), Ok([EnqueueOutcome::Stored])),
+        "{again:?}"
+    );
 }
