@@ -250,8 +250,11 @@ async fn watch_backlog(queue: Queue, threshold: u64, stop: CancellationToken) {
 /// HTTP threads when `server.workers = 0`: one per two cores, at least one. A request spends
 /// most of its time waiting on other threads (the SQLite writer, lapin's I/O thread, Redis,
 /// the log thread) and on the broker or the disk, which need the other cores. On a 2-core
-/// machine one HTTP thread took more requests than two on both backends (om1 x 32: embedded
-/// 12,318-12,812 against 10,443-10,748 req/s; RabbitMQ 6,625-6,926 against 6,004-6,479).
+/// machine, in interleaved bench cells, one HTTP thread took more than two for every message
+/// size on the embedded backend (om1 x 32: 12,318-12,812 against 10,443-10,748 req/s) and for
+/// single notifications on RabbitMQ (6,625-6,926 against 6,004-6,479); 10-notification
+/// messages on RabbitMQ went the other way (13.5-17.2k against 15.3-18.7k notifications/s).
+/// `server.workers` sets it explicitly.
 pub fn default_http_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
