@@ -1873,19 +1873,10 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
         .filter(|c| c.kind == Kind::Om(10))
         .map(|c| c.load.rps())
         .fold(0.0, f64::max);
-    if b.args.cells.is_some() {
-        let skipped = json!({"skipped": "--cells"});
-        return json!({
-            "rss_idle_kib": idle.get("rss_idle_kib").cloned().unwrap_or(Value::Null),
-            "idle": idle,
-            "rss_peak_ingest_kib": cells.iter().filter_map(|c| c.rss_peak_kib).max(),
-            "ingest": cell_values,
-            "latency_under_load": skipped,
-            "end_to_end": skipped,
-            "memory": skipped,
-        });
-    }
-    let latency = if max_om10 > 0.0 {
+    let skipped = json!({"skipped": "--cells"});
+    let latency = if b.args.cells.is_some() {
+        skipped.clone()
+    } else if max_om10 > 0.0 {
         phase(
             &format!("[{name}] latency under load"),
             latency_under_load(b, backend, max_om10),
@@ -1894,12 +1885,17 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
     } else {
         json!({"error": "no om10 maximum measured"})
     };
-    let e2e = phase(&format!("[{name}] end to end"), end_to_end(b, backend)).await;
-    let memory = phase(
-        &format!("[{name}] memory backlog"),
-        memory_backlog(b, backend),
-    )
-    .await;
+    let (e2e, memory) = if b.args.cells.is_some() {
+        (skipped.clone(), skipped)
+    } else {
+        let e2e = phase(&format!("[{name}] end to end"), end_to_end(b, backend)).await;
+        let memory = phase(
+            &format!("[{name}] memory backlog"),
+            memory_backlog(b, backend),
+        )
+        .await;
+        (e2e, memory)
+    };
     let peak = cells.iter().filter_map(|c| c.rss_peak_kib).max();
     json!({
         "rss_idle_kib": idle.get("rss_idle_kib").cloned().unwrap_or(Value::Null),
@@ -2110,8 +2106,10 @@ fn summary(b: &Bench, results: &BTreeMap<&'static str, Value>, targets: &[Target
                 g("bench_cpu_cores"),
             );
         }
+        // A phase that failed or that `--cells` skipped has no figures to print.
+        let measured = |v: &Value| v.get("error").is_none() && v.get("skipped").is_none();
         let l = &r["latency_under_load"];
-        if l.get("error").is_none() {
+        if measured(l) {
             let _ = writeln!(
                 s,
                 "{backend:<9} latency at half max: offered {} req/s (om10, 32 senders, open loop), achieved {} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {}",
@@ -2124,7 +2122,7 @@ fn summary(b: &Bench, results: &BTreeMap<&'static str, Value>, targets: &[Target
             );
         }
         let e = &r["end_to_end"];
-        if e.get("error").is_none() {
+        if measured(e) {
             let _ = writeln!(
                 s,
                 "{backend:<9} end to end: {} deliveries/s steady ({} of {}/s); drain of {} jobs {} in {:.1} s",
@@ -2137,15 +2135,22 @@ fn summary(b: &Bench, results: &BTreeMap<&'static str, Value>, targets: &[Target
             );
         }
         let m = &r["memory"];
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "{backend:<9} RSS: idle {}, peak ingest {}, {}-job backlog: {} after storing, {} restarted and delivering",
+            "{backend:<9} RSS: idle {}, peak ingest {}",
             mb(r["rss_idle_kib"].as_u64()),
             mb(r["rss_peak_ingest_kib"].as_u64()),
-            num(m["backlog_jobs"].as_f64().unwrap_or(f64::NAN)),
-            mb(m["rss_after_enqueue_kib"].as_u64()),
-            mb(m["rss_restarted_delivering_kib"].as_u64()),
         );
+        if measured(m) {
+            let _ = write!(
+                s,
+                ", {}-job backlog: {} after storing, {} restarted and delivering",
+                num(m["backlog_jobs"].as_f64().unwrap_or(f64::NAN)),
+                mb(m["rss_after_enqueue_kib"].as_u64()),
+                mb(m["rss_restarted_delivering_kib"].as_u64()),
+            );
+        }
+        let _ = writeln!(s);
     }
     let _ = writeln!(
         s,

@@ -344,10 +344,12 @@ impl RedisDedupe {
 
     async fn run<T: redis::FromRedisValue>(&self, pipe: redis::Pipeline) -> Result<T, DedupeError> {
         let mut conn = self.conn();
-        let result = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn))
-            .await
-            .map_err(|_| DedupeError("Redis did not answer in time".into()))
-            .and_then(|r| r.map_err(|e| DedupeError(e.to_string())));
+        let Ok(result) = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await
+        else {
+            // Slow, not dead: another connection would only add to Redis's load.
+            return Err(DedupeError("Redis did not answer in time".into()));
+        };
+        let result = result.map_err(|e| DedupeError(e.to_string()));
         if result.is_err() {
             // A thread may outlive the runtime its connection's driver ran on, and so may the
             // shared connection's. Connect afresh now, on this runtime, so the next call does
