@@ -31,6 +31,13 @@ fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> Http
         .body(error_json(code, message))
 }
 
+/// An admin error answer, boxed (an `HttpResponse` is large to move through `Result`s).
+type Refused = Box<HttpResponse>;
+
+fn refuse(status: actix_web::http::StatusCode, code: &str, message: &str) -> Refused {
+    Box::new(error(status, code, message))
+}
+
 /// `None` when the request carries the admin token; otherwise the refusal to send.
 fn deny(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
     use actix_web::http::StatusCode;
@@ -91,6 +98,24 @@ impl FilterParams {
         }
     }
 
+    /// The queue filter, refusing an empty or oversized id list (an empty `ids` would
+    /// otherwise match nothing and look like success).
+    fn checked_filter(&self) -> Result<ParkedFilter, Refused> {
+        let mut filter = self.filter();
+        if let Some(ids) = &mut filter.ids {
+            ids.sort();
+            ids.dedup();
+            if ids.is_empty() || ids.len() > MAX_IDS {
+                return Err(refuse(
+                    actix_web::http::StatusCode::BAD_REQUEST,
+                    "bad_ids",
+                    &format!("ids must name between 1 and {MAX_IDS} job ids"),
+                ));
+            }
+        }
+        Ok(filter)
+    }
+
     /// Bulk actions need a filter or an explicit `all`, so an empty request does nothing.
     fn selects_something(&self) -> bool {
         self.all || self.filter() != ParkedFilter::default()
@@ -147,8 +172,11 @@ fn job_json(j: &ParkedJob) -> Value {
 }
 
 /// Query-string form of the filter (serde's `flatten` cannot parse numbers from a query).
+/// `ids` is comma-separated (`ids=a,b`), since a query string has no arrays.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct QueryParams {
+    ids: Option<String>,
     route: Option<String>,
     action: Option<String>,
     org_id: Option<String>,
@@ -174,36 +202,118 @@ impl QueryParams {
             reason: self.reason.clone(),
             since: self.since,
             until: self.until,
-            ids: None,
+            ids: self.ids.as_deref().map(|ids| {
+                ids.split(',')
+                    .map(str::trim)
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }),
             all: self.all,
         }
     }
 }
 
-async fn list(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    q: web::Query<QueryParams>,
-) -> HttpResponse {
+async fn list(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Some(denied) = deny(&req, &state) {
         return denied;
     }
+    let q: QueryParams = match parse_query(&req) {
+        Ok(q) => q,
+        Err(refused) => return *refused,
+    };
+    let filter = match q.filter().checked_filter() {
+        Ok(f) => f,
+        Err(refused) => return *refused,
+    };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let unmatched = match unmatched_ids(&state, &filter).await {
+        Ok(u) => u,
+        Err(e) => return queue_error(e),
+    };
     match state
         .queue
-        .parked_page(q.filter().filter(), limit, q.cursor.clone())
+        .parked_page(filter, limit, q.cursor.clone())
         .await
     {
         Ok(jobs) => {
             let next = (jobs.len() == limit)
                 .then(|| jobs.last().map(|j| j.id.clone()))
                 .flatten();
-            HttpResponse::Ok().json(
-                json!({"jobs": jobs.iter().map(job_json).collect::<Vec<_>>(), "next_cursor": next}),
-            )
+            let mut body =
+                json!({"jobs": jobs.iter().map(job_json).collect::<Vec<_>>(), "next_cursor": next});
+            if let Some(unmatched) = unmatched {
+                body["unmatched_ids"] = json!(unmatched);
+            }
+            HttpResponse::Ok().json(body)
         }
         Err(e) => queue_error(e),
     }
+}
+
+/// Parse the query string only after the token check, so a caller without the token learns
+/// nothing from parse errors; a malformed query is a JSON 400 like every other admin error.
+fn parse_query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, Refused> {
+    web::Query::<T>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| {
+            refuse(
+                actix_web::http::StatusCode::BAD_REQUEST,
+                "bad_query",
+                &format!("malformed query string: {e}"),
+            )
+        })
+}
+
+/// Largest admin request body (a replay filter with up to `MAX_IDS` ids fits easily).
+const MAX_ADMIN_BODY: usize = 256 * 1024;
+/// Most ids one list, replay or purge may name.
+const MAX_IDS: usize = 1000;
+
+/// Read and parse a JSON body, after the token check, answering errors in the admin shape.
+async fn parse_json_body<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<T, Refused> {
+    use actix_web::http::StatusCode;
+    let body = crate::inbound::read_body(
+        req,
+        payload,
+        MAX_ADMIN_BODY,
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_body", &e.to_string()))?;
+    let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
+    serde_json::from_slice(body).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            &format!("malformed JSON body: {e}"),
+        )
+    })
+}
+
+/// With an `ids` filter: the ids that match nothing (combined with the other filters), so a
+/// typo is reported instead of silently ignored. `None` without an `ids` filter.
+async fn unmatched_ids(
+    state: &AppState,
+    filter: &ParkedFilter,
+) -> Result<Option<Vec<String>>, crate::queue::QueueError> {
+    let Some(ids) = &filter.ids else {
+        return Ok(None);
+    };
+    let found = state
+        .queue
+        .parked_page(filter.clone(), ids.len().max(1), None)
+        .await?;
+    let found: std::collections::HashSet<&str> = found.iter().map(|j| j.id.as_str()).collect();
+    Ok(Some(
+        ids.iter()
+            .filter(|id| !found.contains(id.as_str()))
+            .cloned()
+            .collect(),
+    ))
 }
 
 async fn show(req: HttpRequest, state: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
@@ -255,11 +365,15 @@ struct ReplayBody {
 async fn replay(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<ReplayBody>,
+    payload: web::Payload,
 ) -> HttpResponse {
     if let Some(denied) = deny(&req, &state) {
         return denied;
     }
+    let body: ReplayBody = match parse_json_body(&req, payload).await {
+        Ok(b) => b,
+        Err(refused) => return *refused,
+    };
     if !body.filter.selects_something() {
         return error(
             actix_web::http::StatusCode::BAD_REQUEST,
@@ -267,32 +381,49 @@ async fn replay(
             "give a filter, ids, or \"all\": true",
         );
     }
-    let filter = body.filter.filter();
+    let filter = match body.filter.checked_filter() {
+        Ok(f) => f,
+        Err(refused) => return *refused,
+    };
+    let unmatched = match unmatched_ids(&state, &filter).await {
+        Ok(u) => u,
+        Err(e) => return queue_error(e),
+    };
     let matched = match state.queue.count_parked(filter.clone()).await {
         Ok(n) => n,
         Err(e) => return queue_error(e),
     };
+    let with_unmatched = |mut v: Value| {
+        if let Some(unmatched) = &unmatched {
+            v["unmatched_ids"] = json!(unmatched);
+        }
+        v
+    };
     if body.dry_run {
-        return HttpResponse::Ok().json(json!({"matched": matched, "moved": 0, "dry_run": true}));
+        return HttpResponse::Ok().json(with_unmatched(
+            json!({"matched": matched, "moved": 0, "dry_run": true}),
+        ));
     }
     match state.queue.replay_matching(filter, body.limit).await {
         Ok(moved) => {
             state.metrics.inc("relay_replayed_total", &[], moved);
             tracing::info!(matched, moved, "parked jobs replayed");
-            HttpResponse::Ok().json(json!({"matched": matched, "moved": moved, "dry_run": false}))
+            HttpResponse::Ok().json(with_unmatched(
+                json!({"matched": matched, "moved": moved, "dry_run": false}),
+            ))
         }
         Err(e) => queue_error(e),
     }
 }
 
-async fn purge(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    q: web::Query<QueryParams>,
-) -> HttpResponse {
+async fn purge(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Some(denied) = deny(&req, &state) {
         return denied;
     }
+    let q: QueryParams = match parse_query(&req) {
+        Ok(q) => q,
+        Err(refused) => return *refused,
+    };
     if !q.confirm {
         return error(
             actix_web::http::StatusCode::BAD_REQUEST,
@@ -307,10 +438,22 @@ async fn purge(
             "give a filter, ids, or all=true",
         );
     }
-    match state.queue.purge_parked(q.filter().filter()).await {
+    let filter = match q.filter().checked_filter() {
+        Ok(f) => f,
+        Err(refused) => return *refused,
+    };
+    let unmatched = match unmatched_ids(&state, &filter).await {
+        Ok(u) => u,
+        Err(e) => return queue_error(e),
+    };
+    match state.queue.purge_parked(filter).await {
         Ok(n) => {
             tracing::warn!(purged = n, "parked jobs purged");
-            HttpResponse::Ok().json(json!({"purged": n}))
+            let mut body = json!({"purged": n});
+            if let Some(unmatched) = unmatched {
+                body["unmatched_ids"] = json!(unmatched);
+            }
+            HttpResponse::Ok().json(body)
         }
         Err(e) => queue_error(e),
     }
@@ -324,7 +467,7 @@ async fn routes(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
         .settings
         .routes
         .iter()
-        .map(|r| json!({"name": r.name, "action": r.action.as_str(), "paused": state.control.is_paused(&r.name)}))
+        .map(|r| json!({"name": r.name, "action": r.action.as_str(), "paused": state.control.is_paused(&r.name), "insecure_open": r.insecure_open}))
         .collect();
     HttpResponse::Ok().json(json!({ "routes": routes }))
 }

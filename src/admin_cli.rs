@@ -62,7 +62,15 @@ impl Filter {
             for (k, v) in map {
                 match v {
                     Value::String(s) => q.push((k, s)),
-                    Value::Array(_) => {} // ids go in the replay body only
+                    // A query string has no arrays: the admin API reads `ids=a,b`.
+                    Value::Array(items) => q.push((
+                        k,
+                        items
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    )),
                     other => q.push((k, other.to_string())),
                 }
             }
@@ -195,6 +203,10 @@ pub async fn parked(conn: &Connection, command: ParkedCommand) -> anyhow::Result
                     println!("(more: the API's cursor is {next})");
                 }
             }
+            warn_unmatched(&v);
+            if v["jobs"].as_array().is_some_and(Vec::is_empty) {
+                return Ok(EXIT_MATCHED_NOTHING);
+            }
         }
         ParkedCommand::Show { id } => {
             let v = client
@@ -219,23 +231,31 @@ pub async fn parked(conn: &Connection, command: ParkedCommand) -> anyhow::Result
         ParkedCommand::Replay { filter, dry_run } => {
             let mut body = filter.to_json();
             body["dry_run"] = json!(true);
-            let matched = client
+            let counted = client
                 .call(
                     reqwest::Method::POST,
                     "/admin/parked/replay",
                     &[],
                     Some(body.clone()),
                 )
-                .await?["matched"]
-                .as_u64()
-                .unwrap_or(0);
+                .await?;
+            warn_unmatched(&counted);
+            let matched = counted["matched"].as_u64().unwrap_or(0);
             if dry_run {
                 report(
                     conn,
-                    json!({"matched": matched, "moved": 0, "dry_run": true}),
+                    counted.clone(),
                     &format!("{matched} parked job(s) match; nothing moved (dry run)"),
                 );
-                return Ok(0);
+                return Ok(if matched == 0 {
+                    EXIT_MATCHED_NOTHING
+                } else {
+                    0
+                });
+            }
+            if matched == 0 {
+                report(conn, counted, "no parked job matches; nothing moved");
+                return Ok(EXIT_MATCHED_NOTHING);
             }
             // Replay in batches so a large replay shows progress and can be interrupted safely.
             body["dry_run"] = json!(false);
@@ -278,14 +298,32 @@ pub async fn parked(conn: &Connection, command: ParkedCommand) -> anyhow::Result
             let v = client
                 .call(reqwest::Method::DELETE, "/admin/parked", &query, None)
                 .await?;
+            warn_unmatched(&v);
             report(
                 conn,
                 v.clone(),
                 &format!("purged {} parked job(s)", v["purged"]),
             );
+            if v["purged"].as_u64() == Some(0) {
+                return Ok(EXIT_MATCHED_NOTHING);
+            }
         }
     }
     Ok(0)
+}
+
+/// Exit code when a filter matched no parked job (documented in `relay --help`).
+pub const EXIT_MATCHED_NOTHING: i32 = 3;
+
+/// Ids given with `--ids` that matched nothing are said on stderr, never silently dropped.
+fn warn_unmatched(v: &Value) {
+    if let Some(ids) = v["unmatched_ids"].as_array().filter(|ids| !ids.is_empty()) {
+        let ids: Vec<&str> = ids.iter().filter_map(Value::as_str).collect();
+        eprintln!(
+            "no parked job matches these id(s) with the other filters: {}",
+            ids.join(", ")
+        );
+    }
 }
 
 fn progress(done: u64, total: u64) {

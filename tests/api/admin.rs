@@ -53,7 +53,7 @@ pub fn series(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn with_id(n: u32) -> Vec<u8> {
+pub fn with_id(n: u32) -> Vec<u8> {
     String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
         .unwrap()
         .replace("04l8d0000100001AAA", &format!("04l8d00001{n:08}"))
@@ -507,4 +507,55 @@ async fn a_deep_queue_is_exported_while_the_gateway_keeps_accepting() {
         series(&app.metrics().await, "relay_queue_backlog_high"),
         0.0
     );
+}
+
+#[tokio::test]
+async fn the_admin_token_is_checked_before_any_input_and_every_error_is_json() {
+    let app = spawn_admin_app().await;
+    let send = |method: reqwest::Method, path: &str, token: Option<&str>, body: Option<&str>| {
+        let mut req = app.client.request(method, format!("{}{path}", app.address));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(b.to_owned());
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            let text = res.text().await.unwrap();
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+            assert!(v["error"]["code"].is_string(), "{text}");
+            assert!(v["error"]["message"].is_string(), "{text}");
+            (status, v["error"]["code"].as_str().unwrap().to_owned())
+        }
+    };
+    let bad_query = "/admin/parked?limit=lots&since=yesterday";
+    let bad_body = Some("{\"route\": ");
+    // Without the token, malformed input reveals nothing: the same 401 as a good request.
+    for (method, path, body) in [
+        (reqwest::Method::GET, bad_query, None),
+        (reqwest::Method::DELETE, "/admin/parked?confirm=maybe", None),
+        (reqwest::Method::POST, "/admin/parked/replay", bad_body),
+    ] {
+        assert_eq!(
+            send(method.clone(), path, None, body).await,
+            (401, "unauthorized".to_owned())
+        );
+        // With it, a JSON 400 naming the problem.
+        let (status, code) = send(method, path, Some(TOKEN), body).await;
+        assert_eq!(status, 400, "{path}");
+        assert!(code == "bad_query" || code == "bad_body", "{code}");
+    }
+    let (status, code) = send(
+        reqwest::Method::GET,
+        "/admin/parked?ids=",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!((status, code.as_str()), (400, "bad_ids"));
 }

@@ -170,6 +170,105 @@ async fn queue_ages_show_on_metrics(backend: Backend) {
     );
 }
 
+/// `--ids` narrows list, replay and purge (ANDed with the other filters), and an id that
+/// matches nothing is reported, through the API and the `relay parked` command.
+async fn ids_select_exactly_those_parked_jobs(backend: Backend) {
+    let app = spawn_app_on(backend, |s| s.admin.token = Some(ADMIN.to_owned().into())).await;
+    app.centercode.push_fault(Fault {
+        status: 400,
+        times: 3,
+        ..Fault::default()
+    });
+    for n in 0..3 {
+        app.post_outbound("gdpr", crate::admin::with_id(n)).await;
+    }
+    app.deliver_until_settled().await;
+    let admin = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let mut req = app
+            .client
+            .request(method, format!("{}{path}", app.address))
+            .bearer_auth(ADMIN);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (_, all) = admin(reqwest::Method::GET, "/admin/parked".into(), None).await;
+    let mut ids: Vec<String> = all["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids.len(), 3);
+
+    // The CLI purges exactly the named id, and says which id matched nothing.
+    // tokio's Command: the relay under test (RabbitMQ's client) runs on this test's runtime.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args([
+            "parked",
+            "purge",
+            "--route",
+            "gdpr",
+            "--yes",
+            "--url",
+            &app.address,
+        ])
+        .args(["--ids", &format!("{},no-such-job", ids[0])])
+        .env("RELAY_ADMIN_TOKEN", ADMIN)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("purged 1 "));
+    assert!(stderr.contains("no-such-job"), "{stderr}");
+    assert_eq!(app.stats().await.parked, 2);
+
+    // List by id, ANDed with the route: the right job, or nothing for another route.
+    let (_, one) = admin(
+        reqwest::Method::GET,
+        format!("/admin/parked?ids={},{}", ids[1], ids[0]),
+        None,
+    )
+    .await;
+    let listed: Vec<&str> = one["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, vec![ids[1].as_str()]);
+    assert_eq!(one["unmatched_ids"], json!([ids[0]]));
+    let (_, other_route) = admin(
+        reqwest::Method::GET,
+        format!("/admin/parked?ids={}&route=feedback", ids[1]),
+        None,
+    )
+    .await;
+    assert_eq!(other_route["jobs"], json!([]));
+    assert_eq!(other_route["unmatched_ids"], json!([ids[1]]));
+
+    // Replay by id moves that job only.
+    let (_, replayed) = admin(
+        reqwest::Method::POST,
+        "/admin/parked/replay".into(),
+        Some(json!({"ids": [ids[1]]})),
+    )
+    .await;
+    assert_eq!(
+        (replayed["matched"].as_u64(), replayed["moved"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(app.stats().await.parked, 1);
+    let (_, left) = admin(reqwest::Method::GET, "/admin/parked".into(), None).await;
+    assert_eq!(left["jobs"][0]["id"], json!(ids[2]));
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),*) => {
         mod embedded {
@@ -187,5 +286,6 @@ on_both_backends!(
     transient_failures_are_retried,
     parked_then_replayed_through_the_admin_api,
     callouts_are_deduplicated,
-    queue_ages_show_on_metrics
+    queue_ages_show_on_metrics,
+    ids_select_exactly_those_parked_jobs
 );
