@@ -288,16 +288,37 @@ pub fn check_access(
     }
     if let Some(allowed) = networks.allowed.get(&route.name) {
         let trusted = &networks.trusted_proxies;
-        let forwarded = req
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        let client = crate::netaddr::client_ip(req.peer_addr().map(|a| a.ip()), forwarded, trusted);
+        let forwarded = forwarded_for(req);
+        let client = crate::netaddr::client_ip(
+            req.peer_addr().map(|a| a.ip()),
+            forwarded.as_deref(),
+            trusted,
+        );
         if !client.is_some_and(|ip| allowed.iter().any(|net| net.contains(ip))) {
             return Err(AccessDenied::Forbidden);
         }
     }
     Ok(())
+}
+
+/// Every `X-Forwarded-For` line, in order, as one list: a proxy may append its own line
+/// after a forged one, and the right-most entries are the ones a trusted proxy vouches for.
+/// A line that is not text makes the whole header garbled (`client_ip` then refuses).
+fn forwarded_for(req: &HttpRequest) -> Option<String> {
+    let mut joined: Option<String> = None;
+    for line in req.headers().get_all("x-forwarded-for") {
+        let Ok(line) = line.to_str() else {
+            return Some("garbled".into());
+        };
+        match &mut joined {
+            Some(j) => {
+                j.push(',');
+                j.push_str(line);
+            }
+            None => joined = Some(line.to_owned()),
+        }
+    }
+    joined
 }
 
 /// The media type of a request, lower-cased, without parameters.

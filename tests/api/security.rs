@@ -92,6 +92,34 @@ async fn x_forwarded_for_counts_only_behind_a_trusted_proxy() {
 }
 
 #[tokio::test]
+async fn every_x_forwarded_for_line_counts_so_a_forged_first_line_does_not_win() {
+    let app = spawn_app_with(|s| {
+        s.server.trusted_proxies = vec!["127.0.0.0/8".into()];
+        s.routes[0].allowed_ips = vec!["203.0.113.0/24".into()];
+    })
+    .await;
+    let send = |lines: &'static [&'static str]| {
+        let mut req = app
+            .client
+            .post(format!("{}/salesforce/outbound/gdpr", app.address))
+            .header("Content-Type", "text/xml");
+        for line in lines {
+            // reqwest appends: each value goes out as its own header line.
+            req = req.header("X-Forwarded-For", *line);
+        }
+        req.body(fixture("om_contact_gdpr_removal_single.xml"))
+            .send()
+    };
+    // The client forged an allowed address; the proxy appended the real one on a new line.
+    let r = send(&["203.0.113.9", "198.51.100.7"]).await.unwrap();
+    assert_eq!(r.status(), 403);
+    // The real client is allowed; an earlier (untrusted) line is not what decides.
+    let r = send(&["198.51.100.7", "203.0.113.9"]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.stats().await.ready, 1);
+}
+
+#[tokio::test]
 async fn a_slow_client_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = spawn_app_with(|s| {
