@@ -140,10 +140,12 @@ impl CentercodeClient {
 
 fn classify(e: reqwest::Error) -> TransportError {
     let e = e.without_url();
-    if e.is_timeout() {
-        TransportError::Timeout
-    } else if e.is_connect() {
+    // A connect timeout is reported as both a connect error and a timeout. The request never
+    // left, so it is a plain connect failure (safe to retry, even for feedback creation).
+    if e.is_connect() {
         TransportError::Connect(error_text(&e))
+    } else if e.is_timeout() {
+        TransportError::Timeout
     } else {
         TransportError::Broken(error_text(&e))
     }
@@ -184,6 +186,52 @@ pub fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    /// times out instead of being refused.
+    async fn unanswered_address() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, String) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        // Fill the accept queue until a connect stops completing.
+        loop {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => held.push(stream),
+                Ok(Err(e)) => panic!("connect failed instead of hanging: {e}"),
+                Err(_) => break,
+            }
+            assert!(held.len() < 64, "the accept queue never filled");
+        }
+        (
+            listener,
+            held,
+            format!("http://{addr}/api/v1/projects/p/externalSources/s"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_connect_timeout_is_a_connect_failure_not_an_unknown_outcome() {
+        let (_listener, _held, url) = unanswered_address().await;
+        let client = CentercodeClient::new(Duration::from_millis(300));
+        let request = CentercodeRequest {
+            url,
+            find: None,
+            body: Some(serde_json::json!({"summary": "x"})),
+        };
+        let err = client
+            .send(&request, &SecretString::from("k"))
+            .await
+            .expect_err("nothing answers");
+        assert!(matches!(err, TransportError::Connect(_)), "{err:?}");
+        assert!(!err.outcome_unknown(), "the request never left");
+    }
 
     #[test]
     fn plus_in_an_email_is_sent_as_2b() {
