@@ -185,6 +185,19 @@ pub struct QueueSettings {
     /// (and forgets them on restart).
     #[serde(default)]
     pub redis_url: Option<SecretString>,
+    /// RabbitMQ only: where gateways remember notification ids. Unset: Redis when
+    /// `redis_url` is set, else memory. Production refuses memory unless it is explicit,
+    /// since a second gateway would then accept duplicates.
+    #[serde(default)]
+    pub dedupe: Option<DedupeStore>,
+}
+
+/// `queue.dedupe`: `redis` or `memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupeStore {
+    Redis,
+    Memory,
 }
 
 fn default_amqp_url() -> SecretString {
@@ -492,6 +505,10 @@ pub struct RouteSettings {
     /// ranges: https://ip-ranges.salesforce.com/ip-ranges.json
     #[serde(default)]
     pub allowed_ips: Vec<String>,
+    /// Production only: accept an outbound_message route with none of `path_token`,
+    /// `allowed_ips` or mutual TLS (warned at start and shown on `/admin/routes`).
+    #[serde(default)]
+    pub insecure_open: bool,
 }
 
 impl RouteSettings {
@@ -593,7 +610,7 @@ impl Settings {
         let raw = builder.build().map_err(config_error)?;
         let mut settings: Settings = raw.try_deserialize().map_err(config_error)?;
         settings.apply_route_secrets_from_env();
-        settings.validate()?;
+        settings.validate_for(env)?;
         Ok(settings)
     }
 
@@ -648,8 +665,18 @@ impl Settings {
         }
     }
 
-    /// Cross-field rules. Every error names the key and what is expected.
+    /// Cross-field rules for the environment `RELAY_ENV` names.
     pub fn validate(&self) -> Result<(), SettingsError> {
+        self.validate_for(Environment::from_env()?)
+    }
+
+    /// Cross-field rules. Every error names the key and what is expected. Production adds
+    /// the refusals of [`Settings::validate_production`].
+    pub fn validate_for(&self, env: Environment) -> Result<(), SettingsError> {
+        self.validate_ranges()?;
+        if env == Environment::Production {
+            self.validate_production()?;
+        }
         self.server.bind.parse::<SocketAddr>().map_err(|_| {
             SettingsError::new("server.bind", "expected host:port, e.g. 127.0.0.1:8080")
         })?;
@@ -699,17 +726,6 @@ impl Settings {
                 "expected at least 1",
             ));
         }
-        if let Some(bad) = self
-            .worker
-            .retry_schedule_secs
-            .iter()
-            .position(|s| !s.is_finite() || *s < 0.0)
-        {
-            return Err(SettingsError::new(
-                format!("worker.retry_schedule_secs[{bad}]"),
-                "expected a non-negative number of seconds",
-            ));
-        }
         if self
             .admin
             .token()
@@ -726,7 +742,7 @@ impl Settings {
                 "expected more than 0",
             ));
         }
-        if self.queue.lease_secs * 1000 <= self.centercode.timeout_ms {
+        if self.queue.lease_secs.saturating_mul(1000) <= self.centercode.timeout_ms {
             return Err(SettingsError::new(
                 "queue.lease_secs",
                 "must be longer than centercode.timeout_ms, or a slow delivery would be handed to a second worker",
@@ -739,6 +755,150 @@ impl Settings {
                 return Err(SettingsError::new(
                     format!("routes[{i}].name"),
                     format!("route name `{}` is used twice", route.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Numbers that would panic or overflow when turned into durations or timestamps.
+    fn validate_ranges(&self) -> Result<(), SettingsError> {
+        const DAY: u64 = 86_400;
+        for (key, value, max) in [
+            ("queue.lease_secs", self.queue.lease_secs, 7 * DAY),
+            (
+                "queue.dedupe_ttl_secs",
+                self.queue.dedupe_ttl_secs,
+                366 * DAY,
+            ),
+            (
+                "queue.commit_delay_us",
+                self.queue.commit_delay_us,
+                1_000_000,
+            ),
+            (
+                "queue.confirm_timeout_ms",
+                self.queue.confirm_timeout_ms,
+                3_600_000,
+            ),
+            ("worker.max_age_secs", self.worker.max_age_secs, 366 * DAY),
+            (
+                "worker.retry_after_max_secs",
+                self.worker.retry_after_max_secs,
+                30 * DAY,
+            ),
+            (
+                "worker.poll_interval_ms",
+                self.worker.poll_interval_ms,
+                3_600_000,
+            ),
+            (
+                "centercode.timeout_ms",
+                self.centercode.timeout_ms,
+                3_600_000,
+            ),
+            (
+                "server.body_timeout_ms",
+                self.server.body_timeout_ms,
+                3_600_000,
+            ),
+            (
+                "server.header_timeout_ms",
+                self.server.header_timeout_ms,
+                3_600_000,
+            ),
+            (
+                "server.shutdown_grace_secs",
+                self.server.shutdown_grace_secs,
+                DAY,
+            ),
+        ] {
+            if value > max {
+                return Err(SettingsError::new(key, format!("expected at most {max}")));
+            }
+        }
+        if self.queue.lease_secs == 0 {
+            return Err(SettingsError::new(
+                "queue.lease_secs",
+                "expected at least 1",
+            ));
+        }
+        let cooldown = self.worker.circuit_cooldown_secs;
+        if !cooldown.is_finite() || !(0.0..=DAY as f64).contains(&cooldown) {
+            return Err(SettingsError::new(
+                "worker.circuit_cooldown_secs",
+                format!("expected a number of seconds from 0 to {DAY}"),
+            ));
+        }
+        if let Some(bad) = self
+            .worker
+            .retry_schedule_secs
+            .iter()
+            .position(|s| !s.is_finite() || *s < 0.0 || *s > (366 * DAY) as f64)
+        {
+            return Err(SettingsError::new(
+                format!("worker.retry_schedule_secs[{bad}]"),
+                "expected a non-negative number of seconds, at most a year",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `RELAY_ENV=production` refuses what would expose or lose data.
+    fn validate_production(&self) -> Result<(), SettingsError> {
+        let mutual_tls = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            if route.kind == RouteKind::OutboundMessage
+                && route.path_token.is_none()
+                && route.allowed_ips.is_empty()
+                && !mutual_tls
+                && !route.insecure_open
+            {
+                return Err(SettingsError::new(
+                    key("path_token"),
+                    format!(
+                        "in production an outbound_message route needs a path_token ({}PATH_TOKEN), allowed_ips, or mutual TLS (server.tls.client_ca); org_ids is not a secret. Set insecure_open = true to accept anyone who knows the URL",
+                        route.env_prefix()
+                    ),
+                ));
+            }
+            if route.url.starts_with("http://") {
+                return Err(SettingsError::new(
+                    key("url"),
+                    "in production Centercode URLs must be https:// (the API key travels in the query)",
+                ));
+            }
+            if self.api_key_for(route).expose_secret().is_empty() {
+                return Err(SettingsError::new(
+                    if route.api_key.is_some() {
+                        key("api_key")
+                    } else {
+                        "centercode.api_key".into()
+                    },
+                    format!(
+                        "in production route `{}` needs a Centercode API key (RELAY__CENTERCODE__API_KEY or {}API_KEY)",
+                        route.name,
+                        route.env_prefix()
+                    ),
+                ));
+            }
+        }
+        if self.queue.backend == QueueBackend::Rabbitmq {
+            if self.queue.queue_type == RabbitQueueType::Classic {
+                return Err(SettingsError::new(
+                    "queue.queue_type",
+                    "in production use quorum queues; a classic queue lives on one broker node and is lost with it",
+                ));
+            }
+            if self.queue.redis_url.is_none() && self.queue.dedupe != Some(DedupeStore::Memory) {
+                return Err(SettingsError::new(
+                    "queue.redis_url",
+                    "in production a RabbitMQ gateway needs Redis for dedupe (a second gateway would accept duplicates); set queue.dedupe = \"memory\" if exactly one gateway runs",
                 ));
             }
         }
@@ -781,6 +941,21 @@ impl Settings {
                 "queue.confirm_timeout_ms",
                 "expected more than 0",
             ));
+        }
+        match (self.queue.dedupe, &self.queue.redis_url) {
+            (Some(DedupeStore::Redis), None) => {
+                return Err(SettingsError::new(
+                    "queue.dedupe",
+                    "\"redis\" needs queue.redis_url",
+                ))
+            }
+            (Some(DedupeStore::Memory), Some(_)) => {
+                return Err(SettingsError::new(
+                    "queue.dedupe",
+                    "\"memory\" with queue.redis_url set: remove one of them",
+                ))
+            }
+            _ => {}
         }
         if let Some(redis) = &self.queue.redis_url {
             match redis.expose_secret().split_once("://") {
@@ -1083,5 +1258,131 @@ salesforce_id = "Id"
         let mut s = Settings::from_toml(ROUTES).unwrap();
         s.centercode.api_key = SecretString::from("super-secret-key");
         assert!(!format!("{s:?}").contains("super-secret-key"));
+    }
+
+    fn production(extra: &str) -> Result<(), SettingsError> {
+        let mut s =
+            Settings::from_toml(&format!("{extra}\n{ROUTES}")).expect("valid outside production");
+        if s.centercode.api_key.expose_secret().is_empty() {
+            s.centercode.api_key = SecretString::from("community-key");
+        }
+        s.validate_for(Environment::Production)
+    }
+
+    #[test]
+    fn production_refuses_an_outbound_route_anyone_can_call() {
+        assert_eq!(production("").unwrap_err().key, "routes[0].path_token");
+        let guarded = ROUTES
+            .replace(
+                "sobject = \"Contact\"",
+                "sobject = \"Contact\"\npath_token = \"0123456789abcdef-token\"",
+            )
+            .replace(
+                "sobject = \"Feedback__c\"",
+                "sobject = \"Feedback__c\"\nallowed_ips = [\"13.108.0.0/14\"]",
+            );
+        let mut s = Settings::from_toml(&guarded).unwrap();
+        s.centercode.api_key = SecretString::from("community-key");
+        s.validate_for(Environment::Production)
+            .expect("token and allowlist suffice");
+        // An explicit opt-out is accepted (and warned about at start).
+        let open = ROUTES.replace(
+            "email_field = \"Email\"",
+            "email_field = \"Email\"\ninsecure_open = true",
+        );
+        let mut s = Settings::from_toml(&open).unwrap();
+        s.centercode.api_key = SecretString::from("community-key");
+        assert_eq!(
+            s.validate_for(Environment::Production).unwrap_err().key,
+            "routes[1].path_token"
+        );
+        // Outside production nothing changes.
+        Settings::from_toml(ROUTES)
+            .unwrap()
+            .validate_for(Environment::Local)
+            .unwrap();
+    }
+
+    #[test]
+    fn production_refuses_plain_http_an_empty_key_classic_queues_and_lone_memory_dedupe() {
+        let guarded = ROUTES
+            .replace(
+                "email_field = \"Email\"",
+                "email_field = \"Email\"\ninsecure_open = true",
+            )
+            .replace("[routes.fields]", "insecure_open = true\n[routes.fields]");
+        let check = |text: &str, key: &str| {
+            let mut s = Settings::from_toml(text).unwrap();
+            if key != "centercode.api_key" {
+                s.centercode.api_key = SecretString::from("community-key");
+            }
+            assert_eq!(
+                s.validate_for(Environment::Production).unwrap_err().key,
+                key,
+                "{text}"
+            );
+        };
+        check(
+            &guarded.replacen("https://acme", "http://acme", 1),
+            "routes[0].url",
+        );
+        check(&guarded, "centercode.api_key");
+        let rabbit = "[queue]\nbackend = \"rabbitmq\"\nredis_url = \"redis://127.0.0.1:6379\"\n";
+        check(
+            &format!("{rabbit}queue_type = \"classic\"\n{guarded}"),
+            "queue.queue_type",
+        );
+        check(
+            &format!("[queue]\nbackend = \"rabbitmq\"\n{guarded}"),
+            "queue.redis_url",
+        );
+        // One gateway, said explicitly: accepted.
+        let mut s = Settings::from_toml(&format!(
+            "[queue]\nbackend = \"rabbitmq\"\ndedupe = \"memory\"\n{guarded}"
+        ))
+        .unwrap();
+        s.centercode.api_key = SecretString::from("community-key");
+        s.validate_for(Environment::Production).unwrap();
+        let mut s = Settings::from_toml(&format!("{rabbit}{guarded}")).unwrap();
+        s.centercode.api_key = SecretString::from("community-key");
+        s.validate_for(Environment::Production).unwrap();
+    }
+
+    #[test]
+    fn numbers_that_would_panic_or_overflow_are_errors_naming_the_key() {
+        for (text, key) in [
+            (
+                "[worker]\ncircuit_cooldown_secs = -1.0\n",
+                "worker.circuit_cooldown_secs",
+            ),
+            (
+                "[worker]\ncircuit_cooldown_secs = nan\n",
+                "worker.circuit_cooldown_secs",
+            ),
+            (
+                "[worker]\ncircuit_cooldown_secs = inf\n",
+                "worker.circuit_cooldown_secs",
+            ),
+            (
+                "[queue]\nlease_secs = 9223372036854775807\n",
+                "queue.lease_secs",
+            ),
+            ("[queue]\nlease_secs = 0\n", "queue.lease_secs"),
+            (
+                "[worker]\nretry_schedule_secs = [1e300]\n",
+                "worker.retry_schedule_secs[0]",
+            ),
+            (
+                "[worker]\nmax_age_secs = 9223372036854775807\n",
+                "worker.max_age_secs",
+            ),
+            (
+                "[queue]\ndedupe_ttl_secs = 9223372036854775807\n",
+                "queue.dedupe_ttl_secs",
+            ),
+        ] {
+            let err = Settings::from_toml(text).expect_err(text);
+            assert_eq!(err.key, key, "{text}: {err}");
+        }
     }
 }

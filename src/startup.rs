@@ -88,6 +88,9 @@ impl Application {
             .as_ref()
             .map(crate::tls::server_config)
             .transpose()?;
+        for route in settings.routes.iter().filter(|r| r.insecure_open) {
+            tracing::warn!(route = %route.name, "route is insecure_open: anyone who knows its URL can make the relay act on Centercode; set a path_token, allowed_ips or mutual TLS");
+        }
         let metrics = Arc::new(Metrics::new());
         metrics.init_routes(&settings.routes);
         let control = Arc::new(RouteControl::new(CircuitBreaker::new(
