@@ -100,7 +100,9 @@ impl CentercodeClient {
     pub fn new(timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            // Shorter than the whole-call timeout, so a connect that hangs is reported as a
+            // connect failure (safe to retry) rather than racing the call timeout.
+            .connect_timeout((timeout / 2).min(Duration::from_secs(10)))
             // A redirect would carry the apiKey to wherever it points.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("sf-centercode-relay/", env!("CARGO_PKG_VERSION")))

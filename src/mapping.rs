@@ -19,12 +19,10 @@ pub enum MappingError {
     MissingEmail { field: String },
     #[error("e-mail field `{field}` does not hold a valid e-mail address")]
     InvalidEmail { field: String },
-    #[error("value `{value}` of `{field}` (for Centercode key `{key}`) is not in the route's map and there is no default")]
-    Unmapped {
-        key: String,
-        field: String,
-        value: String,
-    },
+    /// The value itself is left out: it may be personal data, and reasons reach logs and the
+    /// admin API. The Salesforce record (its id is on the job) shows it.
+    #[error("the value of `{field}` (for Centercode key `{key}`) is not in the rule's `map` and the rule has no `default`")]
+    Unmapped { key: String, field: String },
     #[error("`{field}` (for Centercode key `{key}`) is {len} characters, more than max_len {max}")]
     TooLong {
         key: String,
@@ -178,7 +176,6 @@ fn map_fields(
                         return Err(MappingError::Unmapped {
                             key: key.clone(),
                             field,
-                            value: as_text(&raw).chars().take(64).collect(),
                         })
                     }
                 },
@@ -344,5 +341,35 @@ rating = "/feedback/rating"
         };
         let req = to_centercode(&job, &s.routes[2]).unwrap();
         assert_eq!(req.body.unwrap(), json!({"summary": "T", "rating": 4}));
+    }
+
+    #[test]
+    fn an_unmapped_value_is_named_by_field_and_rule_never_by_value() {
+        let mut s = settings();
+        // No default: a value outside the map parks the job.
+        if let Some(crate::settings::FieldMapping::Rule(rule)) =
+            s.routes[1].fields.get_mut("severity")
+        {
+            rule.default = None;
+        }
+        let err = to_centercode(
+            &om(&[
+                ("Subject__c", Some("Short")),
+                ("Priority__c", Some("Jane Doe <jane@example.org>")),
+            ]),
+            &s.routes[1],
+        )
+        .unwrap_err();
+        let reason = err.to_string();
+        assert!(matches!(err, MappingError::Unmapped { .. }), "{err:?}");
+        assert!(
+            reason.contains("Priority__c") && reason.contains("map"),
+            "{reason}"
+        );
+        assert!(
+            !reason.contains("Jane") && !reason.contains("jane@example.org"),
+            "{reason}"
+        );
+        assert!(!format!("{err:?}").contains("Jane"), "the Debug form too");
     }
 }

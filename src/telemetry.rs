@@ -17,8 +17,8 @@ static STDERR_SINK: OnceLock<Arc<LogSink>> = OnceLock::new();
 /// Install the global subscriber; `RUST_LOG` overrides `telemetry.level`. Logs go to stderr,
 /// keeping stdout for the relay's own messages (listening address, demo account).
 pub fn init(settings: &TelemetrySettings) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.level.clone());
+    let filter = filter_for(&spec);
     let sink = STDERR_SINK
         .get_or_init(|| LogSink::start(std::io::stderr()))
         .clone();
@@ -36,6 +36,44 @@ pub fn init(settings: &TelemetrySettings) {
     };
     // A second init (tests, demo) keeps the first subscriber.
     let _ = result;
+}
+
+/// Targets whose DEBUG/TRACE output carries message bodies (lapin logs AMQP frames, payloads
+/// included). They are held at `info` or quieter, whatever `telemetry.level` or `RUST_LOG` say.
+const BODY_LOGGING_TARGETS: [&str; 3] = ["lapin", "amq_protocol", "pinky_swear"];
+
+/// The filter for `spec` (a `tracing` filter), with [`BODY_LOGGING_TARGETS`] capped at `info`
+/// (or at the global level when that is quieter). A spec that does not parse falls back to
+/// `info` rather than to no logging.
+pub fn filter_for(spec: &str) -> EnvFilter {
+    let mut global = "info";
+    let kept: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| {
+            let target = d.split(['=', '[']).next().unwrap_or_default();
+            if !d.contains('=') && !d.contains('[') {
+                global = match target.to_ascii_lowercase().as_str() {
+                    "error" => "error",
+                    "warn" => "warn",
+                    "off" => "off",
+                    _ => "info",
+                };
+                return true;
+            }
+            !BODY_LOGGING_TARGETS
+                .iter()
+                .any(|t| target == *t || target.starts_with(&format!("{t}::")))
+        })
+        .collect();
+    let mut filter = EnvFilter::try_new(kept.join(",")).unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in BODY_LOGGING_TARGETS {
+        if let Ok(directive) = format!("{target}={global}").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
 }
 
 /// Write out every log line still waiting; call before the process exits.
@@ -224,5 +262,60 @@ mod tests {
             );
             std::thread::yield_now();
         }
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::filter_for;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(spec: &str) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter_for(spec))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "lapin::channel", "frame body PAYLOAD-TRACE");
+            tracing::debug!(target: "amq_protocol::frame", "frame PAYLOAD-DEBUG");
+            tracing::info!(target: "lapin::connection", "connection INFO-LINE");
+            tracing::trace!(target: "sf_centercode_relay::worker", "relay TRACE-LINE");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn lapin_never_logs_below_info_whatever_the_level_says() {
+        for spec in [
+            "trace",
+            "lapin=trace,trace",
+            "trace,lapin::channel=trace,amq_protocol=debug",
+        ] {
+            let text = logged(spec);
+            assert!(!text.contains("PAYLOAD"), "{spec}: {text}");
+            assert!(text.contains("INFO-LINE"), "{spec}: {text}");
+            assert!(
+                text.contains("TRACE-LINE"),
+                "{spec}: the relay's own trace stays on"
+            );
+        }
+        // A quieter global level stays quieter for lapin too.
+        assert!(!logged("warn").contains("INFO-LINE"));
     }
 }

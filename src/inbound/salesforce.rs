@@ -115,6 +115,8 @@ pub async fn receive(
 }
 
 /// `POST /salesforce/outbound/{route}/{token}`: the same, for routes with a secret path token.
+/// The span names the route, never the token.
+#[tracing::instrument(name = "outbound_message", skip_all, fields(route = %path.0, request_id = tracing::field::Empty, sf_org_id = tracing::field::Empty, notifications = tracing::field::Empty))]
 pub async fn receive_with_token(
     req: HttpRequest,
     path: web::Path<(String, String)>,

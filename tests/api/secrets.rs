@@ -1,7 +1,7 @@
 //! Every flow run against a real `relay serve` with TRACE logging: no secret, session id or
 //! e-mail address may appear anywhere in what it printed.
 
-use crate::helpers::{fixture, sign, spawn_relay, write_relay_config};
+use crate::helpers::{fixture, sign, spawn_relay, write_relay_config, RabbitEnv};
 use serde_json::json;
 use sf_centercode_relay::fake_centercode::{ApiKeyConfig, FakeCentercode, FakeConfig, Fault};
 use std::io::Read;
@@ -13,9 +13,80 @@ const ADMIN: &str = "admin-token-Zq82ThisMustNeverBeLogged-000";
 const BEARER: &str = "bearer-Zq83ThisMustNeverBeLogged";
 const HMAC: &str = "hmac-secret-Zq84ThisMustNeverBeLogged";
 const SESSION: &str = "AQ8AQFakeSessionTokenForFixturesOnly";
+const PATH_TOKEN: &str = "path-token-Zq85ThisMustNeverBeLogged";
+const AMQP_PASSWORD: &str = "amqp-pass-Zq86ThisMustNeverBeLogged";
+const REDIS_PASSWORD: &str = "redis-pass-Zq87ThisMustNeverBeLogged";
 
 #[tokio::test]
 async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
+    secrets_stay_out_of_the_logs(None).await;
+}
+
+#[tokio::test]
+async fn no_secret_or_email_reaches_the_logs_on_rabbitmq_even_at_trace_level() {
+    let env = RabbitEnv::new().await;
+    // A broker user and a Redis user with passwords, so the URLs carry secrets to leak.
+    for args in [
+        vec!["add_user", "relay-secrets", AMQP_PASSWORD],
+        vec!["change_password", "relay-secrets", AMQP_PASSWORD],
+        vec![
+            "set_permissions",
+            "-p",
+            "/",
+            "relay-secrets",
+            ".*",
+            ".*",
+            ".*",
+        ],
+    ] {
+        let _ = tokio::process::Command::new("rabbitmqctl")
+            .args(&args)
+            .output()
+            .await
+            .expect("rabbitmqctl (Debian package rabbitmq-server) must be installed");
+    }
+    let redis = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "relay-secrets", "reset", "on"][..])
+        .arg(format!(">{REDIS_PASSWORD}"))
+        .arg(&["~*", "+@all"][..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let host = |url: &str| url.rsplit_once('@').map_or(url, |(_, h)| h).to_owned();
+    let amqp = format!("amqp://relay-secrets:{AMQP_PASSWORD}@{}", host(&env.url));
+    let redis_url = format!(
+        "redis://relay-secrets:{REDIS_PASSWORD}@{}",
+        host(env.redis_url.trim_start_matches("redis://"))
+    );
+    let queue = format!(
+        "backend = \"rabbitmq\"\nurl = \"{amqp}\"\nprefix = \"{}\"\nredis_url = \"{redis_url}\"\n",
+        env.prefix
+    );
+    secrets_stay_out_of_the_logs(Some(&queue)).await;
+}
+
+/// Every way a secret could be printed: as text, in hex, and as a Rust byte array (what a
+/// `{:?}` of a `&[u8]` or `Vec<u8>` gives).
+fn encodings(secret: &str) -> Vec<String> {
+    let bytes = secret.as_bytes();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    vec![
+        secret.to_owned(),
+        hex.clone(),
+        hex.to_uppercase(),
+        format!("{bytes:?}"),
+        bytes
+            .iter()
+            .map(u8::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    ]
+}
+
+/// `queue`: extra `[queue]` TOML (RabbitMQ), or the embedded queue.
+async fn secrets_stay_out_of_the_logs(queue: Option<&str>) {
     // Arrange: a fake Centercode that knows our key, and a relay child logging everything.
     let centercode = FakeCentercode::start(FakeConfig {
         api_keys: vec![ApiKeyConfig {
@@ -29,7 +100,7 @@ async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_relay_config(
         dir.path(),
-        "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\n[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[telemetry]\nformat = \"json\"\n",
+        &format!("[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\n{}[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[telemetry]\nformat = \"json\"\n", queue.unwrap_or_default()),
         &centercode.base_url(),
     );
     let (mut child, base) = spawn_relay(
@@ -42,6 +113,7 @@ async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
             ("RELAY_ROUTE__APEX_REMOVAL__BEARER", BEARER),
             ("RELAY_ROUTE__FLOW_FEEDBACK__BEARER", BEARER),
             ("RELAY_ROUTE__APEX_FEEDBACK__HMAC_SECRET", HMAC),
+            ("RELAY_ROUTE__CASE_FEEDBACK__PATH_TOKEN", PATH_TOKEN),
         ],
         Stdio::piped(),
     );
@@ -64,7 +136,15 @@ async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
     for (route, file) in [
         ("gdpr", "om_contact_gdpr_removal_single.xml"),
         ("gdpr", "om_contact_batch_4.xml"),
-        ("case-feedback", "om_case_feedback.xml"),
+        // PATH_TOKEN, spelled out because the closure takes static paths.
+        (
+            "case-feedback/path-token-Zq85ThisMustNeverBeLogged",
+            "om_case_feedback.xml",
+        ),
+        (
+            "case-feedback/wrong-token-0123456789abcdef",
+            "om_case_feedback.xml",
+        ),
         ("feedback", "om_feedback_custom_object.xml"),
         ("feedback", "om_feedback_nil_fields.xml"),
         ("gdpr", "hostile_xxe_external_entity.xml"),
@@ -202,11 +282,22 @@ async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
         "li.wei@example.cn",
         "sofia.hernandez@example.es",
     ];
-    for needle in [API_KEY, ADMIN, BEARER, HMAC, SESSION]
+    let secrets = [
+        API_KEY,
+        ADMIN,
+        BEARER,
+        HMAC,
+        SESSION,
+        PATH_TOKEN,
+        AMQP_PASSWORD,
+        REDIS_PASSWORD,
+    ];
+    for needle in secrets
         .iter()
         .chain(emails.iter())
+        .flat_map(|s| encodings(s))
     {
-        let hit = logs.lines().find(|l| l.contains(needle));
+        let hit = logs.lines().find(|l| l.contains(&needle));
         assert!(
             hit.is_none(),
             "`{needle}` appears in the logs: {}",
@@ -253,6 +344,25 @@ async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
         );
     }
     assert!(delivered["timestamp"].is_string() && delivered["level"].is_string());
+    // The token route: its access line names the pattern, and its lines keep their fields.
+    let token_access = lines
+        .iter()
+        .find(|l| {
+            l["message"] == "request handled"
+                && l["path"] == "/salesforce/outbound/case-feedback/{token}"
+        })
+        .expect("an access line for the token route, with the token replaced");
+    assert!(token_access["request_id"].is_string(), "{token_access}");
+    let stored_via_token = lines
+        .iter()
+        .find(|l| l["message"] == "notification stored" && l["span"]["route"] == "case-feedback")
+        .expect("a stored line from the token route");
+    for field in ["request_id", "sf_org_id", "notifications"] {
+        assert!(
+            !stored_via_token["span"][field].is_null(),
+            "`{field}` missing from {stored_via_token}"
+        );
+    }
 }
 
 fn unsafe_sigterm(pid: u32) {
