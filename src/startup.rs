@@ -210,8 +210,11 @@ impl Application {
             self.settings.queue.depth_warning,
             stop.clone(),
         ));
+        // Every role, gateways included: the dedupe keys are written by gateways.
+        let housekeeping = tokio::spawn(purge_expired_dedupe(self.queue.clone(), stop.clone()));
         stop.cancelled().await;
         monitor.abort();
+        housekeeping.abort();
         tracing::info!("stopping: no new requests; finishing in-flight work");
         handle.stop(true).await;
         let _ = server_task.await;
@@ -249,6 +252,35 @@ async fn watch_backlog(queue: Queue, threshold: u64, stop: CancellationToken) {
         high = waiting > threshold;
     }
 }
+
+/// Forget expired dedupe keys in every process, in proportion to what expired: a full batch
+/// is followed at once by the next, so a burst of keys (a busy day of Salesforce traffic) is
+/// gone within seconds of expiring instead of outgrowing a fixed rate.
+async fn purge_expired_dedupe(queue: Queue, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(DEDUPE_PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        loop {
+            match queue.purge_expired_dedupe().await {
+                Ok(n) if n >= crate::queue::DEDUPE_PURGE_BATCH => tokio::task::yield_now().await,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not purge expired dedupe keys");
+                    break;
+                }
+            }
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+}
+
+/// How often each process looks for expired dedupe keys (the first look is at start).
+const DEDUPE_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// HTTP threads when `server.workers = 0`: one per two cores, at least one. A request spends
 /// most of its time waiting on other threads (the SQLite writer, lapin's I/O thread, Redis,

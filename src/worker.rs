@@ -131,7 +131,6 @@ impl Worker {
     /// Lease due jobs into `tx` as room frees up, until `stop`.
     async fn feed(self, tx: tokio::sync::mpsc::Sender<Leased>, stop: CancellationToken) {
         let poll = Duration::from_millis(self.settings.worker.poll_interval_ms);
-        let mut last_purge = std::time::Instant::now();
         while !stop.is_cancelled() {
             if tx.capacity() == 0 {
                 tokio::select! {
@@ -169,12 +168,6 @@ impl Worker {
                         _ = tokio::time::sleep(poll) => {}
                         _ = stop.cancelled() => return,
                     }
-                }
-            }
-            if last_purge.elapsed() > Duration::from_secs(600) {
-                last_purge = std::time::Instant::now();
-                if let Err(e) = self.queue.purge_expired_dedupe().await {
-                    tracing::warn!(error = %e, "could not purge expired dedupe keys");
                 }
             }
         }

@@ -250,7 +250,7 @@ impl Queue {
         }
     }
 
-    /// Forget deduplication keys past their TTL.
+    /// Forget deduplication keys past their TTL, up to [`DEDUPE_PURGE_BATCH`] per call.
     pub async fn purge_expired_dedupe(&self) -> Result<u64, QueueError> {
         match self {
             Queue::Embedded(q) => q.purge_expired_dedupe().await,
@@ -338,3 +338,22 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// A park reason for a stored job whose payload does not decode: the job id, the kind of
+/// error and where, never the text serde quotes (it can hold personal data).
+pub fn decode_error(id: &str, e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => "not a job this relay knows",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    format!(
+        "job {id}: the stored payload is {kind} (line {}, column {}); it cannot be delivered",
+        e.line(),
+        e.column()
+    )
+}
+
+/// Most expired dedupe keys one purge call removes (one short write transaction).
+pub const DEDUPE_PURGE_BATCH: u64 = 10_000;

@@ -1688,7 +1688,8 @@ fn decode(delivery: &Delivery, generation: u64) -> Result<(Leased, Meta), String
     if id.is_empty() {
         return Err("message without message_id".into());
     }
-    let job: Job = serde_json::from_slice(&delivery.data).map_err(|e| format!("job {id}: {e}"))?;
+    let job: Job =
+        serde_json::from_slice(&delivery.data).map_err(|e| super::decode_error(&id, &e))?;
     // The attempt counter lives in the header and is counted at lease time, as on SQLite:
     // quorum queues also count returns to the queue (lost consumer, requeue) in
     // x-delivery-count; classic queues only flag a redelivery.

@@ -269,34 +269,60 @@ impl SqliteQueue {
                               ORDER BY available_at LIMIT ?5)
                  RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from",
             )?;
-            let rows = stmt.query_map(params![now + lease_ms, token, now, paused, max as i64], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, u32>(4)?,
-                    r.get::<_, i64>(9)?,
-                    r.get::<_, Option<String>>(6)?,
-                    r.get::<_, Option<String>>(7)?,
-                    r.get::<_, Option<String>>(8)?,
-                ))
-            })?;
+            // Each column is read on its own, so one undecodable row is parked below instead
+            // of failing the whole lease (and every later one) forever.
+            let rows: Vec<(String, rusqlite::Result<RawLeased>)> = stmt
+                .query_map(params![now + lease_ms, token, now, paused, max as i64], |r| {
+                    let id = r.get::<_, String>(0)?;
+                    let raw = (|| {
+                        Ok(RawLeased {
+                            route: r.get(1)?,
+                            action: r.get(2)?,
+                            payload: r.get(3)?,
+                            attempts: r.get(4)?,
+                            age_from: r.get(9)?,
+                            org_id: r.get(6)?,
+                            notification_id: r.get(7)?,
+                            record_id: r.get(8)?,
+                        })
+                    })();
+                    Ok((id, raw))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            drop(stmt);
             let mut leased = Vec::new();
-            for row in rows {
-                let (id, route, action, payload, attempts, age_from, org_id, notification_id, record_id) = row?;
-                let job: Job = serde_json::from_str(&payload).map_err(|e| QueueError::Corrupt(format!("job {id}: {e}")))?;
+            for (id, raw) in rows {
+                let decoded = raw
+                    .map_err(|e| format!("job {id}: a stored column could not be read ({})", column_error_kind(&e)))
+                    .and_then(|raw| {
+                        serde_json::from_str::<Job>(&raw.payload)
+                            .map_err(|e| super::decode_error(&id, &e))
+                            .map(|job| (raw, job))
+                    });
+                let (raw, job) = match decoded {
+                    Ok(ok) => ok,
+                    Err(reason) => {
+                        tracing::error!(job_id = %id, reason = %reason, "undecodable job parked");
+                        conn.prepare_cached(
+                            "UPDATE jobs SET state = 'parked', parked_at = ?1, park_reason = ?2, last_error = ?2,
+                                             lease_until = 0, lease_token = NULL
+                             WHERE id = ?3",
+                        )?
+                        .execute(params![now, reason, id])?;
+                        continue;
+                    }
+                };
                 leased.push(Leased {
                     id,
-                    route,
-                    action,
+                    route: raw.route,
+                    action: raw.action,
                     job,
-                    attempts,
-                    first_seen_ms: age_from,
+                    attempts: raw.attempts,
+                    first_seen_ms: raw.age_from,
                     lease_token: token.clone(),
-                    org_id,
-                    notification_id,
-                    record_id,
+                    org_id: raw.org_id,
+                    notification_id: raw.notification_id,
+                    record_id: raw.record_id,
                 });
             }
             Ok(leased)
@@ -607,12 +633,13 @@ impl SqliteQueue {
         .await
     }
 
-    /// Forget dedupe keys past their TTL.
+    /// Forget up to [`super::DEDUPE_PURGE_BATCH`] dedupe keys past their TTL (one short
+    /// write transaction; the caller repeats while batches come back full).
     pub async fn purge_expired_dedupe(&self) -> Result<u64, QueueError> {
         self.write(|conn| {
             let n = conn.execute(
-                "DELETE FROM dedupe WHERE rowid IN (SELECT rowid FROM dedupe WHERE expires_at <= ?1 LIMIT 10000)",
-                params![now_ms()],
+                "DELETE FROM dedupe WHERE rowid IN (SELECT rowid FROM dedupe WHERE expires_at <= ?1 LIMIT ?2)",
+                params![now_ms(), super::DEDUPE_PURGE_BATCH as i64],
             )?;
             Ok(n as u64)
         })
@@ -697,6 +724,32 @@ fn writer_loop(
         for finish in finishes {
             finish(commit.clone());
         }
+    }
+}
+
+/// A leased row before its payload is decoded.
+struct RawLeased {
+    route: String,
+    action: String,
+    payload: String,
+    attempts: u32,
+    age_from: i64,
+    org_id: Option<String>,
+    notification_id: Option<String>,
+    record_id: Option<String>,
+}
+
+/// What went wrong reading a column, without the value (it may be personal data).
+fn column_error_kind(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::InvalidColumnType(i, name, ty) => {
+            format!("column {i} `{name}` holds {ty}")
+        }
+        rusqlite::Error::FromSqlConversionFailure(i, ty, _) => {
+            format!("column {i} holds {ty} that does not convert")
+        }
+        rusqlite::Error::IntegralValueOutOfRange(i, _) => format!("column {i} is out of range"),
+        _ => "unreadable row".into(),
     }
 }
 

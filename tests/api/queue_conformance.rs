@@ -394,6 +394,101 @@ fn sqlite(dir: &tempfile::TempDir, lease: Duration) -> Queue {
 }
 
 #[tokio::test]
+async fn sqlite_an_undecodable_row_is_parked_with_its_reason_and_the_rest_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = sqlite(&dir, Duration::from_secs(30));
+    let jobs: Vec<NewJob> = (1..=3).map(|n| job(n, None, None)).collect();
+    q.enqueue(jobs.clone()).await.unwrap();
+    // A row written by a future version (or damaged): valid JSON, but no job this relay knows.
+    let conn = rusqlite::Connection::open(dir.path().join("q.db")).unwrap();
+    conn.execute(
+        "UPDATE jobs SET payload = ?1 WHERE id = ?2",
+        [
+            r#"{"kind":"from_the_future","email":"jane.doe@example.org"}"#,
+            jobs[1].id.as_str(),
+        ],
+    )
+    .unwrap();
+    drop(conn);
+    // The other two are leased; the bad one is parked, not in the way of every later lease.
+    let mut leased: Vec<String> = lease_n(&q, 2).await.into_iter().map(|l| l.id).collect();
+    leased.sort();
+    let mut expected = vec![jobs[0].id.clone(), jobs[2].id.clone()];
+    expected.sort();
+    assert_eq!(leased, expected);
+    let stats = q.stats().await.unwrap();
+    assert_eq!((stats.ready, stats.parked), (0, 1));
+    let parked = q.parked(10).await.unwrap();
+    assert_eq!(parked[0].id, jobs[1].id);
+    assert!(
+        parked[0].reason.contains("cannot be delivered"),
+        "{}",
+        parked[0].reason
+    );
+    assert!(!parked[0].reason.contains("jane"), "{}", parked[0].reason);
+    q.enqueue(vec![job(4, None, None)]).await.unwrap();
+    assert_eq!(lease_n(&q, 1).await.len(), 1, "later leases go on");
+}
+
+#[tokio::test]
+async fn sqlite_expired_dedupe_keys_are_purged_in_full_by_a_gateway_process() {
+    // Arrange: 25,000 keys that have expired, more than two purge batches, in the file a
+    // gateway-only relay will open.
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::write_relay_config(
+        dir.path(),
+        "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n",
+        "http://127.0.0.1:9",
+    );
+    let db = dir.path().join("relay.db");
+    {
+        let q = SqliteQueue::open(
+            &db,
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+            Duration::ZERO,
+        )
+        .unwrap();
+        let keys: Vec<String> = (0..25_000)
+            .map(|n| format!("om:00D8d000001AbCd:{n:018}"))
+            .collect();
+        let jobs: Vec<NewJob> = keys
+            .iter()
+            .enumerate()
+            .map(|(n, k)| job(n as u32, Some(k), None))
+            .collect();
+        for chunk in jobs.chunks(5_000) {
+            q.enqueue(chunk.to_vec()).await.unwrap();
+        }
+        q.close();
+    }
+    let count = || {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row("SELECT count(*) FROM dedupe", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    assert_eq!(count(), 25_000);
+
+    // Act: a gateway (no worker) starts on it.
+    let (mut child, _) = crate::helpers::spawn_relay(
+        &config,
+        &["serve", "--role", "gateway"],
+        &[],
+        std::process::Stdio::null(),
+    );
+
+    // Assert: every expired key is gone soon after start, not 10,000 per ten minutes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count() > 0 {
+        assert!(Instant::now() < deadline, "{} expired keys left", count());
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
 async fn sqlite_enqueued_jobs_are_leased_once_and_gone_after_ack() {
     let dir = tempfile::tempdir().unwrap();
     enqueued_jobs_are_leased_once_and_gone_after_ack(sqlite(&dir, Duration::from_secs(30))).await;
