@@ -264,7 +264,7 @@ async fn restart_and_count_missing(
     scenario: &str,
     secs: u64,
 ) -> (usize, usize) {
-    let (mut child, _) = start_relay(config);
+    let (mut child, address) = start_relay(config);
     let expected: HashSet<String> = acked
         .lock()
         .unwrap()
@@ -272,18 +272,32 @@ async fn restart_and_count_missing(
         .map(|n| format!("user{n}@example.com"))
         .collect();
     let missing = missing_finds(centercode, &expected, Duration::from_secs(secs)).await;
+    // Parked jobs as the restarted relay itself reports them, not assumed.
+    let metrics = reqwest::get(format!("{address}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let parked = crate::admin::series(&metrics, r#"relay_queue_depth{state="parked"}"#) as u64;
     child.kill().unwrap();
     child.wait().unwrap();
-    report(scenario, expected.len(), centercode, missing);
+    report(scenario, expected.len(), centercode, parked, missing);
     (expected.len(), missing)
 }
 
 /// One line of figures per fault scenario (shown with `--nocapture`; quoted in release notes).
-fn report(scenario: &str, acknowledged: usize, centercode: &FakeCentercode, lost: usize) {
+fn report(
+    scenario: &str,
+    acknowledged: usize,
+    centercode: &FakeCentercode,
+    parked: u64,
+    lost: usize,
+) {
     let finds = finds(centercode);
     let unique: HashSet<&String> = finds.iter().collect();
     eprintln!(
-        "fault scenario `{scenario}`: {acknowledged} acknowledged, {} delivered, 0 parked, {lost} lost, {} duplicate deliveries",
+        "fault scenario `{scenario}`: {acknowledged} acknowledged, {} delivered, {parked} parked, {lost} lost, {} duplicate deliveries",
         unique.len(),
         finds.len() - unique.len()
     );

@@ -460,7 +460,14 @@ async fn a_replay_after_a_mapping_fix_uses_the_fix() {
     let body = regex_replace_priority(&body, "Medium");
     app.post_outbound("feedback", body.into_bytes()).await;
     let reasons = parked(&app.deliver_until_settled().await);
-    assert!(reasons[0].contains("not in the route's map"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("is not in the rule's `map`"),
+        "{reasons:?}"
+    );
+    assert!(
+        !reasons[0].contains("Medium"),
+        "the value stays out of the reason: {reasons:?}"
+    );
 
     // Act: fix the mapping (a new worker with new settings, as after a restart) and replay.
     let mut fixed = (*app.settings).clone();
@@ -591,9 +598,11 @@ async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
         s.worker.retry_after_max_secs = 0;
     })
     .await;
+    let mut acknowledged = 0;
     for n in 0..20u32 {
         let body = with_email(&format!("user{n}@example.com")).replace_id(&format!("04l{n:015}"));
         assert_eq!(app.post_outbound("gdpr", body).await.status(), 200);
+        acknowledged += 1;
     }
     // 1.5 s in CI; `RELAY_FAULT_OUTAGE_SECS=60 cargo test --test api outage` is the full
     // one-minute scenario (README, Operations).
@@ -666,8 +675,15 @@ async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
         (failed_calls as f64) <= bound,
         "{failed_calls} calls hit the outage (bound {bound})"
     );
+    let stats = app.stats().await;
+    let done = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::UserNotFound | Outcome::Delivered { .. }))
+        .count();
+    let pending = stats.ready + stats.in_flight + stats.retrying;
     eprintln!(
-        "fault scenario `Centercode 503 for {:.1} s`: 20 acknowledged, 20 delivered, 0 parked, 0 lost, {failed_calls} calls refused by the outage",
-        outage.as_secs_f64()
+        "fault scenario `Centercode 503 for {:.1} s`: {acknowledged} acknowledged, {done} delivered, {} parked, {pending} lost, {failed_calls} calls refused by the outage",
+        outage.as_secs_f64(),
+        stats.parked
     );
 }
