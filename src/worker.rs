@@ -394,7 +394,13 @@ impl Worker {
         match self.policy.next_delay(job.attempts, age, retry_after) {
             Some(delay) => {
                 let at = now_ms() + delay.as_millis() as i64;
-                if let Err(e) = self.queue.retry(job, at, &error, status).await {
+                let not_before = retry_after
+                    .map(|d| now_ms() + d.min(self.policy.retry_after_max).as_millis() as i64);
+                if let Err(e) = self
+                    .queue
+                    .retry_not_before(job, at, not_before, &error, status)
+                    .await
+                {
                     tracing::error!(error = %e, "could not schedule the retry; the lease will expire instead");
                 }
                 tracing::info!(delay_ms = delay.as_millis() as u64, last_error = %error, "delivery will be retried");

@@ -185,9 +185,28 @@ impl Queue {
         error: &str,
         status: Option<u16>,
     ) -> Result<(), QueueError> {
+        self.retry_not_before(job, at_ms, None, error, status).await
+    }
+
+    /// As [`Queue::retry`], never before `not_before_ms` (a destination's `Retry-After`).
+    pub async fn retry_not_before(
+        &self,
+        job: &Leased,
+        at_ms: i64,
+        not_before_ms: Option<i64>,
+        error: &str,
+        status: Option<u16>,
+    ) -> Result<(), QueueError> {
         match self {
-            Queue::Embedded(q) => q.retry(job, at_ms, error, status).await,
-            Queue::Rabbit(q) => q.retry(job, at_ms, error, status).await,
+            // `at_ms` is already at or after `not_before_ms`; the row waits exactly.
+            Queue::Embedded(q) => {
+                q.retry(job, at_ms.max(not_before_ms.unwrap_or(0)), error, status)
+                    .await
+            }
+            Queue::Rabbit(q) => {
+                q.retry_not_before(job, at_ms, not_before_ms, error, status)
+                    .await
+            }
         }
     }
 

@@ -920,6 +920,7 @@ impl RabbitQueue {
         };
         let mut leased = Vec::with_capacity(taken.len());
         let mut held_back = Vec::new();
+        let mut too_early = Vec::new();
         for delivery in taken {
             match decode(&delivery, generation) {
                 Ok((job, meta)) => {
@@ -932,7 +933,12 @@ impl RabbitQueue {
                             meta,
                         },
                     );
-                    if paused.contains(&job.route) {
+                    // A little early is fine (TTLs expire on the broker's clock).
+                    let not_before = meta_not_before(&self.inner, &job.lease_token)
+                        .filter(|t| *t > now_ms() + NOT_BEFORE_TOLERANCE_MS);
+                    if let Some(at) = not_before {
+                        too_early.push((job, at));
+                    } else if paused.contains(&job.route) {
                         held_back.push(job);
                     } else {
                         leased.push(job);
@@ -952,6 +958,13 @@ impl RabbitQueue {
                     }
                 }
             }
+        }
+        let waited = futures_util::future::join_all(
+            too_early.iter().map(|(job, at)| self.wait_longer(job, *at)),
+        )
+        .await;
+        if let Some(e) = waited.into_iter().find_map(Result::err) {
+            tracing::warn!(error = %e, "could not send a job round another retry tier");
         }
         let deferred =
             futures_util::future::join_all(held_back.iter().map(|job| self.release(job))).await;
@@ -1004,7 +1017,6 @@ impl RabbitQueue {
     }
 
     /// Publish a copy to the retry tier nearest to `at_ms` (confirmed), then ack the original.
-    #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempts, queue))]
     pub async fn retry(
         &self,
         job: &Leased,
@@ -1012,12 +1024,30 @@ impl RabbitQueue {
         error: &str,
         status: Option<u16>,
     ) -> Result<(), QueueError> {
+        self.retry_not_before(job, at_ms, None, error, status).await
+    }
+
+    /// As [`RabbitQueue::retry`], never earlier than `not_before_ms` (a `Retry-After`): the
+    /// tier is the smallest at least that long, and a wait longer than the longest tier is
+    /// chained through tiers instead of being cut short.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempts, queue))]
+    pub async fn retry_not_before(
+        &self,
+        job: &Leased,
+        at_ms: i64,
+        not_before_ms: Option<i64>,
+        error: &str,
+        status: Option<u16>,
+    ) -> Result<(), QueueError> {
         let Some(held) = self.held(job) else {
             return Ok(());
         };
         let session = self.inner.current()?;
-        let delay = Duration::from_millis((at_ms - now_ms()).max(0) as u64);
-        let tier = retry_tier(&self.inner.config.retry_tiers, delay).ok_or_else(|| {
+        let now = now_ms();
+        let delay = Duration::from_millis((at_ms - now).max(0) as u64);
+        let hard = Duration::from_millis(not_before_ms.map_or(0, |t| (t - now).max(0)) as u64);
+        let tiers = &self.inner.config.retry_tiers;
+        let tier = retry_tier(tiers, delay, hard).ok_or_else(|| {
             QueueError::Broker("no retry queue: worker.retry_schedule_secs is empty".into())
         })?;
         let queue = &self.inner.names.retry[tier];
@@ -1025,8 +1055,40 @@ impl RabbitQueue {
         let mut meta = held.meta.with_job(job);
         meta.last_error = Some(truncate(error));
         meta.last_status = status;
+        meta.not_before_ms = if tiers[tier] < hard {
+            not_before_ms
+        } else {
+            None
+        };
         let body = serde_json::to_vec(&job.job).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         self.publish(&session, queue, &job.id, &body, &meta).await?;
+        self.note_retry(tier, job);
+        self.settle(job).await
+    }
+
+    /// A job back in work before its `not_before`: round another tier, no attempt spent.
+    async fn wait_longer(&self, job: &Leased, not_before_ms: i64) -> Result<(), QueueError> {
+        let Some(held) = self.held(job) else {
+            return Ok(());
+        };
+        let session = self.inner.current()?;
+        let left = Duration::from_millis((not_before_ms - now_ms()).max(0) as u64);
+        let tiers = &self.inner.config.retry_tiers;
+        let tier = retry_tier(tiers, left, left).ok_or_else(|| {
+            QueueError::Broker("no retry queue: worker.retry_schedule_secs is empty".into())
+        })?;
+        let mut meta = held.meta.with_job(job);
+        meta.attempts = job.attempts.saturating_sub(1);
+        meta.not_before_ms = (tiers[tier] < left).then_some(not_before_ms);
+        let body = serde_json::to_vec(&job.job).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        self.publish(
+            &session,
+            &self.inner.names.retry[tier],
+            &job.id,
+            &body,
+            &meta,
+        )
+        .await?;
         self.note_retry(tier, job);
         self.settle(job).await
     }
@@ -1058,12 +1120,13 @@ impl RabbitQueue {
             return Ok(());
         };
         let session = self.inner.current()?;
-        let tier = retry_tier(&self.inner.config.retry_tiers, HOLD_DELAY).ok_or_else(|| {
-            QueueError::Broker(
-                "no retry queue to set the job aside in: worker.retry_schedule_secs is empty"
-                    .into(),
-            )
-        })?;
+        let tier = retry_tier(&self.inner.config.retry_tiers, HOLD_DELAY, Duration::ZERO)
+            .ok_or_else(|| {
+                QueueError::Broker(
+                    "no retry queue to set the job aside in: worker.retry_schedule_secs is empty"
+                        .into(),
+                )
+            })?;
         let queue = &self.inner.names.retry[tier];
         tracing::Span::current().record("queue", queue.as_str());
         let mut meta = held.meta.with_job(job);
@@ -1392,12 +1455,14 @@ fn filter_matches(f: &ParkedFilter, p: &ParkedJob) -> bool {
         && f.ids.as_ref().map_or(true, |ids| ids.contains(&p.id))
 }
 
-/// The smallest tier whose TTL is not shorter than `delay` less the worker's ±20 % jitter;
-/// the longest tier when none is long enough (a longer `Retry-After` is cut to it).
-fn retry_tier(tiers: &[Duration], delay: Duration) -> Option<usize> {
+/// The smallest tier whose TTL is not shorter than `delay` less the worker's ±20 % jitter,
+/// nor shorter than `at_least` (a `Retry-After`, which jitter never shortens); the longest
+/// tier when none is long enough (the caller then chains tiers with `x-not-before`).
+fn retry_tier(tiers: &[Duration], delay: Duration, at_least: Duration) -> Option<usize> {
     let floor = delay
         .mul_f64(1.0 / 1.2)
-        .saturating_sub(Duration::from_millis(1));
+        .saturating_sub(Duration::from_millis(1))
+        .max(at_least);
     let mut order: Vec<usize> = (0..tiers.len()).collect();
     order.sort_by_key(|&i| (tiers[i], i));
     order
@@ -1671,6 +1736,19 @@ impl Browser {
     }
 }
 
+/// How early a job may come back before its `x-not-before` and still be delivered.
+const NOT_BEFORE_TOLERANCE_MS: i64 = 50;
+
+/// The `x-not-before` of a job this process holds.
+fn meta_not_before(inner: &Inner, lease_token: &str) -> Option<i64> {
+    inner
+        .held
+        .lock()
+        .expect("held lock")
+        .get(lease_token)
+        .and_then(|h| h.meta.not_before_ms)
+}
+
 fn message_id(delivery: &Delivery) -> String {
     delivery
         .properties
@@ -1769,6 +1847,9 @@ struct Meta {
     replays: u32,
     history: Vec<String>,
     status: Option<String>,
+    /// Not to be delivered before this time (a `Retry-After`, or a wait longer than the
+    /// longest retry tier): a job back in work too early goes round another tier.
+    not_before_ms: Option<i64>,
 }
 
 impl Meta {
@@ -1829,6 +1910,9 @@ impl Meta {
             );
         }
         put_str(&mut t, "x-status", self.status.as_deref());
+        if let Some(at) = self.not_before_ms {
+            t.insert("x-not-before".into(), AMQPValue::LongLongInt(at));
+        }
         t
     }
 
@@ -1854,6 +1938,7 @@ impl Meta {
             replays: get_int(t, "x-replays").map_or(0, |n| n.clamp(0, i64::from(u32::MAX)) as u32),
             history,
             status: get_str(t, "x-status"),
+            not_before_ms: get_int(t, "x-not-before"),
         }
     }
 }
@@ -1984,18 +2069,57 @@ mod tests {
     #[test]
     fn the_retry_tier_follows_the_schedule_despite_jitter() {
         let tiers = secs(&[5.0, 30.0, 120.0]);
-        assert_eq!(retry_tier(&tiers, Duration::from_secs_f64(4.0)), Some(0));
-        assert_eq!(retry_tier(&tiers, Duration::from_secs_f64(6.0)), Some(0));
-        assert_eq!(retry_tier(&tiers, Duration::from_secs_f64(24.0)), Some(1));
-        assert_eq!(retry_tier(&tiers, Duration::from_secs_f64(36.0)), Some(1));
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs_f64(4.0), Duration::ZERO),
+            Some(0)
+        );
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs_f64(6.0), Duration::ZERO),
+            Some(0)
+        );
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs_f64(24.0), Duration::ZERO),
+            Some(1)
+        );
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs_f64(36.0), Duration::ZERO),
+            Some(1)
+        );
     }
 
     #[test]
     fn a_long_retry_after_takes_a_tier_at_least_as_long_or_the_longest() {
         let tiers = secs(&[5.0, 30.0, 120.0]);
-        assert_eq!(retry_tier(&tiers, Duration::from_secs(60)), Some(2));
-        assert_eq!(retry_tier(&tiers, Duration::from_secs(3600)), Some(2));
-        assert_eq!(retry_tier(&[], Duration::from_secs(1)), None);
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs(60), Duration::ZERO),
+            Some(2)
+        );
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs(3600), Duration::ZERO),
+            Some(2)
+        );
+        assert_eq!(
+            retry_tier(&[], Duration::from_secs(1), Duration::ZERO),
+            None
+        );
+    }
+
+    #[test]
+    fn a_retry_after_is_never_cut_by_the_jitter_allowance() {
+        let tiers = secs(&[5.0, 30.0, 120.0]);
+        // A schedule delay of 6 s (5 s jittered) fits the 5 s tier; a Retry-After of 6 s does not.
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs(6), Duration::ZERO),
+            Some(0)
+        );
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs(6), Duration::from_secs(6)),
+            Some(1)
+        );
+        assert_eq!(
+            retry_tier(&tiers, Duration::from_secs(30), Duration::from_secs(30)),
+            Some(1)
+        );
     }
 
     #[test]
@@ -2014,6 +2138,7 @@ mod tests {
             replays: 2,
             history: vec!["first".into(), "second".into()],
             status: Some("parked".into()),
+            not_before_ms: Some(1_234),
         };
         let back = Meta::read(&meta.to_headers());
         assert_eq!(format!("{back:?}"), format!("{meta:?}"));

@@ -147,6 +147,34 @@ async fn a_retried_job_comes_back_after_its_delay(q: Queue) {
     assert_eq!(depths(&q.stats().await.unwrap()), (0, 0, 0, 0));
 }
 
+/// A `Retry-After` longer than every retry tier (0.2 s here) is waited out in full, going
+/// round the tiers without spending attempts; never cut to the longest tier.
+async fn a_retry_after_longer_than_every_tier_is_waited_out(q: Queue) {
+    q.enqueue(vec![job(1, None, None)]).await.unwrap();
+    let first = lease_n(&q, 1).await.remove(0);
+    assert_eq!(first.attempts, 1);
+    let asked = Duration::from_millis(900);
+    let started = Instant::now();
+    let not_before = now_ms() + asked.as_millis() as i64;
+    q.retry_not_before(
+        &first,
+        not_before,
+        Some(not_before),
+        "Centercode answered 429",
+        Some(429),
+    )
+    .await
+    .unwrap();
+    let again = lease_n(&q, 1).await.remove(0);
+    let waited = started.elapsed();
+    assert!(
+        waited + Duration::from_millis(50) >= asked,
+        "delivered after {waited:?}, before the {asked:?} asked for"
+    );
+    assert_eq!(again.attempts, 2, "going round the tiers spends no attempt");
+    q.ack(&again).await.unwrap();
+}
+
 async fn a_job_larger_than_a_frame_comes_back_whole(q: Queue) {
     // 300 KB: Salesforce long text holds 131,072 characters, up to 4 bytes each in UTF-8;
     // on RabbitMQ it spans many 16 KiB frames.
@@ -507,6 +535,12 @@ async fn sqlite_a_retried_job_comes_back_after_its_delay() {
 }
 
 #[tokio::test]
+async fn sqlite_a_retry_after_longer_than_every_tier_is_waited_out() {
+    let dir = tempfile::tempdir().unwrap();
+    a_retry_after_longer_than_every_tier_is_waited_out(sqlite(&dir, Duration::from_secs(30))).await;
+}
+
+#[tokio::test]
 async fn sqlite_a_job_larger_than_a_frame_comes_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     a_job_larger_than_a_frame_comes_back_whole(sqlite(&dir, Duration::from_secs(30))).await;
@@ -578,6 +612,12 @@ async fn rabbitmq_a_retried_job_comes_back_after_its_delay() {
     // Proves the quorum retry tier's TTL dead-letters into the work queue on this broker.
     let env = RabbitEnv::new().await;
     a_retried_job_comes_back_after_its_delay(rabbit(&env).await).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_a_retry_after_longer_than_every_tier_is_waited_out() {
+    let env = RabbitEnv::new().await;
+    a_retry_after_longer_than_every_tier_is_waited_out(rabbit(&env).await).await;
 }
 
 #[tokio::test]
