@@ -419,6 +419,11 @@ pub struct CalloutAuth {
     /// Allowed clock skew for `X-Relay-Timestamp`.
     #[serde(default = "default_hmac_window_secs")]
     pub hmac_window_secs: u64,
+    /// Also accept `v1=` signatures (timestamp and body only, not the Idempotency-Key), for
+    /// senders not yet moved to `v2=`. Off by default: v1 lets a captured request be replayed
+    /// under a new key within the window.
+    #[serde(default)]
+    pub hmac_accept_v1: bool,
 }
 
 fn default_hmac_window_secs() -> u64 {

@@ -132,21 +132,38 @@ pub fn authenticate(
         }
         let signatures = header(req, "x-relay-signature")
             .ok_or(CalloutError::Unauthorized("missing X-Relay-Signature"))?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
-            .expect("HMAC takes any key length");
-        mac.update(timestamp.trim().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        let expected = mac.finalize().into_bytes();
+        let sign = |parts: &[&[u8]]| {
+            let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+                .expect("HMAC takes any key length");
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    mac.update(b".");
+                }
+                mac.update(part);
+            }
+            mac.finalize().into_bytes()
+        };
+        let timestamp = timestamp.trim().as_bytes();
+        // v2 covers the Idempotency-Key header too (empty when absent), so a captured request
+        // cannot be replayed within the window under a new key as a second job.
+        let key = header(req, "idempotency-key")
+            .unwrap_or("")
+            .trim()
+            .as_bytes();
+        let v2 = sign(&[timestamp, key, body]);
+        let v1 = auth.hmac_accept_v1.then(|| sign(&[timestamp, body]));
         // Several comma-separated signatures let a secret be rotated without downtime.
-        let matched = signatures
-            .split(',')
-            .filter_map(|s| s.trim().strip_prefix("v1="))
-            .any(|sig| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(sig)
-                    .is_ok_and(|given| bool::from(given.as_slice().ct_eq(expected.as_slice())))
-            });
+        let matched = signatures.split(',').any(|s| {
+            let s = s.trim();
+            let (expected, sig) = match (s.strip_prefix("v2="), s.strip_prefix("v1="), &v1) {
+                (Some(sig), _, _) => (&v2, sig),
+                (None, Some(sig), Some(v1)) => (v1, sig),
+                _ => return false,
+            };
+            base64::engine::general_purpose::STANDARD
+                .decode(sig)
+                .is_ok_and(|given| bool::from(given.as_slice().ct_eq(expected.as_slice())))
+        });
         if !matched {
             return Err(CalloutError::Unauthorized(
                 "X-Relay-Signature does not match",

@@ -1,6 +1,8 @@
 //! Apex and Flow callouts: auth, idempotency, and delivery.
 
-use crate::helpers::{bearer, fixture, hmac_headers, sign, spawn_app, BEARER, HMAC_SECRET};
+use crate::helpers::{
+    bearer, fixture, hmac_headers, sign, sign_v2, spawn_app, spawn_app_with, BEARER, HMAC_SECRET,
+};
 use serde_json::Value;
 use sf_centercode_relay::worker::Outcome;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -129,7 +131,7 @@ async fn a_stale_or_tampered_signature_is_refused() {
         .unwrap()
         .as_secs();
     headers[0].1 = (now - 600).to_string();
-    headers[1].1 = sign(HMAC_SECRET, &headers[0].1, &body);
+    headers[1].1 = sign_v2(HMAC_SECRET, &headers[0].1, "k", &body);
     assert_eq!(
         app.post_callout("apex-feedback", &body, &headers)
             .await
@@ -137,6 +139,54 @@ async fn a_stale_or_tampered_signature_is_refused() {
         401
     );
     assert_eq!(app.stats().await.ready, 0);
+}
+
+#[tokio::test]
+async fn a_captured_signed_callout_cannot_be_replayed_under_a_new_idempotency_key() {
+    let app = spawn_app().await;
+    let body = fixture("apex_feedback_submission.json");
+    let signed = hmac_headers(&body, "key-1");
+    assert_eq!(
+        app.post_callout("apex-feedback", &body, &signed)
+            .await
+            .status(),
+        202
+    );
+    // Same timestamp and signature, another key: v2 signs the key, so this is refused.
+    let mut replayed = signed.clone();
+    replayed[2].1 = "key-2".into();
+    let r = app.post_callout("apex-feedback", &body, &replayed).await;
+    assert_eq!(r.status(), 401);
+    // A v1 signature (timestamp and body only) is refused unless the route accepts it.
+    let mut v1 = signed.clone();
+    v1[1].1 = sign(HMAC_SECRET, &signed[0].1, &body);
+    v1[2].1 = "key-3".into();
+    assert_eq!(
+        app.post_callout("apex-feedback", &body, &v1).await.status(),
+        401
+    );
+    assert_eq!(
+        app.stats().await.ready,
+        1,
+        "one job, from the genuine request"
+    );
+
+    let lenient = spawn_app_with(|s| {
+        let route = s
+            .routes
+            .iter_mut()
+            .find(|r| r.name == "apex-feedback")
+            .unwrap();
+        route.auth.as_mut().unwrap().hmac_accept_v1 = true;
+    })
+    .await;
+    assert_eq!(
+        lenient
+            .post_callout("apex-feedback", &body, &v1)
+            .await
+            .status(),
+        202
+    );
 }
 
 #[tokio::test]

@@ -288,11 +288,12 @@ pub fn hmac_headers(body: &[u8], key: &str) -> Vec<(&'static str, String)> {
         .to_string();
     vec![
         ("X-Relay-Timestamp", ts.clone()),
-        ("X-Relay-Signature", sign(HMAC_SECRET, &ts, body)),
+        ("X-Relay-Signature", sign_v2(HMAC_SECRET, &ts, key, body)),
         ("Idempotency-Key", key.to_owned()),
     ]
 }
 
+/// `v1=`: timestamp and body (accepted only where a route sets `hmac_accept_v1`).
 pub fn sign(secret: &str, ts: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(ts.as_bytes());
@@ -300,6 +301,18 @@ pub fn sign(secret: &str, ts: &str, body: &[u8]) -> String {
     mac.update(body);
     format!(
         "v1={}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// `v2=`: timestamp, Idempotency-Key (empty when none is sent) and body.
+pub fn sign_v2(secret: &str, ts: &str, key: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    for part in [ts.as_bytes(), b".", key.as_bytes(), b".", body] {
+        mac.update(part);
+    }
+    format!(
+        "v2={}",
         base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
     )
 }

@@ -1,7 +1,7 @@
 //! Every flow run against a real `relay serve` with TRACE logging: no secret, session id or
 //! e-mail address may appear anywhere in what it printed.
 
-use crate::helpers::{fixture, sign, spawn_relay, write_relay_config, RabbitEnv};
+use crate::helpers::{fixture, sign_v2, spawn_relay, write_relay_config, RabbitEnv};
 use serde_json::json;
 use sf_centercode_relay::fake_centercode::{ApiKeyConfig, FakeCentercode, FakeConfig, Fault};
 use std::io::Read;
@@ -191,7 +191,7 @@ async fn secrets_stay_out_of_the_logs(queue: Option<&str>) {
         feedback.clone(),
         vec![
             ("X-Relay-Timestamp", ts.clone()),
-            ("X-Relay-Signature", sign(HMAC, &ts, &feedback)),
+            ("X-Relay-Signature", sign_v2(HMAC, &ts, "k2", &feedback)),
             ("Idempotency-Key", "k2".into()),
         ],
     )
