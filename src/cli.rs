@@ -37,6 +37,7 @@ pub enum Command {
     /// Load and validate the configuration, then print the routes it defines.
     CheckConfig,
     /// Parked jobs: list, show, replay, purge (through the admin API).
+    #[command(after_help = crate::admin_cli::EXIT_CODES_HELP)]
     Parked {
         #[command(flatten)]
         conn: crate::admin_cli::Connection,
@@ -44,6 +45,7 @@ pub enum Command {
         command: crate::admin_cli::ParkedCommand,
     },
     /// Routes: list, pause, resume (through the admin API).
+    #[command(after_help = crate::admin_cli::ROUTES_EXIT_CODES_HELP)]
     Routes {
         #[command(flatten)]
         conn: crate::admin_cli::Connection,

@@ -2,6 +2,7 @@
 //! fake Centercode over real HTTP.
 
 mod admin;
+mod admin_cli;
 mod alerts;
 mod amqps;
 mod both_backends;
