@@ -459,15 +459,49 @@ async fn purge(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// Each route with its shared pause state and, per live process, what that process
+/// believes (process id, role, since).
 async fn routes(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Some(denied) = deny(&req, &state) {
         return denied;
     }
+    let refresh = std::time::Duration::from_millis(state.settings.control.refresh_ms);
+    let (records, processes) = match (
+        crate::shared_control::records(&state.queue).await,
+        crate::shared_control::live_processes(&state.queue, refresh).await,
+    ) {
+        (Ok(r), Ok(p)) => (r, p),
+        (Err(e), _) | (_, Err(e)) => return queue_error(e),
+    };
     let routes: Vec<Value> = state
         .settings
         .routes
         .iter()
-        .map(|r| json!({"name": r.name, "action": r.action.as_str(), "paused": state.control.is_paused(&r.name), "insecure_open": r.insecure_open}))
+        .map(|r| {
+            let record = records.get(&r.name);
+            let beliefs: Vec<Value> = processes
+                .iter()
+                .filter_map(|p| {
+                    let b = p.beliefs.get(&r.name)?;
+                    Some(json!({
+                        "process_id": p.process_id,
+                        "role": p.role,
+                        "paused": b.paused,
+                        "since": (b.since_ms > 0).then(|| rfc3339(b.since_ms)),
+                        "seen_at": rfc3339(p.seen_at_ms),
+                    }))
+                })
+                .collect();
+            json!({
+                "name": r.name,
+                "action": r.action.as_str(),
+                "paused": record.is_some_and(|rec| rec.paused),
+                "changed_at": record.map(|rec| rfc3339(rec.changed_at_ms)),
+                "changed_by": record.map(|rec| rec.changed_by.clone()),
+                "insecure_open": r.insecure_open,
+                "processes": beliefs,
+            })
+        })
         .collect();
     HttpResponse::Ok().json(json!({ "routes": routes }))
 }
@@ -504,11 +538,27 @@ async fn set_paused(
             "no route with this name",
         );
     }
-    state.control.set_paused(&route, paused);
-    if let Err(e) = state.queue.save_paused_routes(state.control.paused()).await {
-        tracing::warn!(error = %e, "could not persist paused routes; the change holds until restart");
+    // The shared record first: if it cannot be written, nothing changed anywhere (503).
+    if let Err(e) =
+        crate::shared_control::set_paused(&state.queue, &state.control, &route, paused, "admin")
+            .await
+    {
+        return queue_error(e);
     }
-    tracing::info!(route = %route, paused, "route pause state changed");
+    if !paused {
+        // Jobs set aside while paused (RabbitMQ) go back to work now; the workers' periodic
+        // sweep catches whatever this misses.
+        match state.queue.unhold(Some(&route), &[]).await {
+            Ok(moved) if moved > 0 => {
+                tracing::info!(route = %route, moved, "held jobs moved back to work")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(route = %route, error = %e, "could not move held jobs back yet; workers will")
+            }
+        }
+    }
+    tracing::info!(route = %route, paused, "route pause state changed for every process");
     HttpResponse::Ok().json(json!({"route": route, "paused": paused}))
 }
 

@@ -8,6 +8,8 @@ use std::sync::RwLock;
 #[derive(Debug, Default)]
 pub struct RouteControl {
     paused: RwLock<BTreeSet<String>>,
+    /// When this process last changed its mind about each route (ms since the epoch).
+    since: RwLock<std::collections::HashMap<String, i64>>,
     pub breaker: CircuitBreaker,
 }
 
@@ -15,8 +17,35 @@ impl RouteControl {
     pub fn new(breaker: CircuitBreaker) -> Self {
         Self {
             paused: RwLock::default(),
+            since: RwLock::default(),
             breaker,
         }
+    }
+
+    /// Routes whose circuit is open (their jobs wait a short while, then one probes).
+    pub fn blocked(&self) -> Vec<String> {
+        self.breaker.blocked()
+    }
+
+    /// What this process believes about each of `routes`, and since when.
+    pub fn beliefs(
+        &self,
+        routes: &[String],
+    ) -> std::collections::BTreeMap<String, crate::shared_control::Belief> {
+        let paused = self.paused.read().expect("control lock");
+        let since = self.since.read().expect("control lock");
+        routes
+            .iter()
+            .map(|r| {
+                (
+                    r.clone(),
+                    crate::shared_control::Belief {
+                        paused: paused.contains(r),
+                        since_ms: since.get(r).copied().unwrap_or(0),
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Routes whose jobs must not be leased now: paused, or circuit open.
@@ -39,14 +68,22 @@ impl RouteControl {
             .collect()
     }
 
-    /// Returns whether the state changed.
+    /// This process's belief only; [`crate::shared_control::set_paused`] changes it for
+    /// every process. Returns whether the belief changed.
     pub fn set_paused(&self, route: &str, paused: bool) -> bool {
         let mut set = self.paused.write().expect("control lock");
-        if paused {
+        let changed = if paused {
             set.insert(route.to_owned())
         } else {
             set.remove(route)
+        };
+        if changed || !self.since.read().expect("control lock").contains_key(route) {
+            self.since
+                .write()
+                .expect("control lock")
+                .insert(route.to_owned(), crate::queue::now_ms());
         }
+        changed
     }
 }
 

@@ -17,7 +17,8 @@
 //! - [`retry`]: retry schedule, jitter and `Retry-After`.
 //! - [`worker`]: lease, deliver, ack / retry / park.
 //! - [`startup`]: wiring and shutdown. [`telemetry`]: logging. [`metrics`]: Prometheus.
-//! - [`admin`]: the admin API (parked jobs, replay, pause); [`control`]: paused routes.
+//! - [`admin`]: the admin API (parked jobs, replay, pause); [`control`]: this process's
+//!   paused routes and circuit breakers; [`shared_control`]: pause state shared by every process.
 //! - [`cli`]: the `relay` subcommands; [`demo`]: `relay demo`.
 //! - [`fake_centercode`]: the fake Centercode server used by tests and the demo.
 
@@ -36,6 +37,7 @@ pub mod netaddr;
 pub mod queue;
 pub mod retry;
 pub mod settings;
+pub mod shared_control;
 pub mod startup;
 pub mod telemetry;
 pub mod tls;

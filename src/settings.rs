@@ -41,9 +41,33 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    #[serde(default)]
+    pub control: ControlSettings,
     /// One entry per inbound endpoint (`/salesforce/outbound/{name}` or `/salesforce/callout/{name}`).
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
+}
+
+/// `[control]`: pause state shared by every process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSettings {
+    /// How often each process reads the shared pause state (and reports what it believes):
+    /// a pause or resume reaches every process within this.
+    #[serde(default = "default_control_refresh_ms")]
+    pub refresh_ms: u64,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        Self {
+            refresh_ms: default_control_refresh_ms(),
+        }
+    }
+}
+
+fn default_control_refresh_ms() -> u64 {
+    1000
 }
 
 /// `[server]`: the inbound HTTP listener.
@@ -821,6 +845,12 @@ impl Settings {
             if value > max {
                 return Err(SettingsError::new(key, format!("expected at most {max}")));
             }
+        }
+        if !(50..=60_000).contains(&self.control.refresh_ms) {
+            return Err(SettingsError::new(
+                "control.refresh_ms",
+                "expected 50 to 60000 milliseconds",
+            ));
         }
         if self.queue.lease_secs == 0 {
             return Err(SettingsError::new(

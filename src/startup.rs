@@ -27,6 +27,16 @@ pub enum Role {
     Worker,
 }
 
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Gateway => "gateway",
+            Role::Worker => "worker",
+        }
+    }
+}
+
 /// A built relay: listener bound, queue open, nothing running yet.
 pub struct Application {
     port: u16,
@@ -156,12 +166,27 @@ impl Application {
     /// Run one role: the gateway and workers (`all`), the gateway only, or workers only (which
     /// still serve health, metrics and the admin API on `server.bind`).
     pub async fn run_as(self, stop: CancellationToken, role: Role) -> anyhow::Result<()> {
-        // Paused routes survive a restart (the embedded queue keeps them in its file).
-        if let Ok(paused) = self.queue.paused_routes().await {
-            for route in paused {
-                self.control.set_paused(&route, true);
-            }
+        // Pause state is shared by every process and survives restarts: apply it before
+        // serving, then keep in step with it.
+        let shared = crate::shared_control::SharedControl::new(
+            self.queue.clone(),
+            self.control.clone(),
+            self.settings
+                .routes
+                .iter()
+                .map(|r| r.name.clone())
+                .collect(),
+            role.as_str(),
+            role != Role::Gateway && self.settings.worker.enabled,
+            Duration::from_millis(self.settings.control.refresh_ms),
+        );
+        if let Err(e) = shared.start().await {
+            tracing::warn!(error = %e, "could not read the shared pause state at start; retrying every control.refresh_ms");
         }
+        if !self.queue.shares_control_state() {
+            tracing::warn!("pause state is kept in this process only (RabbitMQ without queue.redis_url): pausing through one process does not reach the others");
+        }
+        let control_task = tokio::spawn(shared.run(stop.clone()));
         let worker = self.worker();
         let state = web::Data::new(AppState {
             settings: self.settings.clone(),
@@ -215,6 +240,7 @@ impl Application {
         stop.cancelled().await;
         monitor.abort();
         housekeeping.abort();
+        control_task.abort();
         tracing::info!("stopping: no new requests; finishing in-flight work");
         handle.stop(true).await;
         let _ = server_task.await;

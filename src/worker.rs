@@ -144,7 +144,7 @@ impl Worker {
             }
             match self
                 .queue
-                .lease(tx.capacity(), self.control.excluded())
+                .lease_holding(tx.capacity(), self.control.paused(), self.control.blocked())
                 .await
             {
                 Ok(jobs) if jobs.is_empty() => {
@@ -179,7 +179,11 @@ impl Worker {
         loop {
             let jobs = self
                 .queue
-                .lease(self.settings.worker.concurrency, self.control.excluded())
+                .lease_holding(
+                    self.settings.worker.concurrency,
+                    self.control.paused(),
+                    self.control.blocked(),
+                )
                 .await?;
             if jobs.is_empty() {
                 return Ok(outcomes);
@@ -220,6 +224,11 @@ impl Worker {
                     self.queue.park(&job, reason, *status).await
                 }
                 Outcome::Retried { .. } => Ok(()), // recorded in `decide`, which knows the time
+                // A paused route's job waits set aside until the resume; an open circuit's
+                // job comes back after a short while to probe.
+                Outcome::Held { .. } if self.control.is_paused(&job.route) => {
+                    self.queue.set_aside(&job).await
+                }
                 Outcome::Held { .. } => self.queue.release(&job).await,
             };
             if let Err(e) = recorded {
@@ -347,9 +356,11 @@ impl Worker {
                     (401 | 403, _) => {
                         // Every job of this route would fail the same way: pause the route
                         // (no attempts spent) until an operator fixes the key and resumes.
-                        self.control.set_paused(&route.name, true);
-                        if let Err(e) = self.queue.save_paused_routes(self.control.paused()).await {
-                            tracing::warn!(error = %e, "could not persist the automatic pause");
+                        let by = format!("auto: Centercode answered {status} (process {})", crate::shared_control::process_id());
+                        if let Err(e) = crate::shared_control::set_paused(&self.queue, &self.control, &route.name, true, &by).await {
+                            // Paused here at least; other processes will meet the 401 themselves.
+                            self.control.set_paused(&route.name, true);
+                            tracing::warn!(error = %e, "could not share the automatic pause; paused in this process only");
                         }
                         tracing::error!(status, "Centercode refused the API key or the relay's address; route paused until `relay routes resume`");
                         Outcome::Held {

@@ -89,6 +89,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
                 ("in_flight", s.in_flight, s.oldest_in_flight_ms),
                 ("retrying", s.retrying, s.oldest_retrying_ms),
                 ("parked", s.parked, s.oldest_parked_ms),
+                ("held", s.held, None),
             ] {
                 m.set("relay_queue_depth", &[("state", name)], depth as f64);
                 m.set(

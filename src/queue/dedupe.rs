@@ -55,6 +55,7 @@ impl Dedupe {
         Dedupe::Local(LocalDedupe {
             map: Arc::default(),
             state: Arc::default(),
+            maps: Arc::default(),
             ttl,
             pending_ttl,
         })
@@ -168,6 +169,75 @@ impl Dedupe {
         }
     }
 
+    /// Set one field of a named map kept beside the keys (per-route pause records, process
+    /// reports): shared and durable on Redis (a hash), per process in memory.
+    pub async fn map_set(&self, name: &str, field: &str, value: &str) -> Result<(), DedupeError> {
+        match self {
+            Dedupe::Local(d) => {
+                d.maps
+                    .lock()
+                    .expect("state lock")
+                    .entry(name.to_owned())
+                    .or_default()
+                    .insert(field.to_owned(), value.to_owned());
+                Ok(())
+            }
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("HSET")
+                    .arg(d.state_key(name))
+                    .arg(field)
+                    .arg(value)
+                    .ignore();
+                d.run(pipe).await
+            }
+        }
+    }
+
+    /// Every field of a named map.
+    pub async fn map_get_all(
+        &self,
+        name: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, DedupeError> {
+        match self {
+            Dedupe::Local(d) => Ok(d
+                .maps
+                .lock()
+                .expect("state lock")
+                .get(name)
+                .cloned()
+                .unwrap_or_default()),
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("HGETALL").arg(d.state_key(name));
+                let (map,): (std::collections::BTreeMap<String, String>,) = d.run(pipe).await?;
+                Ok(map)
+            }
+        }
+    }
+
+    /// Remove fields of a named map.
+    pub async fn map_remove(&self, name: &str, fields: &[String]) -> Result<(), DedupeError> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Dedupe::Local(d) => {
+                if let Some(map) = d.maps.lock().expect("state lock").get_mut(name) {
+                    for f in fields {
+                        map.remove(f);
+                    }
+                }
+                Ok(())
+            }
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("HDEL").arg(d.state_key(name)).arg(fields).ignore();
+                d.run(pipe).await
+            }
+        }
+    }
+
     /// Forget expired in-memory keys; Redis expires its keys by itself (0).
     pub fn purge_expired(&self) -> u64 {
         match self {
@@ -206,6 +276,7 @@ enum Entry {
 pub struct LocalDedupe {
     map: Arc<Mutex<HashMap<String, (Entry, Instant)>>>,
     state: Arc<Mutex<HashMap<String, String>>>,
+    maps: Arc<Mutex<HashMap<String, std::collections::BTreeMap<String, String>>>>,
     ttl: Duration,
     pending_ttl: Duration,
 }

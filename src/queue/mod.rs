@@ -119,6 +119,9 @@ pub struct QueueStats {
     pub in_flight: u64,
     pub retrying: u64,
     pub parked: u64,
+    /// Jobs of paused routes set aside until the route is resumed (RabbitMQ's
+    /// `{prefix}.held`); on the embedded queue they stay in place and count as ready.
+    pub held: u64,
     pub oldest_ready_ms: Option<i64>,
     pub oldest_parked_ms: Option<i64>,
     pub oldest_in_flight_ms: Option<i64>,
@@ -326,7 +329,7 @@ impl Queue {
         }
     }
 
-    /// Routes paused by an operator, as persisted by the backend.
+    /// Routes paused by a relay older than the shared pause records (read once, to migrate).
     pub async fn paused_routes(&self) -> Result<Vec<String>, QueueError> {
         match self {
             Queue::Embedded(q) => q.paused_routes().await,
@@ -334,10 +337,79 @@ impl Queue {
         }
     }
 
-    pub async fn save_paused_routes(&self, routes: Vec<String>) -> Result<(), QueueError> {
+    /// Set one field of a named map of shared control state (pause records, process
+    /// reports): the SQLite file, or Redis on RabbitMQ (process memory without Redis).
+    pub async fn map_set(&self, name: &str, field: &str, value: &str) -> Result<(), QueueError> {
         match self {
-            Queue::Embedded(q) => q.save_paused_routes(routes).await,
-            Queue::Rabbit(q) => q.save_paused_routes(routes).await,
+            Queue::Embedded(q) => q.map_set(name, field, value).await,
+            Queue::Rabbit(q) => q.map_set(name, field, value).await,
+        }
+    }
+
+    pub async fn map_get_all(
+        &self,
+        name: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.map_get_all(name).await,
+            Queue::Rabbit(q) => q.map_get_all(name).await,
+        }
+    }
+
+    pub async fn map_remove(&self, name: &str, fields: &[String]) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.map_remove(name, fields).await,
+            Queue::Rabbit(q) => q.map_remove(name, fields).await,
+        }
+    }
+
+    /// Whether control state reaches other processes: always for the SQLite file (every
+    /// process opening it sees it), on RabbitMQ only with Redis.
+    pub fn shares_control_state(&self) -> bool {
+        match self {
+            Queue::Embedded(_) => true,
+            Queue::Rabbit(q) => q.shares_control_state(),
+        }
+    }
+
+    /// Move held jobs of `route` (set aside while it was paused) back to work; the number
+    /// moved. The embedded queue holds nothing aside (paused jobs stay where they are).
+    pub async fn unhold(
+        &self,
+        route: Option<&str>,
+        still_paused: &[String],
+    ) -> Result<u64, QueueError> {
+        match self {
+            Queue::Embedded(_) => Ok(0),
+            Queue::Rabbit(q) => q.unhold(route, still_paused).await,
+        }
+    }
+
+    /// Give back a leased job of a paused route without spending its attempt, to wait until
+    /// the route is resumed (RabbitMQ: `{prefix}.held`; embedded: in place, skipped by lease).
+    pub async fn set_aside(&self, job: &Leased) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.release(job).await,
+            Queue::Rabbit(q) => q.hold(job).await,
+        }
+    }
+
+    /// Lease like [`Queue::lease`], holding jobs of `paused` routes aside until they are
+    /// resumed (RabbitMQ: in `{prefix}.held`, not cycled through a retry tier) and setting
+    /// jobs of `blocked` routes (open circuit) back for a short while.
+    pub async fn lease_holding(
+        &self,
+        max: usize,
+        paused: Vec<String>,
+        blocked: Vec<String>,
+    ) -> Result<Vec<Leased>, QueueError> {
+        match self {
+            Queue::Embedded(q) => {
+                let mut excluded = paused;
+                excluded.extend(blocked);
+                q.lease(max, excluded).await
+            }
+            Queue::Rabbit(q) => q.lease_holding(max, paused, blocked).await,
         }
     }
 

@@ -37,8 +37,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Quorum queues return a message at most this many times (nack/requeue, lost consumers)
 /// before dead-lettering it to the parked queue: a poison message cannot loop for ever.
 const DELIVERY_LIMIT: i64 = 1000;
-/// Jobs of a paused route (or open circuit) wait in the retry tier nearest to this, then
-/// are looked at again: a slow cycle instead of a requeue loop.
+/// Jobs of a route whose circuit is open wait in the retry tier nearest to this, then are
+/// looked at again: a slow cycle instead of a requeue loop. (Paused routes' jobs wait in
+/// `{prefix}.held` instead, until resumed.)
 const HOLD_DELAY: Duration = Duration::from_secs(30);
 /// Longest error text kept in a header.
 const MAX_ERROR_LEN: usize = 1024;
@@ -121,6 +122,8 @@ pub struct QueueNames {
     pub work: String,
     pub retry: Vec<String>,
     pub parked: String,
+    /// Jobs of paused routes, set aside (no TTL, no consumer) until the route is resumed.
+    pub held: String,
 }
 
 impl QueueNames {
@@ -129,6 +132,7 @@ impl QueueNames {
             work: format!("{prefix}.work"),
             retry: (0..tiers).map(|i| format!("{prefix}.retry.{i}")).collect(),
             parked: format!("{prefix}.parked"),
+            held: format!("{prefix}.held"),
         }
     }
 
@@ -136,7 +140,7 @@ impl QueueNames {
     pub fn all(&self) -> Vec<&str> {
         std::iter::once(self.work.as_str())
             .chain(self.retry.iter().map(String::as_str))
-            .chain(std::iter::once(self.parked.as_str()))
+            .chain([self.parked.as_str(), self.held.as_str()])
             .collect()
     }
 }
@@ -179,7 +183,18 @@ pub async fn declare_topology(
         dead_letter_to(&mut args, queue_type, &names.work);
         channel.queue_declare(name, durable, args).await?;
     }
-    declare_parked(connection, names, queue_type).await
+    declare_parked(connection, names, queue_type).await?;
+    // held: read back (browsed) when a route is resumed, like parked, so the same delivery
+    // limit; a fresh queue, so no older declaration to reconcile.
+    let mut held = base_args(queue_type);
+    if queue_type == RabbitQueueType::Quorum {
+        held.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(PARKED_DELIVERY_LIMIT),
+        );
+    }
+    channel.queue_declare(&names.held, durable, held).await?;
+    Ok(())
 }
 
 /// Declare the parked queue. Listings, replays and purges read it and put back the jobs they
@@ -902,8 +917,20 @@ impl RabbitQueue {
     /// Up to `max` deliveries already received; waits briefly for the first one. Jobs of
     /// `paused` routes are not handed out: they wait in a retry tier (see [`HOLD_DELAY`])
     /// with their attempts untouched.
+    pub async fn lease(&self, max: usize, blocked: Vec<String>) -> Result<Vec<Leased>, QueueError> {
+        self.lease_holding(max, Vec::new(), blocked).await
+    }
+
+    /// Lease, setting jobs of `paused` routes aside in `{prefix}.held` until they are
+    /// resumed, and jobs of `blocked` routes (open circuit) in the retry tier nearest to
+    /// [`HOLD_DELAY`].
     #[tracing::instrument(skip_all, fields(max = max, queue = %self.inner.names.work, messaging.operation = "receive"))]
-    pub async fn lease(&self, max: usize, paused: Vec<String>) -> Result<Vec<Leased>, QueueError> {
+    pub async fn lease_holding(
+        &self,
+        max: usize,
+        paused: Vec<String>,
+        blocked: Vec<String>,
+    ) -> Result<Vec<Leased>, QueueError> {
         self.ensure_consumer().await?;
         let arrived = self.inner.arrived.notified();
         tokio::pin!(arrived);
@@ -921,6 +948,7 @@ impl RabbitQueue {
         let mut leased = Vec::with_capacity(taken.len());
         let mut held_back = Vec::new();
         let mut too_early = Vec::new();
+        let mut set_aside = Vec::new();
         for delivery in taken {
             match decode(&delivery, generation) {
                 Ok((job, meta)) => {
@@ -939,6 +967,8 @@ impl RabbitQueue {
                     if let Some(at) = not_before {
                         too_early.push((job, at));
                     } else if paused.contains(&job.route) {
+                        set_aside.push(job);
+                    } else if blocked.contains(&job.route) {
                         held_back.push(job);
                     } else {
                         leased.push(job);
@@ -965,6 +995,11 @@ impl RabbitQueue {
         .await;
         if let Some(e) = waited.into_iter().find_map(Result::err) {
             tracing::warn!(error = %e, "could not send a job round another retry tier");
+        }
+        let aside =
+            futures_util::future::join_all(set_aside.iter().map(|job| self.hold(job))).await;
+        if let Some(e) = aside.into_iter().find_map(Result::err) {
+            tracing::warn!(error = %e, "could not set aside jobs of paused routes");
         }
         let deferred =
             futures_util::future::join_all(held_back.iter().map(|job| self.release(job))).await;
@@ -1137,6 +1172,57 @@ impl RabbitQueue {
         self.settle(job).await
     }
 
+    /// Set a paused route's job aside in `{prefix}.held` (confirmed), attempt not spent,
+    /// then ack the original: it waits there, not cycling, until [`RabbitQueue::unhold`].
+    #[tracing::instrument(skip_all, fields(job_id = %job.id, queue = %self.inner.names.held))]
+    pub async fn hold(&self, job: &Leased) -> Result<(), QueueError> {
+        let Some(held) = self.held(job) else {
+            return Ok(());
+        };
+        let session = self.inner.current()?;
+        let mut meta = held.meta.with_job(job);
+        meta.attempts = job.attempts.saturating_sub(1);
+        let body = serde_json::to_vec(&job.job).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        self.publish(&session, &self.inner.names.held, &job.id, &body, &meta)
+            .await?;
+        self.settle(job).await
+    }
+
+    /// Move held jobs back to work: those of `route`, or (with `None`) of every route not in
+    /// `still_paused`. Each is published to work (confirmed) before its held copy is acked.
+    #[tracing::instrument(skip_all, fields(queue = %self.inner.names.held))]
+    pub async fn unhold(
+        &self,
+        route: Option<&str>,
+        still_paused: &[String],
+    ) -> Result<u64, QueueError> {
+        let session = self.inner.current()?;
+        let mut browser = Browser::open(&session, &self.inner.names.held).await?;
+        if browser.initial == 0 {
+            browser.finish().await;
+            return Ok(0);
+        }
+        let mut moved = 0;
+        while let Some(delivery) = browser.next().await? {
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let meta = Meta::read(&headers);
+            let wanted = match route {
+                Some(r) => meta.route == r,
+                None => !still_paused.contains(&meta.route),
+            };
+            if !wanted {
+                continue;
+            }
+            let id = message_id(&delivery);
+            self.publish(&session, &self.inner.names.work, &id, &delivery.data, &meta)
+                .await?;
+            browser.remove(&delivery).await?;
+            moved += 1;
+        }
+        browser.finish().await;
+        Ok(moved)
+    }
+
     /// Publish a copy to `{prefix}.parked` with the reason (confirmed), then ack the original.
     #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempts, queue = %self.inner.names.parked))]
     pub async fn park(
@@ -1178,11 +1264,12 @@ impl RabbitQueue {
                 retrying += message_count(&channel, name).await?;
             }
             let parked = message_count(&channel, &self.inner.names.parked).await?;
-            Ok::<_, QueueError>((work, retrying, parked))
+            let held = message_count(&channel, &self.inner.names.held).await?;
+            Ok::<_, QueueError>((work, retrying, parked, held))
         }
         .await;
         let _ = channel.close(200, "stats").await;
-        let ((ready, consumers), retrying, parked) = result?;
+        let ((ready, consumers), retrying, parked, held) = result?;
         let oldest_ready_ms = self.inner.head.lock().expect("head lock").observe(
             ready,
             consumers,
@@ -1212,6 +1299,7 @@ impl RabbitQueue {
             (buffer.len() + held.len(), oldest)
         };
         Ok(QueueStats {
+            held,
             ready,
             in_flight: in_flight as u64,
             retrying,
@@ -1357,8 +1445,7 @@ impl RabbitQueue {
         Ok(purged)
     }
 
-    /// Paused routes: kept in Redis when configured (shared, survives restarts), otherwise
-    /// in this process only (forgotten on restart).
+    /// Paused routes as an older relay kept them (one list in Redis); read once to migrate.
     pub async fn paused_routes(&self) -> Result<Vec<String>, QueueError> {
         let value = self
             .inner
@@ -1371,13 +1458,38 @@ impl RabbitQueue {
             .unwrap_or_default())
     }
 
-    pub async fn save_paused_routes(&self, routes: Vec<String>) -> Result<(), QueueError> {
-        let value = serde_json::to_string(&routes).unwrap_or_else(|_| "[]".into());
+    /// One field of a named map of shared control state: in Redis when configured (shared by
+    /// every process), otherwise in this process only.
+    pub async fn map_set(&self, name: &str, field: &str, value: &str) -> Result<(), QueueError> {
         self.inner
             .dedupe
-            .save_state("paused-routes", &value)
+            .map_set(name, field, value)
             .await
             .map_err(|e| QueueError::Dedupe(e.0))
+    }
+
+    pub async fn map_get_all(
+        &self,
+        name: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, QueueError> {
+        self.inner
+            .dedupe
+            .map_get_all(name)
+            .await
+            .map_err(|e| QueueError::Dedupe(e.0))
+    }
+
+    pub async fn map_remove(&self, name: &str, fields: &[String]) -> Result<(), QueueError> {
+        self.inner
+            .dedupe
+            .map_remove(name, fields)
+            .await
+            .map_err(|e| QueueError::Dedupe(e.0))
+    }
+
+    /// Whether control state is shared with other processes (Redis configured).
+    pub fn shares_control_state(&self) -> bool {
+        matches!(self.inner.dedupe, super::dedupe::Dedupe::Redis(_))
     }
 
     /// A parked job's payload (preview). Jobs in the work or retry queues are not found.

@@ -416,6 +416,7 @@ impl SqliteQueue {
                 params![now],
                 |r| {
                     Ok(QueueStats {
+                        held: 0,
                         ready: r.get::<_, i64>(0)? as u64,
                         in_flight: r.get::<_, i64>(1)? as u64,
                         retrying: r.get::<_, i64>(2)? as u64,
@@ -543,7 +544,7 @@ impl SqliteQueue {
         .await
     }
 
-    /// Routes whose deliveries are paused (kept in the file so a restart keeps them paused).
+    /// Paused routes as an older relay kept them (one list); read once to migrate.
     pub async fn paused_routes(&self) -> Result<Vec<String>, QueueError> {
         self.read(|conn| {
             let v: Option<String> = conn
@@ -557,13 +558,45 @@ impl SqliteQueue {
         .await
     }
 
-    pub async fn save_paused_routes(&self, routes: Vec<String>) -> Result<(), QueueError> {
+    /// One field of a named map of shared control state (rows `{name}:{field}` of `meta`).
+    pub async fn map_set(&self, name: &str, field: &str, value: &str) -> Result<(), QueueError> {
+        let (k, v) = (format!("{name}:{field}"), value.to_owned());
         self.write(move |conn| {
-            let v = serde_json::to_string(&routes).unwrap_or_else(|_| "[]".into());
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (k, v) VALUES ('paused_routes', ?1)",
-                params![v],
-            )?;
+            conn.prepare_cached("INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)")?
+                .execute(params![k, v])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every field of a named map (a primary-key range, not a scan).
+    pub async fn map_get_all(
+        &self,
+        name: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, QueueError> {
+        let (from, to) = (format!("{name}:"), format!("{name};"));
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT k, v FROM meta WHERE k >= ?1 AND k < ?2")?;
+            let rows = stmt.query_map(params![from, to], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut map = std::collections::BTreeMap::new();
+            for row in rows {
+                let (k, v) = row?;
+                map.insert(k[from.len()..].to_owned(), v);
+            }
+            Ok(map)
+        })
+        .await
+    }
+
+    pub async fn map_remove(&self, name: &str, fields: &[String]) -> Result<(), QueueError> {
+        let keys: Vec<String> = fields.iter().map(|f| format!("{name}:{f}")).collect();
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached("DELETE FROM meta WHERE k = ?1")?;
+            for k in &keys {
+                stmt.execute(params![k])?;
+            }
             Ok(())
         })
         .await

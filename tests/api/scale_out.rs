@@ -370,20 +370,10 @@ async fn wait_for_consumers(env: &RabbitEnv, n: u32) {
     let _ = conn.close(200, "consumers counted").await;
 }
 
-const MESSAGES: u32 = 300;
-const PER_MESSAGE: u32 = 10;
-const SENDERS: usize = 8;
-
-#[tokio::test]
-async fn two_gateways_and_two_workers_deliver_every_notification_once_and_share_the_work() {
-    // Arrange: a broker prefix of this test (queues and Redis keys deleted at the end, after
-    // the processes are killed: `procs` is dropped first), the fake Centercode, and one
-    // config file for four `relay serve` processes.
-    let env = RabbitEnv::new().await;
-    let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("no-config")).unwrap();
-    let config = dir.path().join("relay.toml");
+/// One config file for every `relay serve` process of a test on `env`'s broker prefix;
+/// `extra` is appended (more sections).
+fn rabbit_config(env: &RabbitEnv, centercode: &FakeCentercode, dir: &Path, extra: &str) -> PathBuf {
+    let config = dir.join("relay.toml");
     std::fs::write(
         &config,
         format!(
@@ -405,6 +395,7 @@ poll_interval_ms = 50
 [centercode]
 api_key = "test-key"
 timeout_ms = 5000
+{extra}
 {routes}"#,
             url = env.url,
             prefix = env.prefix,
@@ -413,6 +404,23 @@ timeout_ms = 5000
         ),
     )
     .unwrap();
+    config
+}
+
+const MESSAGES: u32 = 300;
+const PER_MESSAGE: u32 = 10;
+const SENDERS: usize = 8;
+
+#[tokio::test]
+async fn two_gateways_and_two_workers_deliver_every_notification_once_and_share_the_work() {
+    // Arrange: a broker prefix of this test (queues and Redis keys deleted at the end, after
+    // the processes are killed: `procs` is dropped first), the fake Centercode, and one
+    // config file for four `relay serve` processes.
+    let env = RabbitEnv::new().await;
+    let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("no-config")).unwrap();
+    let config = rabbit_config(&env, &centercode, dir.path(), "");
     let mut procs = Processes::default();
     let workers = [
         procs.start(&config, dir.path(), "worker"),
@@ -555,6 +563,226 @@ timeout_ms = 5000
             "{w} delivered only {share} of {total}"
         );
     }
+    drop(procs);
+    drop(env);
+}
+
+// ---- Pause and resume shared by every process ----------------------------------------------
+
+async fn admin_call(
+    client: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+) -> Value {
+    let res = client
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 200, "{base}{path}: {body}");
+    body
+}
+
+/// Wait until `/admin/routes` on `base` shows `route` with the shared state `paused` and
+/// `processes` live processes that all believe it; returns that route's entry.
+async fn until_every_process_believes(
+    client: &reqwest::Client,
+    base: &str,
+    route: &str,
+    paused: bool,
+    processes: usize,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let routes = admin_call(client, base, reqwest::Method::GET, "/admin/routes").await;
+        let entry = routes["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == route)
+            .unwrap()
+            .clone();
+        let believers = entry["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["paused"] == paused)
+            .count();
+        if entry["paused"] == paused && believers == processes {
+            return entry;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every process believes paused={paused}: {entry}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+}
+
+/// Wait until the fake Centercode has received feedback `a0B{n}` (the canary: another route
+/// keeps flowing, so the workers are running while the paused route stays untouched).
+async fn until_feedback_arrives(centercode: &FakeCentercode, n: u32) {
+    let id = format!("a0B{n:015}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !centercode
+        .requests()
+        .iter()
+        .any(|r| r.body_text.contains(&id))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "feedback {id} never reached Centercode"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+}
+
+/// Wait until every e-mail of `ns` reached Centercode with a 2xx/404 answer.
+async fn until_removed(centercode: &FakeCentercode, ns: std::ops::Range<u32>) {
+    let expected: BTreeSet<String> = ns.map(email).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let done: BTreeSet<String> = centercode
+            .requests()
+            .iter()
+            .filter(|r| r.status != 401)
+            .filter_map(|r| {
+                r.query
+                    .get("find")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
+            .collect();
+        if done.is_superset(&expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} removals delivered",
+            expected.intersection(&done).count(),
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+}
+
+fn removals_sent(centercode: &FakeCentercode, ns: std::ops::Range<u32>) -> usize {
+    let wanted: BTreeSet<String> = ns.map(email).collect();
+    finds(centercode)
+        .iter()
+        .filter(|e| wanted.contains(*e))
+        .count()
+}
+
+#[tokio::test]
+async fn a_pause_through_one_gateway_holds_the_route_in_every_worker_and_resume_restarts_both() {
+    // Arrange: two gateways and two workers on one broker prefix and one Redis.
+    let env = RabbitEnv::new().await;
+    let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("no-config")).unwrap();
+    let config = rabbit_config(
+        &env,
+        &centercode,
+        dir.path(),
+        &format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[control]\nrefresh_ms = 200\n"),
+    );
+    let mut procs = Processes::default();
+    for _ in 0..2 {
+        procs.start(&config, dir.path(), "worker");
+    }
+    let gateways = [
+        procs.start(&config, dir.path(), "gateway"),
+        procs.start(&config, dir.path(), "gateway"),
+    ];
+    wait_for_consumers(&env, 2).await;
+    let client = reqwest::Client::new();
+    let post = |g: usize, route: &str, body: String| {
+        let url = format!("{}/salesforce/outbound/{route}", gateways[g]);
+        let client = client.clone();
+        async move { send_until_acked(&client, &url, &body).await }
+    };
+
+    // Act 1: pause through gateway 0; every process, workers included, follows.
+    admin_call(
+        &client,
+        &gateways[0],
+        reqwest::Method::POST,
+        "/admin/routes/gdpr/pause",
+    )
+    .await;
+    let entry = until_every_process_believes(&client, &gateways[1], "gdpr", true, 4).await;
+    assert_eq!(entry["changed_by"], "admin");
+    let roles: BTreeSet<String> = entry["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["role"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        roles,
+        BTreeSet::from(["gateway".to_owned(), "worker".to_owned()])
+    );
+    post(1, "gdpr", removals(&(0..20).collect::<Vec<_>>())).await;
+    post(1, "feedback", feedback(&[100])).await;
+    until_feedback_arrives(&centercode, 100).await;
+    // Assert 1: the other route flowed through the workers; the paused one did not.
+    assert_eq!(
+        removals_sent(&centercode, 0..20),
+        0,
+        "a paused route was delivered"
+    );
+
+    // Act 2: resume through gateway 1; both workers deliver what waited.
+    admin_call(
+        &client,
+        &gateways[1],
+        reqwest::Method::POST,
+        "/admin/routes/gdpr/resume",
+    )
+    .await;
+    until_removed(&centercode, 0..20).await;
+    until_every_process_believes(&client, &gateways[0], "gdpr", false, 4).await;
+
+    // Act 3: Centercode refuses the key once: the worker that met it pauses the route for all.
+    centercode.push_fault(Fault {
+        status: 401,
+        times: 1,
+        ..Fault::default()
+    });
+    post(0, "gdpr", removals(&[20])).await;
+    let entry = until_every_process_believes(&client, &gateways[0], "gdpr", true, 4).await;
+    assert!(
+        entry["changed_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("auto: Centercode answered 401"),
+        "{entry}"
+    );
+    post(0, "gdpr", removals(&(21..41).collect::<Vec<_>>())).await;
+    post(0, "feedback", feedback(&[101])).await;
+    until_feedback_arrives(&centercode, 101).await;
+    // Assert 3: the other worker held the route too: only the refused request went out.
+    assert_eq!(
+        removals_sent(&centercode, 20..41),
+        1,
+        "only the 401 request"
+    );
+
+    // Act 4: resume through gateway 0: both workers start again and deliver everything.
+    admin_call(
+        &client,
+        &gateways[0],
+        reqwest::Method::POST,
+        "/admin/routes/gdpr/resume",
+    )
+    .await;
+    until_removed(&centercode, 20..41).await;
+    until_every_process_believes(&client, &gateways[1], "gdpr", false, 4).await;
     drop(procs);
     drop(env);
 }
