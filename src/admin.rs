@@ -21,8 +21,23 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/parked/{id}", web::get().to(show))
             .route("/routes", web::get().to(routes))
             .route("/routes/{route}/pause", web::post().to(pause))
-            .route("/routes/{route}/resume", web::post().to(resume)),
+            .route("/routes/{route}/resume", web::post().to(resume))
+            .route("/openapi.json", web::get().to(openapi)),
     );
+}
+
+/// `docs/openapi.json`: the OpenAPI 3.1 document of every endpoint, built into the binary.
+const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+/// The OpenAPI document, behind the admin token like every `/admin` route (the callout part
+/// that Salesforce imports is in the repository's `docs/openapi.json` for anyone).
+async fn openapi(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(denied) = deny(&req, &state) {
+        return denied;
+    }
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI)
 }
 
 fn error(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
