@@ -110,6 +110,14 @@ async fn serve(settings: Settings, role: crate::startup::Role) -> anyhow::Result
     let app = Application::build(settings).await?;
     // Tests and scripts read this line to find the port when binding port 0.
     println!("relay listening on {scheme}://127.0.0.1:{}", app.port());
+    if let Some(ops) = app.ops_port() {
+        println!("relay ops listening on {scheme}://127.0.0.1:{ops}");
+    } else if matches!(
+        crate::settings::Environment::from_env(),
+        Ok(crate::settings::Environment::Production)
+    ) {
+        tracing::warn!("server.ops_bind is unset: /metrics and /admin/* share the listener Salesforce calls; set server.ops_bind in production");
+    }
     let stop = CancellationToken::new();
     let signal_stop = stop.clone();
     tokio::spawn(async move {

@@ -102,6 +102,18 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<String>,
     /// Serve HTTPS directly (otherwise terminate TLS at a load balancer).
     pub tls: Option<TlsSettings>,
+    /// A second listener for `/metrics` and `/admin/*` (health on both), kept off the one
+    /// Salesforce calls. Unset: everything on `bind` (local development).
+    #[serde(default)]
+    pub ops_bind: Option<String>,
+    /// How long `/metrics` and `/health/ready` reuse a queue reading or write check, so a
+    /// busy scraper or probe costs at most one per this period.
+    #[serde(default = "default_probe_cache_ms")]
+    pub probe_cache_ms: u64,
+}
+
+fn default_probe_cache_ms() -> u64 {
+    1000
 }
 
 /// `[server.tls]`: certificate and key files (PEM), and optionally the CA that client
@@ -709,6 +721,23 @@ impl Settings {
         self.server.bind.parse::<SocketAddr>().map_err(|_| {
             SettingsError::new("server.bind", "expected host:port, e.g. 127.0.0.1:8080")
         })?;
+        if let Some(ops) = &self.server.ops_bind {
+            let ops: SocketAddr = ops.parse().map_err(|_| {
+                SettingsError::new("server.ops_bind", "expected host:port, e.g. 0.0.0.0:9090")
+            })?;
+            if ops.port() != 0 && Some(ops) == self.server.bind.parse().ok() {
+                return Err(SettingsError::new(
+                    "server.ops_bind",
+                    "must differ from server.bind",
+                ));
+            }
+        }
+        if self.server.probe_cache_ms > 60_000 {
+            return Err(SettingsError::new(
+                "server.probe_cache_ms",
+                "expected at most 60000",
+            ));
+        }
         if self.server.max_body_bytes < 1024 {
             return Err(SettingsError::new(
                 "server.max_body_bytes",

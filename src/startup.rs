@@ -41,6 +41,12 @@ impl Role {
 pub struct Application {
     port: u16,
     listener: TcpListener,
+    /// `server.ops_bind`: /metrics and /admin/* (and health) when set.
+    ops_listener: Option<TcpListener>,
+    ops_port: Option<u16>,
+    /// The ops listener's TLS: the server certificate, without requiring client ones (the
+    /// scraper and operators are not Salesforce).
+    ops_tls: Option<rustls::ServerConfig>,
     settings: Arc<Settings>,
     queue: Queue,
     metrics: Arc<Metrics>,
@@ -98,6 +104,27 @@ impl Application {
             .as_ref()
             .map(crate::tls::server_config)
             .transpose()?;
+        let ops_listener = settings
+            .server
+            .ops_bind
+            .as_ref()
+            .map(|bind| {
+                TcpListener::bind(bind).with_context(|| format!("binding server.ops_bind {bind}"))
+            })
+            .transpose()?;
+        let ops_port = ops_listener
+            .as_ref()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .transpose()?;
+        let ops_tls = match (&settings.server.tls, &ops_listener) {
+            (Some(tls), Some(_)) => {
+                Some(crate::tls::server_config(&crate::settings::TlsSettings {
+                    client_ca: None,
+                    ..tls.clone()
+                })?)
+            }
+            _ => None,
+        };
         for route in settings.routes.iter().filter(|r| r.insecure_open) {
             tracing::warn!(route = %route.name, "route is insecure_open: anyone who knows its URL can make the relay act on Centercode; set a path_token, allowed_ips or mutual TLS");
         }
@@ -110,6 +137,9 @@ impl Application {
         Ok(Self {
             port,
             listener,
+            ops_listener,
+            ops_port,
+            ops_tls,
             settings: Arc::new(settings),
             queue,
             metrics,
@@ -120,6 +150,11 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The ops listener's port, when `server.ops_bind` is set.
+    pub fn ops_port(&self) -> Option<u16> {
+        self.ops_port
     }
 
     pub fn queue(&self) -> &Queue {
@@ -197,27 +232,37 @@ impl Application {
             request_slots: Arc::new(tokio::sync::Semaphore::new(
                 self.settings.server.max_concurrent_requests,
             )),
+            probes: Arc::new(inbound::health::ProbeCache::new(Duration::from_millis(
+                self.settings.server.probe_cache_ms,
+            ))),
         });
         let server_settings = &self.settings.server;
         let workers = match server_settings.workers {
             0 => default_http_threads(),
             n => n,
         };
+        // With an ops listener, /metrics and /admin/* are served only there; the main listener
+        // keeps what Salesforce calls (nothing, for a worker) and health.
+        let separate_ops = self.ops_listener.is_some();
+        let main_routes: fn(&mut web::ServiceConfig) = match (role, separate_ops) {
+            (Role::Worker, false) => inbound::configure_ops,
+            (Role::Worker, true) => inbound::configure_health_only,
+            (_, false) => inbound::configure,
+            (_, true) => inbound::configure_inbound,
+        };
+        let main_state = state.clone();
         let server = HttpServer::new(move || {
             App::new()
-                .app_data(state.clone())
+                .app_data(main_state.clone())
                 .wrap_fn(inbound::request_id_middleware)
-                .configure(if role == Role::Worker {
-                    inbound::configure_ops
-                } else {
-                    inbound::configure
-                })
+                .configure(main_routes)
         })
         .workers(workers)
         .max_connections(server_settings.max_connections.div_ceil(workers))
         .client_request_timeout(Duration::from_millis(server_settings.header_timeout_ms))
         .shutdown_timeout(server_settings.shutdown_grace_secs)
         .disable_signals();
+        let ops_tls = self.ops_tls.clone();
         let server = match self.tls {
             Some(config) => server.listen_rustls_0_23(self.listener, config)?,
             None => server.listen(self.listener)?,
@@ -225,6 +270,29 @@ impl Application {
         .run();
         let handle = server.handle();
         let server_task = tokio::spawn(server);
+        let ops = match self.ops_listener {
+            Some(listener) => {
+                let ops_state = state.clone();
+                let ops = HttpServer::new(move || {
+                    App::new()
+                        .app_data(ops_state.clone())
+                        .wrap_fn(inbound::request_id_middleware)
+                        .configure(inbound::configure_ops)
+                })
+                .workers(1)
+                .max_connections(256)
+                .client_request_timeout(Duration::from_millis(server_settings.header_timeout_ms))
+                .shutdown_timeout(server_settings.shutdown_grace_secs)
+                .disable_signals();
+                let ops = match ops_tls {
+                    Some(config) => ops.listen_rustls_0_23(listener, config)?,
+                    None => ops.listen(listener)?,
+                }
+                .run();
+                Some((ops.handle(), tokio::spawn(ops)))
+            }
+            None => None,
+        };
         let worker_task = if role != Role::Gateway && self.settings.worker.enabled {
             Some(tokio::spawn(worker.run_until_stopped(stop.clone())))
         } else {
@@ -244,6 +312,10 @@ impl Application {
         tracing::info!("stopping: no new requests; finishing in-flight work");
         handle.stop(true).await;
         let _ = server_task.await;
+        if let Some((ops_handle, ops_task)) = ops {
+            ops_handle.stop(true).await;
+            let _ = ops_task.await;
+        }
         if let Some(w) = worker_task {
             let _ = w.await;
         }

@@ -1,33 +1,79 @@
 //! Liveness (the process answers), readiness (the queue accepts writes) and `/metrics`.
 
 use super::AppState;
-use crate::metrics::Metrics;
+use crate::queue::{Queue, QueueStats};
 use actix_web::{web, HttpResponse};
 use std::fmt::Write;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// A readiness result younger than this is reused by `/metrics` instead of writing again.
-const READY_REUSE: Duration = Duration::from_secs(1);
 /// How long `/metrics` waits for its own readiness check (`/health/ready` waits 3 s).
 const METRICS_READY_TIMEOUT: Duration = Duration::from_millis(500);
+const READY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The last readiness result of each running app, keyed by its metrics registry (the weak
-/// reference keeps the address from being reused while the entry exists).
-type LastReady = Vec<(Weak<Metrics>, Instant, bool)>;
-static LAST_READY: Mutex<LastReady> = Mutex::new(Vec::new());
-
-fn remember_ready(app: &Arc<Metrics>, ready: bool) {
-    let mut last = LAST_READY.lock().expect("readiness lock");
-    last.retain(|(w, ..)| w.strong_count() > 0 && w.as_ptr() != Arc::as_ptr(app));
-    last.push((Arc::downgrade(app), Instant::now(), ready));
+/// Recent queue readings: `/metrics` and `/health/ready` reuse one younger than
+/// `server.probe_cache_ms`, so however often they are scraped or probed, the queue sees at
+/// most one depth reading (a table aggregate, or broker declares) and one write check (an
+/// fsync) per period. Concurrent callers wait for the one reading in progress.
+pub struct ProbeCache {
+    ttl: Duration,
+    stats: tokio::sync::Mutex<Option<(Instant, QueueStats)>>,
+    ready: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
+    stats_reads: AtomicU64,
+    ready_checks: AtomicU64,
 }
 
-fn recent_ready(app: &Arc<Metrics>) -> Option<bool> {
-    let last = LAST_READY.lock().expect("readiness lock");
-    last.iter()
-        .find(|(w, at, _)| w.as_ptr() == Arc::as_ptr(app) && at.elapsed() < READY_REUSE)
-        .map(|(.., ready)| *ready)
+/// The outcome of a write check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    Ready,
+    Refused,
+    TimedOut,
+}
+
+impl ProbeCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            stats: tokio::sync::Mutex::new(None),
+            ready: tokio::sync::Mutex::new(None),
+            stats_reads: AtomicU64::new(0),
+            ready_checks: AtomicU64::new(0),
+        }
+    }
+
+    async fn stats(&self, queue: &Queue) -> Result<QueueStats, crate::queue::QueueError> {
+        let mut cached = self.stats.lock().await;
+        if let Some((at, stats)) = cached.as_ref() {
+            if at.elapsed() < self.ttl {
+                return Ok(stats.clone());
+            }
+        }
+        self.stats_reads.fetch_add(1, Ordering::Relaxed);
+        let stats = queue.stats().await?;
+        *cached = Some((Instant::now(), stats.clone()));
+        Ok(stats)
+    }
+
+    async fn readiness(&self, queue: &Queue, timeout: Duration) -> Readiness {
+        let mut cached = self.ready.lock().await;
+        if let Some((at, ready)) = *cached {
+            if at.elapsed() < self.ttl {
+                return ready;
+            }
+        }
+        self.ready_checks.fetch_add(1, Ordering::Relaxed);
+        let ready = match tokio::time::timeout(timeout, queue.check_writable()).await {
+            Ok(Ok(())) => Readiness::Ready,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness check failed");
+                Readiness::Refused
+            }
+            Err(_) => Readiness::TimedOut,
+        };
+        *cached = Some((Instant::now(), ready));
+        ready
+    }
 }
 
 pub async fn live() -> HttpResponse {
@@ -35,15 +81,12 @@ pub async fn live() -> HttpResponse {
 }
 
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let result = tokio::time::timeout(Duration::from_secs(3), state.queue.check_writable()).await;
-    remember_ready(&state.metrics, matches!(result, Ok(Ok(()))));
-    match result {
-        Ok(Ok(())) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness check failed");
-            HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "not_ready", "reason": "queue does not accept writes"}))
-        }
-        Err(_) => HttpResponse::ServiceUnavailable()
+    match state.probes.readiness(&state.queue, READY_TIMEOUT).await {
+        Readiness::Ready => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
+        Readiness::Refused => HttpResponse::ServiceUnavailable().json(
+            serde_json::json!({"status": "not_ready", "reason": "queue does not accept writes"}),
+        ),
+        Readiness::TimedOut => HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({"status": "not_ready", "reason": "queue write timed out"})),
     }
 }
@@ -74,7 +117,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             if open { 1.0 } else { 0.0 },
         );
     }
-    match state.queue.stats().await {
+    match state.probes.stats(&state.queue).await {
         Ok(s) => {
             let high = s.ready + s.retrying > state.settings.queue.depth_warning;
             m.set(
@@ -102,22 +145,27 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         Err(e) => tracing::warn!(error = %e, "could not read queue depths for /metrics"),
     }
     // `relay_ready`: what `/health/ready` answers, so alerts see a relay that is up but cannot
-    // store; reuses a check made within the last second rather than writing on every scrape.
-    let ready = match recent_ready(&state.metrics) {
-        Some(ready) => ready,
-        None => {
-            let check = tokio::time::timeout(METRICS_READY_TIMEOUT, state.queue.check_writable());
-            let ready = matches!(check.await, Ok(Ok(())));
-            remember_ready(&state.metrics, ready);
-            ready
-        }
-    };
+    // store; from the same cached check, never a write per scrape.
+    let ready = state
+        .probes
+        .readiness(&state.queue, METRICS_READY_TIMEOUT)
+        .await
+        == Readiness::Ready;
     let mut body = m.render();
     let _ = writeln!(
         body,
         "# HELP relay_ready 1 when the queue accepts writes (as /health/ready), 0 otherwise.\n\
          # TYPE relay_ready gauge\nrelay_ready {}",
         u8::from(ready)
+    );
+    let _ = writeln!(
+        body,
+        "# HELP relay_probe_queue_reads_total Queue depth readings and write checks made for /metrics and /health/ready (at most one of each per server.probe_cache_ms).\n\
+         # TYPE relay_probe_queue_reads_total counter\n\
+         relay_probe_queue_reads_total{{probe=\"stats\"}} {}\n\
+         relay_probe_queue_reads_total{{probe=\"readiness\"}} {}",
+        state.probes.stats_reads.load(Ordering::Relaxed),
+        state.probes.ready_checks.load(Ordering::Relaxed)
     );
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -27,6 +27,8 @@ pub struct AppState {
     pub request_slots: Arc<tokio::sync::Semaphore>,
     /// Address ranges parsed once at start, not on every request.
     pub networks: Arc<Networks>,
+    /// Recent queue readings shared by `/metrics` and `/health/ready`.
+    pub probes: Arc<health::ProbeCache>,
 }
 
 /// `server.trusted_proxies` and each route's `allowed_ips`, parsed.
@@ -58,8 +60,31 @@ pub struct RequestId(pub String);
 
 const REQUEST_ID: &str = "x-request-id";
 
-/// Register every route on an actix `App`.
+/// Register every route on an actix `App` (one listener for everything: local development).
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    configure_salesforce(cfg);
+    cfg.configure(configure_ops);
+}
+
+/// The listener Salesforce calls when `server.ops_bind` is set: inbound routes and health.
+pub fn configure_inbound(cfg: &mut web::ServiceConfig) {
+    configure_salesforce(cfg);
+    configure_health(cfg);
+    cfg.default_service(web::to(not_found));
+}
+
+/// Health only (a worker's main listener when `server.ops_bind` is set).
+pub fn configure_health_only(cfg: &mut web::ServiceConfig) {
+    configure_health(cfg);
+    cfg.default_service(web::to(not_found));
+}
+
+fn configure_health(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health/live", web::get().to(health::live))
+        .route("/health/ready", web::get().to(health::ready));
+}
+
+fn configure_salesforce(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/salesforce/outbound/{route}")
             .route(web::post().to(salesforce::receive))
@@ -74,15 +99,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource("/salesforce/callout/{route}")
             .route(web::post().to(callout::receive))
             .default_service(web::to(method_not_allowed)),
-    )
-    .configure(configure_ops);
+    );
 }
 
-/// Health, metrics and the admin API: all a worker-only process serves.
+/// Health, metrics and the admin API: the ops listener, or all a worker-only process serves.
 pub fn configure_ops(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health/live", web::get().to(health::live))
-        .route("/health/ready", web::get().to(health::ready))
-        .route("/metrics", web::get().to(health::metrics))
+    configure_health(cfg);
+    cfg.route("/metrics", web::get().to(health::metrics))
         .configure(crate::admin::configure)
         .default_service(web::to(not_found));
 }

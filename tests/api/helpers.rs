@@ -142,6 +142,8 @@ pub fn test_settings(db: &std::path::Path, base: &str) -> Settings {
 bind = "127.0.0.1:0"
 max_body_bytes = 1048576
 workers = 1
+# Tests read /metrics right after each step; the cache is tested on its own (inbound.rs).
+probe_cache_ms = 0
 [queue]
 backend = "embedded"
 path = "{db}"

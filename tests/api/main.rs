@@ -15,6 +15,8 @@ mod disk_full;
 mod helpers;
 mod hostile;
 mod inbound;
+mod openapi;
+mod ops;
 mod queue_conformance;
 mod rabbitmq;
 mod scale_out;
