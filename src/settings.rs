@@ -800,10 +800,16 @@ impl Settings {
                 "expected more than 0",
             ));
         }
-        if self.queue.lease_secs.saturating_mul(1000) <= self.centercode.timeout_ms {
+        // A delivery's lease is renewed when it starts if it waited longer than
+        // LEASE_REFRESH_AFTER (0.5 s) since its lease; so the worst case left for the call
+        // is lease - 0.5 s, which must cover centercode.timeout_ms.
+        let refresh_ms = crate::worker::LEASE_REFRESH_AFTER.as_millis() as u64;
+        if self.queue.lease_secs.saturating_mul(1000)
+            <= self.centercode.timeout_ms.saturating_add(refresh_ms)
+        {
             return Err(SettingsError::new(
                 "queue.lease_secs",
-                "must be longer than centercode.timeout_ms, or a slow delivery would be handed to a second worker",
+                "must be longer than centercode.timeout_ms plus 0.5 s (a job may wait that long after its lease before its lease is renewed), or a slow delivery would be handed to a second worker",
             ));
         }
         let mut names = std::collections::HashSet::new();

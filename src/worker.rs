@@ -9,10 +9,15 @@ use crate::queue::{now_ms, Leased, Queue, QueueError};
 use crate::retry::RetryPolicy;
 use crate::settings::{Action, OnOutcomeUnknown, OnUserNotFound, Settings};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+/// A job that waited this long between its lease and its delivery has its lease extended
+/// first, so the lease covers the call itself (`queue.lease_secs` must exceed
+/// `centercode.timeout_ms` by more than this).
+pub const LEASE_REFRESH_AFTER: Duration = Duration::from_millis(500);
 
 /// What became of one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,11 +84,11 @@ impl Worker {
         let outstanding = Arc::new(Semaphore::new(concurrency * 2));
         // A feeder task leases ahead into a bounded channel, so a freed call slot never waits
         // for a lease round trip (one lease transaction serves many jobs).
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Leased>(concurrency);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Leased, Instant)>(concurrency);
         let feeder = tokio::spawn(self.clone().feed(tx, stop.clone()));
         let mut unstarted = Vec::new();
         loop {
-            let job = tokio::select! {
+            let (job, leased_at) = tokio::select! {
                 job = rx.recv() => match job {
                     Some(job) => job,
                     None => break,
@@ -104,6 +109,21 @@ impl Worker {
             let (Ok(out), Ok(call)) = permits else { break };
             let worker = self.clone();
             tokio::spawn(async move {
+                // The lease clock restarts when the delivery starts: a job leased ahead may
+                // have waited behind slow calls for much of its lease.
+                if leased_at.elapsed() >= LEASE_REFRESH_AFTER {
+                    match worker.queue.extend_lease(&job).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(job_id = %job.id, "lease ran out while the job waited for a call slot; it was leased again, not delivering this copy");
+                            drop(out);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(job_id = %job.id, error = %e, "could not extend the lease; delivering on the one it has")
+                        }
+                    }
+                }
                 worker.deliver(job, Some(call)).await;
                 drop(out);
             });
@@ -111,7 +131,7 @@ impl Worker {
         // Jobs leased but not started go back without spending an attempt.
         let _ = feeder.await;
         rx.close();
-        while let Some(job) = rx.recv().await {
+        while let Some((job, _)) = rx.recv().await {
             unstarted.push(job);
         }
         for job in unstarted {
@@ -129,7 +149,7 @@ impl Worker {
     }
 
     /// Lease due jobs into `tx` as room frees up, until `stop`.
-    async fn feed(self, tx: tokio::sync::mpsc::Sender<Leased>, stop: CancellationToken) {
+    async fn feed(self, tx: tokio::sync::mpsc::Sender<(Leased, Instant)>, stop: CancellationToken) {
         let poll = Duration::from_millis(self.settings.worker.poll_interval_ms);
         while !stop.is_cancelled() {
             if tx.capacity() == 0 {
@@ -157,7 +177,9 @@ impl Worker {
                 Ok(jobs) => {
                     for job in jobs {
                         // Room was reserved by `capacity()`; only a closed channel fails.
-                        if let Err(tokio::sync::mpsc::error::SendError(job)) = tx.send(job).await {
+                        if let Err(tokio::sync::mpsc::error::SendError((job, _))) =
+                            tx.send((job, Instant::now())).await
+                        {
                             let _ = self.queue.release(&job).await;
                         }
                     }

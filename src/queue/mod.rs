@@ -385,6 +385,15 @@ impl Queue {
         }
     }
 
+    /// Restart the lease clock of a job about to be delivered. `false`: the lease ran out
+    /// and the job was (or will be) leased again, so this copy must not be delivered.
+    pub async fn extend_lease(&self, job: &Leased) -> Result<bool, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.extend_lease(job).await,
+            Queue::Rabbit(q) => Ok(q.extend_lease(job)),
+        }
+    }
+
     /// Give back a leased job of a paused route without spending its attempt, to wait until
     /// the route is resumed (RabbitMQ: `{prefix}.held`; embedded: in place, skipped by lease).
     pub async fn set_aside(&self, job: &Leased) -> Result<(), QueueError> {

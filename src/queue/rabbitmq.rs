@@ -1010,6 +1010,19 @@ impl RabbitQueue {
         Ok(leased)
     }
 
+    /// Restart the lease clock of a held delivery (in memory: the broker has no lease);
+    /// `false` when it already expired and went back to the queue.
+    pub fn extend_lease(&self, job: &Leased) -> bool {
+        let mut held = self.inner.held.lock().expect("held lock");
+        match held.get_mut(&job.lease_token) {
+            Some(h) if h.deadline > Instant::now() => {
+                h.deadline = Instant::now() + self.inner.config.lease;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn held(&self, job: &Leased) -> Option<Held> {
         let held = self
             .inner

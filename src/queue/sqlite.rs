@@ -330,6 +330,21 @@ impl SqliteQueue {
         .await
     }
 
+    /// Restart the lease clock (a job leased ahead, about to be delivered); `false` when
+    /// its lease already ran out and the row was leased again.
+    pub async fn extend_lease(&self, job: &Leased) -> Result<bool, QueueError> {
+        let (id, token, lease_ms) = (job.id.clone(), job.lease_token.clone(), self.inner.lease_ms);
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND lease_token = ?3 AND lease_until > ?4",
+                )?
+                .execute(params![now_ms() + lease_ms, id, token, now_ms()])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     pub async fn ack(&self, job: &Leased) -> Result<(), QueueError> {
         let (id, token) = (job.id.clone(), job.lease_token.clone());
         self.write(move |conn| {

@@ -687,3 +687,65 @@ async fn a_centercode_outage_delays_deliveries_but_parks_nothing() {
         stats.parked
     );
 }
+
+#[tokio::test]
+async fn a_job_leased_ahead_behind_slow_calls_is_delivered_once() {
+    // Arrange: one call at a time, Centercode taking 1.2 s per call, and a 2 s lease: the
+    // third job, leased at once but started after two slow calls, outlives its lease while
+    // it waits, and is leased again.
+    let app = spawn_app_with(|s| {
+        s.worker.concurrency = 1;
+        s.worker.poll_interval_ms = 100;
+        s.queue.lease_secs = 2;
+        s.centercode.timeout_ms = 1400;
+    })
+    .await;
+    app.centercode.push_fault(Fault {
+        status: 200,
+        delay_ms: Some(1200),
+        times: 3,
+        ..Fault::default()
+    });
+    for n in 0..3u32 {
+        let body = with_email(&format!("slow{n}@example.com")).replace_id(&format!("04l{n:015}"));
+        assert_eq!(app.post_outbound("gdpr", body).await.status(), 200);
+    }
+
+    // Act: the real worker loop, which leases ahead of its free call slots.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(app.worker.clone().run_until_stopped(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = app.stats().await;
+        if s.ready + s.in_flight + s.retrying == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still waiting: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+    stop.cancel();
+    worker.await.unwrap();
+
+    // Assert: each removal reached Centercode exactly once.
+    let mut finds: Vec<String> = app
+        .centercode
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r.query
+                .get("find")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    finds.sort();
+    assert_eq!(
+        finds,
+        vec![
+            "slow0@example.com",
+            "slow1@example.com",
+            "slow2@example.com"
+        ],
+        "a job whose lease ran out while it waited was delivered twice"
+    );
+}
