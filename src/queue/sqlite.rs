@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     history         TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, available_at);
+-- Leasing while routes are paused: each other route's due jobs by index, never walking past
+-- a paused route's backlog.
+CREATE INDEX IF NOT EXISTS jobs_route_due ON jobs (state, route, available_at);
 CREATE TABLE IF NOT EXISTS dedupe (
     key        TEXT PRIMARY KEY,
     job_id     TEXT NOT NULL,
@@ -261,18 +264,35 @@ impl SqliteQueue {
             let now = now_ms();
             let token = uuid::Uuid::new_v4().to_string();
             let paused = serde_json::to_string(&paused).unwrap_or_else(|_| "[]".into());
-            let mut stmt = conn.prepare_cached(
-                "UPDATE jobs SET lease_until = ?1, lease_token = ?2, attempts = attempts + 1
-                 WHERE id IN (SELECT id FROM jobs
-                              WHERE state = 'queued' AND available_at <= ?3 AND lease_until <= ?3
-                                AND route NOT IN (SELECT value FROM json_each(?4))
-                              ORDER BY available_at LIMIT ?5)
-                 RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from",
-            )?;
+            // With paused routes, pick the due jobs route by route (an index range each) and
+            // pass their ids; without, the plain query in due order.
+            let (query, selector) = if paused == "[]" {
+                (
+                    "UPDATE jobs SET lease_until = ?1, lease_token = ?2, attempts = attempts + 1
+                     WHERE id IN (SELECT id FROM jobs
+                                  WHERE state = 'queued' AND available_at <= ?3 AND lease_until <= ?3
+                                    AND route NOT IN (SELECT value FROM json_each(?4))
+                                  ORDER BY available_at LIMIT ?5)
+                     RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from",
+                    paused.clone(),
+                )
+            } else {
+                let ids = due_ids_skipping(conn, now, &paused, max)?;
+                (
+                    "UPDATE jobs SET lease_until = ?1, lease_token = ?2, attempts = attempts + 1
+                     WHERE id IN (SELECT value FROM json_each(?4))
+                       -- unary +: look the rows up by id, not through an index on state
+                       AND +state = 'queued' AND +lease_until <= ?3
+                       AND (SELECT count(*) FROM json_each(?4)) <= ?5
+                     RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from",
+                    serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()),
+                )
+            };
+            let mut stmt = conn.prepare_cached(query)?;
             // Each column is read on its own, so one undecodable row is parked below instead
             // of failing the whole lease (and every later one) forever.
             let rows: Vec<(String, rusqlite::Result<RawLeased>)> = stmt
-                .query_map(params![now + lease_ms, token, now, paused, max as i64], |r| {
+                .query_map(params![now + lease_ms, token, now, selector, max as i64], |r| {
                     let id = r.get::<_, String>(0)?;
                     let raw = (|| {
                         Ok(RawLeased {
@@ -773,6 +793,46 @@ fn writer_loop(
             finish(commit.clone());
         }
     }
+}
+
+/// Up to `max` due job ids of every route not in `paused` (a JSON array), oldest due first.
+/// Routes are found by skipping through the `jobs_route_due` index (one seek per route), and
+/// each route's due jobs are an index range: a paused route's backlog is never walked.
+fn due_ids_skipping(
+    conn: &rusqlite::Connection,
+    now: i64,
+    paused: &str,
+    max: usize,
+) -> rusqlite::Result<Vec<String>> {
+    let paused: std::collections::HashSet<String> =
+        serde_json::from_str(paused).unwrap_or_default();
+    let mut routes_stmt = conn.prepare_cached(
+        "WITH RECURSIVE r(route) AS (
+            SELECT (SELECT min(route) FROM jobs INDEXED BY jobs_route_due WHERE state = 'queued')
+            UNION ALL
+            SELECT (SELECT min(route) FROM jobs INDEXED BY jobs_route_due WHERE state = 'queued' AND route > r.route)
+            FROM r WHERE r.route IS NOT NULL
+         )
+         SELECT route FROM r WHERE route IS NOT NULL",
+    )?;
+    let routes: Vec<String> = routes_stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut due_stmt = conn.prepare_cached(
+        "SELECT id, available_at FROM jobs INDEXED BY jobs_route_due
+         WHERE state = 'queued' AND route = ?1 AND available_at <= ?2 AND lease_until <= ?2
+         ORDER BY available_at LIMIT ?3",
+    )?;
+    let mut due: Vec<(i64, String)> = Vec::new();
+    for route in routes.iter().filter(|r| !paused.contains(*r)) {
+        for row in due_stmt.query_map(params![route, now, max as i64], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, String>(0)?))
+        })? {
+            due.push(row?);
+        }
+    }
+    due.sort();
+    Ok(due.into_iter().take(max).map(|(_, id)| id).collect())
 }
 
 /// A leased row before its payload is decoded.
