@@ -90,13 +90,23 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
-/// Check the bearer token and/or HMAC signature that the route requires (all that are set).
-pub fn authenticate(
+/// The checks that need no body: the bearer token, and for HMAC the timestamp window and
+/// the presence of a signature. [`authenticate`] repeats them and checks the signature.
+pub fn authenticate_headers(
     req: &HttpRequest,
-    body: &[u8],
     auth: &CalloutAuth,
     now: SystemTime,
 ) -> Result<(), CalloutError> {
+    check_bearer(req, auth)?;
+    if auth.hmac_secret.is_some() {
+        check_timestamp(req, auth, now)?;
+        header(req, "x-relay-signature")
+            .ok_or(CalloutError::Unauthorized("missing X-Relay-Signature"))?;
+    }
+    Ok(())
+}
+
+fn check_bearer(req: &HttpRequest, auth: &CalloutAuth) -> Result<(), CalloutError> {
     if let Some(expected) = &auth.bearer {
         let given = header(req, "authorization")
             .and_then(|v| {
@@ -114,22 +124,43 @@ pub fn authenticate(
             return Err(CalloutError::Unauthorized("bearer token does not match"));
         }
     }
+    Ok(())
+}
+
+/// `X-Relay-Timestamp`, checked against the window; returns it as sent.
+fn check_timestamp<'a>(
+    req: &'a HttpRequest,
+    auth: &CalloutAuth,
+    now: SystemTime,
+) -> Result<&'a str, CalloutError> {
+    let timestamp = header(req, "x-relay-timestamp")
+        .ok_or(CalloutError::Unauthorized("missing X-Relay-Timestamp"))?;
+    let ts: u64 = timestamp
+        .trim()
+        .parse()
+        .map_err(|_| CalloutError::Unauthorized("X-Relay-Timestamp must be Unix seconds"))?;
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    if now.abs_diff(ts) > auth.hmac_window_secs {
+        return Err(CalloutError::Unauthorized(
+            "X-Relay-Timestamp is outside the allowed window",
+        ));
+    }
+    Ok(timestamp)
+}
+
+/// Check the bearer token and/or HMAC signature that the route requires (all that are set).
+pub fn authenticate(
+    req: &HttpRequest,
+    body: &[u8],
+    auth: &CalloutAuth,
+    now: SystemTime,
+) -> Result<(), CalloutError> {
+    check_bearer(req, auth)?;
     if let Some(secret) = &auth.hmac_secret {
-        let timestamp = header(req, "x-relay-timestamp")
-            .ok_or(CalloutError::Unauthorized("missing X-Relay-Timestamp"))?;
-        let ts: u64 = timestamp
-            .trim()
-            .parse()
-            .map_err(|_| CalloutError::Unauthorized("X-Relay-Timestamp must be Unix seconds"))?;
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs();
-        if now.abs_diff(ts) > auth.hmac_window_secs {
-            return Err(CalloutError::Unauthorized(
-                "X-Relay-Timestamp is outside the allowed window",
-            ));
-        }
+        let timestamp = check_timestamp(req, auth, now)?;
         let signatures = header(req, "x-relay-signature")
             .ok_or(CalloutError::Unauthorized("missing X-Relay-Signature"))?;
         let sign = |parts: &[&[u8]]| {
@@ -242,8 +273,6 @@ pub async fn receive(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, CalloutError> {
     let started = std::time::Instant::now();
-    // Wait for a slot before reading the body: a burst queues in the kernel, not in memory.
-    let _slot = state.request_slots.acquire().await;
     let result = handle(&req, &path, payload, &state).await;
     let route = state.settings.route(&path).map(|r| r.name.as_str());
     match &result {
@@ -275,6 +304,15 @@ async fn handle(
     if media_type(&req) != "application/json" {
         return Err(CalloutError::UnsupportedMediaType);
     }
+    let auth = route
+        .auth
+        .as_ref()
+        .ok_or(CalloutError::Unauthorized("route has no auth configured"))?;
+    // Everything the headers can prove, before the body is read: a caller without the
+    // bearer token (or a signature in the window) cannot make the relay wait for a body.
+    let now = SystemTime::now();
+    authenticate_headers(&req, auth, now)
+        .inspect_err(|e| tracing::warn!(error = %e, "callout refused"))?;
     let server = &state.settings.server;
     let raw = read_body(
         &req,
@@ -283,11 +321,9 @@ async fn handle(
         Duration::from_millis(server.body_timeout_ms),
     )
     .await?;
-    let auth = route
-        .auth
-        .as_ref()
-        .ok_or(CalloutError::Unauthorized("route has no auth configured"))?;
-    authenticate(&req, &raw, auth, SystemTime::now())
+    // A processing slot only once the whole body is here (see the Outbound Message handler).
+    let _slot = state.request_slots.acquire().await;
+    authenticate(&req, &raw, auth, now)
         .inspect_err(|e| tracing::warn!(error = %e, "callout refused"))?;
     let body = parse_body(&raw)?;
     let key = idempotency_key(&req, route, &body)?;

@@ -23,7 +23,8 @@ pub struct AppState {
     pub queue: Queue,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub control: Arc<crate::control::RouteControl>,
-    /// `server.max_concurrent_requests` permits, taken before a body is read.
+    /// `server.max_concurrent_requests` permits, taken once a body has arrived (a slow sender
+    /// holds a connection, never a processing slot).
     pub request_slots: Arc<tokio::sync::Semaphore>,
     /// Address ranges parsed once at start, not on every request.
     pub networks: Arc<Networks>,
@@ -229,6 +230,9 @@ pub enum BodyError {
     Broken,
 }
 
+/// The most a body buffer reserves before its bytes arrive.
+const INITIAL_BODY_CAPACITY: u64 = 64 * 1024;
+
 /// Read the body, refusing a declared or streamed size above `max` without buffering it,
 /// and a body that does not arrive within `timeout` (slow senders).
 pub async fn read_body(
@@ -246,8 +250,10 @@ pub async fn read_body(
         return Err(BodyError::TooLarge(max));
     }
     let read = async {
-        let mut body =
-            web::BytesMut::with_capacity(declared.unwrap_or(8192).min(max as u64) as usize);
+        // Grow with what arrives: a slow sender declaring a large body must not reserve it.
+        let mut body = web::BytesMut::with_capacity(
+            declared.unwrap_or(8192).min(INITIAL_BODY_CAPACITY) as usize,
+        );
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(|_| BodyError::Broken)?;
             if body.len() + chunk.len() > max {

@@ -135,8 +135,6 @@ async fn receive_on(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, InboundError> {
     let started = std::time::Instant::now();
-    // Wait for a slot before reading the body: a burst queues in the kernel, not in memory.
-    let _slot = state.request_slots.acquire().await;
     let result = handle(&req, path, token, payload, &state).await;
     let route = state.settings.route(path).map(|r| r.name.as_str());
     match &result {
@@ -179,6 +177,9 @@ async fn handle(
     )
     .await;
     let body = body.inspect_err(|e| tracing::warn!(error = %e, "outbound message body refused"))?;
+    // A processing slot only once the whole body is here: slow senders hold connections
+    // (bounded by server.max_connections), never the slots Salesforce's traffic needs.
+    let _slot = state.request_slots.acquire().await;
     let message = soap::parse_outbound_message(&body).inspect_err(|e| {
         tracing::warn!(
             reason = e.code(),

@@ -158,3 +158,77 @@ async fn a_slow_client_is_cut_off() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert_eq!(app.stats().await.ready, 0);
 }
+
+/// Open `n` connections that send a request head and then one body byte a second; returns
+/// the tasks keeping them trickling (abort them to stop).
+async fn trickling_bodies(addr: &str, n: usize, head: &str) -> Vec<tokio::task::JoinHandle<()>> {
+    use tokio::io::AsyncWriteExt;
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if stream.write_all(b"<").await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tasks
+}
+
+#[tokio::test]
+async fn slow_senders_do_not_hold_the_slots_salesforce_traffic_needs() {
+    // Arrange: 64 connections trickling an Outbound Message body one byte a second, twice
+    // as many as there are request slots (server.max_concurrent_requests = 32).
+    let app = spawn_app_with(|s| s.server.max_concurrent_requests = 32).await;
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    let head = "POST /salesforce/outbound/gdpr HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: 100000\r\n\r\n<";
+    let slow = trickling_bodies(&addr, 64, head).await;
+
+    // Act: Salesforce's own messages, one after another.
+    let mut latencies = Vec::new();
+    for n in 0..10u32 {
+        let body = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
+            .unwrap()
+            .replace("04l8d0000100001AAA", &format!("04l8d00001{n:08}"));
+        let started = std::time::Instant::now();
+        let r = app.post_outbound("gdpr", body.into_bytes()).await;
+        latencies.push(started.elapsed());
+        assert_eq!(r.status(), 200);
+    }
+    for task in slow {
+        task.abort();
+    }
+
+    // Assert: normal latency (the trickling bodies take 10 s to time out).
+    let worst = latencies.iter().max().unwrap();
+    assert!(
+        *worst < std::time::Duration::from_secs(1),
+        "with 64 slow senders a message took {worst:?} ({latencies:?})"
+    );
+    assert_eq!(app.stats().await.ready, 10);
+}
+
+#[tokio::test]
+async fn a_callout_without_its_token_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(|_| {}).await;
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // A body announced but never sent, behind a wrong bearer token.
+    stream
+        .write_all(b"POST /salesforce/callout/apex-removal HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer wrong-token-0123456789\r\nContent-Length: 5000\r\n\r\n{")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf))
+        .await
+        .expect("the refusal came without waiting for the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+}
