@@ -253,7 +253,7 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     {
         Ok(jobs) => {
             let next = (jobs.len() == limit)
-                .then(|| jobs.last().map(|j| j.id.clone()))
+                .then(|| jobs.last().map(crate::queue::ParkedCursor::after))
                 .flatten();
             let mut body =
                 json!({"jobs": jobs.iter().map(job_json).collect::<Vec<_>>(), "next_cursor": next});

@@ -287,8 +287,9 @@ pub enum ParkedCommand {
         /// Jobs per page (at most 1000).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
         limit: u64,
-        /// Start after this job id: the `next_cursor` of the previous page.
-        #[arg(long, value_name = "ID")]
+        /// Start after this position: the `next_cursor` of the previous page (it stays valid
+        /// when the jobs before it are replayed or purged).
+        #[arg(long, value_name = "CURSOR")]
         cursor: Option<String>,
     },
     /// One parked job, with the request a replay would send now.
@@ -583,7 +584,8 @@ fn next_page_command(args: impl IntoIterator<Item = String>, next: &str) -> Stri
 /// `s` as one POSIX shell word.
 fn shell_quote(s: &str) -> String {
     let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c);
-    if !s.is_empty() && s.chars().all(plain) {
+    // `~` expands only at the start of a word; inside one (cursors are `{ms}~{id}`) it is plain.
+    if !s.is_empty() && !s.starts_with('~') && s.chars().all(|c| plain(c) || c == '~') {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))

@@ -457,3 +457,31 @@ pub fn decode_error(id: &str, e: &serde_json::Error) -> String {
 
 /// Most expired dedupe keys one purge call removes (one short write transaction).
 pub const DEDUPE_PURGE_BATCH: u64 = 10_000;
+
+/// Where a page of parked jobs ended: the last job's parking time and id, so the next page
+/// starts after that position even when that job was replayed or purged meanwhile. Written
+/// as `{parked_at_ms}~{id}`; a bare job id (older cursors) is still understood.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ParkedCursor {
+    pub parked_at_ms: i64,
+    pub id: String,
+}
+
+impl ParkedCursor {
+    pub fn after(job: &ParkedJob) -> String {
+        format!("{}~{}", job.parked_at_ms, job.id)
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let (ms, id) = text.split_once('~')?;
+        Some(Self {
+            parked_at_ms: ms.parse().ok()?,
+            id: id.to_owned(),
+        })
+    }
+
+    /// Whether `job` comes after this position in parking order.
+    pub fn is_before(&self, job: &ParkedJob) -> bool {
+        (job.parked_at_ms, job.id.as_str()) > (self.parked_at_ms, self.id.as_str())
+    }
+}

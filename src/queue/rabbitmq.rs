@@ -19,7 +19,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -450,6 +450,15 @@ struct Inner {
     head: Mutex<HeadClock>,
     /// What this process put in the retry tiers and the parked queue, for their ages.
     ages: Mutex<LocalAges>,
+    /// Parked and held messages this process has taken out to read (listing, replay, purge)
+    /// and not yet seen back in their queue: added to their depths, so reading a queue
+    /// never makes it look smaller (nor resets its age) to monitoring.
+    parked_in_hand: Arc<AtomicU64>,
+    held_in_hand: Arc<AtomicU64>,
+    /// Taking a message out and counting it in hand (or seeing it back in its queue and
+    /// counting it out) happen under this gate; `stats` reads depths under it, so it never
+    /// sees a message in neither place, or in both.
+    browse_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Ages of the retrying and parked jobs from what this process did, not from the queues:
@@ -687,6 +696,9 @@ impl RabbitQueue {
             closed: AtomicBool::new(false),
             head: Mutex::default(),
             ages: Mutex::default(),
+            parked_in_hand: Arc::default(),
+            held_in_hand: Arc::default(),
+            browse_gate: Arc::default(),
         });
         let span = tracing::info_span!("rabbitmq_supervisor", queue = %inner.names.work);
         tokio::spawn(
@@ -1210,7 +1222,13 @@ impl RabbitQueue {
         still_paused: &[String],
     ) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(&session, &self.inner.names.held).await?;
+        let mut browser = Browser::open(
+            &session,
+            &self.inner.names.held,
+            self.inner.held_in_hand.clone(),
+            self.inner.browse_gate.clone(),
+        )
+        .await?;
         if browser.initial == 0 {
             browser.finish().await;
             return Ok(0);
@@ -1270,14 +1288,19 @@ impl RabbitQueue {
         let channel = session.connection.create_channel().await.map_err(broker)?;
         // Before the counts: an empty work queue read now bounds what arrives after.
         let read_at = now_ms();
+        let gate = self.inner.browse_gate.clone();
         let result = async {
+            // Not while a browse takes a message out or puts them back (see `browse_gate`).
+            let _gate = gate.read().await;
             let work = queue_counts(&channel, &self.inner.names.work).await?;
             let mut retrying = 0;
             for name in &self.inner.names.retry {
                 retrying += message_count(&channel, name).await?;
             }
-            let parked = message_count(&channel, &self.inner.names.parked).await?;
-            let held = message_count(&channel, &self.inner.names.held).await?;
+            let parked = message_count(&channel, &self.inner.names.parked).await?
+                + self.inner.parked_in_hand.load(Ordering::SeqCst);
+            let held = message_count(&channel, &self.inner.names.held).await?
+                + self.inner.held_in_hand.load(Ordering::SeqCst);
             Ok::<_, QueueError>((work, retrying, parked, held))
         }
         .await;
@@ -1341,8 +1364,8 @@ impl RabbitQueue {
         .await
     }
 
-    /// Parked jobs matching `filter`, in queue order (≈ parking order), after the job
-    /// `cursor` (none when the cursor is no longer parked).
+    /// Parked jobs matching `filter`, in queue order (≈ parking order), after the position
+    /// `cursor` ([`super::ParkedCursor`]).
     pub async fn parked_page(
         &self,
         filter: ParkedFilter,
@@ -1350,14 +1373,28 @@ impl RabbitQueue {
         cursor: Option<String>,
     ) -> Result<Vec<ParkedJob>, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
-        let mut after_cursor = cursor.is_none();
+        let mut browser = Browser::open(
+            &session,
+            &self.inner.names.parked,
+            self.inner.parked_in_hand.clone(),
+            self.inner.browse_gate.clone(),
+        )
+        .await?;
+        // A position cursor skips what was parked up to it (valid when its job is gone); a
+        // bare id (an older cursor) skips up to that job.
+        let position = cursor.as_deref().and_then(super::ParkedCursor::parse);
+        let mut after_cursor = cursor.is_none() || position.is_some();
         let mut out = Vec::new();
         while out.len() < limit {
             let Some(delivery) = browser.next().await? else {
                 break;
             };
             let job = parked_job(&delivery);
+            if let Some(p) = &position {
+                if !p.is_before(&job) {
+                    continue;
+                }
+            }
             if !after_cursor {
                 after_cursor = cursor.as_deref() == Some(job.id.as_str());
                 continue;
@@ -1373,7 +1410,13 @@ impl RabbitQueue {
     /// How many parked jobs match (reads the whole parked queue).
     pub async fn count_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
+        let mut browser = Browser::open(
+            &session,
+            &self.inner.names.parked,
+            self.inner.parked_in_hand.clone(),
+            self.inner.browse_gate.clone(),
+        )
+        .await?;
         let mut n = 0;
         while let Some(delivery) = browser.next().await? {
             if filter_matches(&filter, &parked_job(&delivery)) {
@@ -1394,7 +1437,13 @@ impl RabbitQueue {
         limit: Option<usize>,
     ) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
+        let mut browser = Browser::open(
+            &session,
+            &self.inner.names.parked,
+            self.inner.parked_in_hand.clone(),
+            self.inner.browse_gate.clone(),
+        )
+        .await?;
         let mut wanted: Option<std::collections::HashSet<String>> =
             filter.ids.as_ref().map(|ids| ids.iter().cloned().collect());
         let mut replayed = 0u64;
@@ -1446,7 +1495,13 @@ impl RabbitQueue {
     #[tracing::instrument(skip_all, fields(queue = %self.inner.names.parked))]
     pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
+        let mut browser = Browser::open(
+            &session,
+            &self.inner.names.parked,
+            self.inner.parked_in_hand.clone(),
+            self.inner.browse_gate.clone(),
+        )
+        .await?;
         let mut purged = 0;
         while let Some(delivery) = browser.next().await? {
             if filter_matches(&filter, &parked_job(&delivery)) {
@@ -1508,7 +1563,13 @@ impl RabbitQueue {
     /// A parked job's payload (preview). Jobs in the work or retry queues are not found.
     pub async fn load(&self, id: &str) -> Result<Option<Leased>, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(&session, &self.inner.names.parked).await?;
+        let mut browser = Browser::open(
+            &session,
+            &self.inner.names.parked,
+            self.inner.parked_in_hand.clone(),
+            self.inner.browse_gate.clone(),
+        )
+        .await?;
         let mut found = None;
         while let Some(delivery) = browser.next().await? {
             if message_id(&delivery) == id {
@@ -1790,6 +1851,11 @@ struct Browser {
     session: Arc<Session>,
     channel: Channel,
     queue: String,
+    /// Messages of this queue out of it in this process's hands (see `parked_in_hand`).
+    in_hand: Arc<AtomicU64>,
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// Whether `finish` already counted the returned messages out of `in_hand`.
+    settled: bool,
     /// Ready messages when the browse began, and how many of them it removed.
     initial: u64,
     removed: u64,
@@ -1797,13 +1863,21 @@ struct Browser {
 }
 
 impl Browser {
-    async fn open(session: &Arc<Session>, queue: &str) -> Result<Self, QueueError> {
+    async fn open(
+        session: &Arc<Session>,
+        queue: &str,
+        in_hand: Arc<AtomicU64>,
+        gate: Arc<tokio::sync::RwLock<()>>,
+    ) -> Result<Self, QueueError> {
         let channel = session.connection.create_channel().await.map_err(broker)?;
         let initial = message_count(&channel, queue).await?;
         Ok(Self {
             session: session.clone(),
             channel,
             queue: queue.to_owned(),
+            in_hand,
+            gate,
+            settled: false,
             initial,
             removed: 0,
             taken: 0,
@@ -1811,8 +1885,13 @@ impl Browser {
     }
 
     async fn next(&mut self) -> Result<Option<Delivery>, QueueError> {
+        let gate = self.gate.clone();
+        let _gate = gate.write().await;
         let message = self.get().await?;
-        self.taken += u64::from(message.is_some());
+        if message.is_some() {
+            self.taken += 1;
+            self.in_hand.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(message.map(|m| m.delivery))
     }
 
@@ -1831,18 +1910,29 @@ impl Browser {
             .await
             .map_err(broker)?;
         self.removed += 1;
+        self.in_hand.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
 
     /// Close the channel, so the messages not removed go back to the queue, and wait (2 s
     /// at most) until the queue counts them again: a quorum queue takes them back
     /// asynchronously, and a listing must not make them look gone to the next call.
-    async fn finish(self) {
+    async fn finish(mut self) {
         let wait = Duration::from_secs(2);
+        let gate = self.gate.clone();
+        let _gate = gate.write().await;
         let _ = tokio::time::timeout(wait, self.channel.close(200, "browse done")).await;
         if self.taken == self.removed {
             return;
         }
+        // They leave this process's hands only once the queue counts them again.
+        self.settle_back(wait).await;
+        self.in_hand
+            .fetch_sub(self.taken - self.removed, Ordering::SeqCst);
+        self.settled = true;
+    }
+
+    async fn settle_back(&self, wait: Duration) {
         let expected = self.initial.saturating_sub(self.removed);
         let settle = async {
             let channel = self.session.connection.create_channel().await.ok()?;
@@ -1858,6 +1948,16 @@ impl Browser {
             Some(())
         };
         let _ = tokio::time::timeout(wait, settle).await;
+    }
+}
+
+impl Drop for Browser {
+    /// A browse abandoned on an error: its messages go back when the channel closes.
+    fn drop(&mut self) {
+        if !self.settled {
+            self.in_hand
+                .fetch_sub(self.taken - self.removed, Ordering::SeqCst);
+        }
     }
 }
 

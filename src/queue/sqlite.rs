@@ -491,16 +491,34 @@ impl SqliteQueue {
     ) -> Result<Vec<ParkedJob>, QueueError> {
         self.read(move |conn| {
             let (clause, mut args) = filter_sql(&filter);
-            args.push(cursor.map(SqlValue::Text).unwrap_or(SqlValue::Null));
+            // A position cursor stays valid when its job is gone; a bare id (an older cursor)
+            // is looked up.
+            let position = cursor.as_deref().and_then(super::ParkedCursor::parse);
+            let (ms, id) = match (&position, &cursor) {
+                (Some(p), _) => (SqlValue::Integer(p.parked_at_ms), SqlValue::Text(p.id.clone())),
+                (None, Some(id)) => {
+                    let found: Option<(Option<i64>, String)> = conn
+                        .query_row("SELECT parked_at, id FROM jobs WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    match found {
+                        Some((at, id)) => (SqlValue::Integer(at.unwrap_or(0)), SqlValue::Text(id)),
+                        None => return Ok(Vec::new()),
+                    }
+                }
+                (None, None) => (SqlValue::Null, SqlValue::Null),
+            };
+            args.push(ms);
+            args.push(id);
             args.push(SqlValue::Integer(limit as i64));
             let n = args.len();
             let sql = format!(
                 "SELECT id, route, action, org_id, notification_id, record_id, attempts, first_seen, parked_at,
                         park_reason, last_status, replays, history
                  FROM jobs WHERE {clause}
-                   AND (?{c} IS NULL OR (parked_at, id) > (SELECT parked_at, id FROM jobs WHERE id = ?{c}))
+                   AND (?{m} IS NULL OR (parked_at, id) > (?{m}, ?{i}))
                  ORDER BY parked_at, id LIMIT ?{n}",
-                c = n - 1
+                m = n - 2,
+                i = n - 1
             );
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {

@@ -269,6 +269,130 @@ async fn ids_select_exactly_those_parked_jobs(backend: Backend) {
     assert_eq!(left["jobs"][0]["id"], json!(ids[2]));
 }
 
+/// Park `n` jobs straight through the queue (no Centercode round trips).
+async fn park_directly(app: &crate::helpers::TestApp, n: u32) {
+    use sf_centercode_relay::queue::{Job, NewJob};
+    use sf_centercode_relay::settings::Action;
+    let jobs: Vec<NewJob> = (0..n)
+        .map(|i| NewJob {
+            id: uuid::Uuid::new_v4().to_string(),
+            route: "gdpr".into(),
+            action: Action::RemoveUser,
+            dedupe_key: None,
+            body_hash: None,
+            org_id: None,
+            notification_id: Some(format!("04l{i:015}")),
+            record_id: None,
+            job: Job::CalloutV1 {
+                idempotency_key: None,
+                body: json!({"n": i}),
+            },
+        })
+        .collect();
+    app.queue.enqueue(jobs).await.unwrap();
+    let mut parked = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while parked < n {
+        for job in app.queue.lease(64, Vec::new()).await.unwrap() {
+            app.queue
+                .park(&job, "Centercode rejected the request (400)", Some(400))
+                .await
+                .unwrap();
+            parked += 1;
+        }
+        assert!(Instant::now() < deadline, "parked only {parked} of {n}");
+    }
+}
+
+/// A listing cursor names a position, so it stays valid when the jobs before it (itself
+/// included) are replayed meanwhile.
+async fn a_cursor_stays_valid_after_the_jobs_before_it_are_replayed(backend: Backend) {
+    let app = spawn_app_on(backend, |s| s.admin.token = Some(ADMIN.to_owned().into())).await;
+    park_directly(&app, 4).await;
+    let list = |query: String| {
+        let req = app
+            .client
+            .get(format!("{}/admin/parked?{query}", app.address))
+            .bearer_auth(ADMIN);
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let first = list("limit=2".into()).await;
+    let page_ids: Vec<String> = first["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let replayed: Value = app
+        .client
+        .post(format!("{}/admin/parked/replay", app.address))
+        .bearer_auth(ADMIN)
+        .json(&json!({"ids": page_ids}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replayed["moved"], 2);
+    let second = list(format!("limit=2&cursor={cursor}")).await;
+    let rest: Vec<&str> = second["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rest.len(),
+        2,
+        "the page after a replayed cursor job: {second}"
+    );
+    assert!(rest.iter().all(|id| !page_ids.iter().any(|p| p == id)));
+}
+
+/// Listing (and counting) parked jobs takes them out of the queue to read them; the
+/// depth and age monitoring sees must not move while it does.
+async fn listing_parked_jobs_does_not_move_their_depth_or_age(backend: Backend) {
+    let app = spawn_app_on(backend, |s| s.admin.token = Some(ADMIN.to_owned().into())).await;
+    park_directly(&app, 300).await;
+    let before = app.stats().await;
+    assert_eq!(before.parked, 300);
+    let lister = {
+        let (client, url) = (
+            app.client.clone(),
+            format!("{}/admin/parked?limit=1000", app.address),
+        );
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                let page: Value = client
+                    .get(&url)
+                    .bearer_auth(ADMIN)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                assert_eq!(page["jobs"].as_array().unwrap().len(), 300);
+            }
+        })
+    };
+    let mut samples = 0;
+    while !lister.is_finished() {
+        let s = app.stats().await;
+        assert_eq!(s.parked, 300, "the parked depth moved during a listing");
+        assert_eq!(
+            s.oldest_parked_ms, before.oldest_parked_ms,
+            "the parked age moved"
+        );
+        samples += 1;
+    }
+    lister.await.unwrap();
+    assert!(samples > 3, "only {samples} readings during the listings");
+    assert_eq!(app.stats().await.parked, 300);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),*) => {
         mod embedded {
@@ -287,5 +411,7 @@ on_both_backends!(
     parked_then_replayed_through_the_admin_api,
     callouts_are_deduplicated,
     queue_ages_show_on_metrics,
-    ids_select_exactly_those_parked_jobs
+    ids_select_exactly_those_parked_jobs,
+    a_cursor_stays_valid_after_the_jobs_before_it_are_replayed,
+    listing_parked_jobs_does_not_move_their_depth_or_age
 );
