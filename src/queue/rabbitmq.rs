@@ -1022,6 +1022,16 @@ impl RabbitQueue {
         Ok(leased)
     }
 
+    /// Read `queue` (parked or held) message by message, counting what is taken out.
+    async fn browse(&self, session: &Arc<Session>, queue: &str) -> Result<Browser, QueueError> {
+        let in_hand = if queue == self.inner.names.held {
+            self.inner.held_in_hand.clone()
+        } else {
+            self.inner.parked_in_hand.clone()
+        };
+        Browser::open(session, queue, in_hand, self.inner.browse_gate.clone()).await
+    }
+
     /// Restart the lease clock of a held delivery (in memory: the broker has no lease);
     /// `false` when it already expired and went back to the queue.
     pub fn extend_lease(&self, job: &Leased) -> bool {
@@ -1222,13 +1232,7 @@ impl RabbitQueue {
         still_paused: &[String],
     ) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(
-            &session,
-            &self.inner.names.held,
-            self.inner.held_in_hand.clone(),
-            self.inner.browse_gate.clone(),
-        )
-        .await?;
+        let mut browser = self.browse(&session, &self.inner.names.held).await?;
         if browser.initial == 0 {
             browser.finish().await;
             return Ok(0);
@@ -1373,13 +1377,7 @@ impl RabbitQueue {
         cursor: Option<String>,
     ) -> Result<Vec<ParkedJob>, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(
-            &session,
-            &self.inner.names.parked,
-            self.inner.parked_in_hand.clone(),
-            self.inner.browse_gate.clone(),
-        )
-        .await?;
+        let mut browser = self.browse(&session, &self.inner.names.parked).await?;
         // A position cursor skips what was parked up to it (valid when its job is gone); a
         // bare id (an older cursor) skips up to that job.
         let position = cursor.as_deref().and_then(super::ParkedCursor::parse);
@@ -1410,13 +1408,7 @@ impl RabbitQueue {
     /// How many parked jobs match (reads the whole parked queue).
     pub async fn count_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(
-            &session,
-            &self.inner.names.parked,
-            self.inner.parked_in_hand.clone(),
-            self.inner.browse_gate.clone(),
-        )
-        .await?;
+        let mut browser = self.browse(&session, &self.inner.names.parked).await?;
         let mut n = 0;
         while let Some(delivery) = browser.next().await? {
             if filter_matches(&filter, &parked_job(&delivery)) {
@@ -1437,13 +1429,7 @@ impl RabbitQueue {
         limit: Option<usize>,
     ) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(
-            &session,
-            &self.inner.names.parked,
-            self.inner.parked_in_hand.clone(),
-            self.inner.browse_gate.clone(),
-        )
-        .await?;
+        let mut browser = self.browse(&session, &self.inner.names.parked).await?;
         let mut wanted: Option<std::collections::HashSet<String>> =
             filter.ids.as_ref().map(|ids| ids.iter().cloned().collect());
         let mut replayed = 0u64;
@@ -1495,13 +1481,7 @@ impl RabbitQueue {
     #[tracing::instrument(skip_all, fields(queue = %self.inner.names.parked))]
     pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(
-            &session,
-            &self.inner.names.parked,
-            self.inner.parked_in_hand.clone(),
-            self.inner.browse_gate.clone(),
-        )
-        .await?;
+        let mut browser = self.browse(&session, &self.inner.names.parked).await?;
         let mut purged = 0;
         while let Some(delivery) = browser.next().await? {
             if filter_matches(&filter, &parked_job(&delivery)) {
@@ -1563,13 +1543,7 @@ impl RabbitQueue {
     /// A parked job's payload (preview). Jobs in the work or retry queues are not found.
     pub async fn load(&self, id: &str) -> Result<Option<Leased>, QueueError> {
         let session = self.inner.current()?;
-        let mut browser = Browser::open(
-            &session,
-            &self.inner.names.parked,
-            self.inner.parked_in_hand.clone(),
-            self.inner.browse_gate.clone(),
-        )
-        .await?;
+        let mut browser = self.browse(&session, &self.inner.names.parked).await?;
         let mut found = None;
         while let Some(delivery) = browser.next().await? {
             if message_id(&delivery) == id {
