@@ -74,8 +74,8 @@ for t in "${TARGETS[@]}"; do
     # Seeds: the Salesforce fixtures the tests use (XML for the SOAP parser, JSON for
     # callouts), plus hand-written ones in fuzz/seeds/<target>/.
     case "$t" in
-        soap_parser) cp -n "$FUZZ_DIR/../tests/fixtures/salesforce/"*.xml "$corpus/" 2>/dev/null || true ;;
-        callout_parser) cp -n "$FUZZ_DIR/../tests/fixtures/salesforce/"*.json "$corpus/" 2>/dev/null || true ;;
+        soap_parser) cp -n "$FUZZ_DIR/../examples/salesforce/"*.xml "$FUZZ_DIR/../tests/fixtures/salesforce/"*.xml "$corpus/" 2>/dev/null || true ;;
+        callout_parser) cp -n "$FUZZ_DIR/../examples/salesforce/"*.json "$FUZZ_DIR/../tests/fixtures/salesforce/"*.json "$corpus/" 2>/dev/null || true ;;
     esac
     if [[ -d "$FUZZ_DIR/seeds/$t" ]]; then
         cp -n "$FUZZ_DIR/seeds/$t/"* "$corpus/" 2>/dev/null || true

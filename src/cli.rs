@@ -29,6 +29,7 @@ pub enum Command {
         role: crate::startup::Role,
     },
     /// Run a self-contained demo: the relay on a temporary queue and a fake Centercode.
+    #[cfg(feature = "demo")]
     Demo {
         /// Exit after the scripted part instead of serving on.
         #[arg(long)]
@@ -69,6 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     match cli.command.unwrap_or(default) {
         Command::Serve { role } => serve(Settings::load(cli.config.as_deref())?, role).await,
+        #[cfg(feature = "demo")]
         Command::Demo { no_serve } => crate::demo::run(!no_serve).await,
         Command::Parked { conn, command } => crate::admin_cli::parked(&conn, command).await,
         Command::Routes { conn, command } => crate::admin_cli::routes(&conn, command).await,

@@ -2,17 +2,16 @@
 //! the relay on a temporary embedded queue, sends sample Salesforce messages over HTTP, and
 //! prints what Centercode received and what was retried.
 
-use crate::fake_centercode::{FakeCentercode, FakeConfig, Fault, FaultRoute};
 use crate::settings::Settings;
 use crate::startup::Application;
+use fake_centercode::{FakeCentercode, FakeConfig, Fault, FaultRoute};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const REMOVAL: &str =
-    include_str!("../tests/fixtures/salesforce/om_contact_gdpr_removal_single.xml");
-const BATCH: &str = include_str!("../tests/fixtures/salesforce/om_contact_batch_4.xml");
-const FEEDBACK: &str = include_str!("../tests/fixtures/salesforce/om_feedback_custom_object.xml");
-const FEEDBACK_NIL: &str = include_str!("../tests/fixtures/salesforce/om_feedback_nil_fields.xml");
+const REMOVAL: &str = include_str!("../examples/salesforce/om_contact_gdpr_removal_single.xml");
+const BATCH: &str = include_str!("../examples/salesforce/om_contact_batch_4.xml");
+const FEEDBACK: &str = include_str!("../examples/salesforce/om_feedback_custom_object.xml");
+const FEEDBACK_NIL: &str = include_str!("../examples/salesforce/om_feedback_nil_fields.xml");
 
 fn demo_settings(dir: &std::path::Path, centercode: &str, bind: &str) -> Settings {
     let toml = format!(
@@ -172,7 +171,7 @@ pub async fn run(serve: bool) -> anyhow::Result<i32> {
     if serve {
         println!("\nThe relay keeps running. Send more, then Ctrl-C to stop:");
         println!(
-            "  curl -i -H 'Content-Type: text/xml; charset=utf-8' --data-binary @tests/fixtures/salesforce/om_contact_batch_100.xml {relay}/salesforce/outbound/gdpr-removal"
+            "  curl -i -H 'Content-Type: text/xml; charset=utf-8' --data-binary @examples/salesforce/om_contact_batch_100.xml {relay}/salesforce/outbound/gdpr-removal"
         );
         println!("  curl {}/__fake/requests", centercode.base_url());
         tokio::signal::ctrl_c().await?;

@@ -5,6 +5,15 @@
 //! with the route's current mapping, call Centercode, retry transient failures with backoff,
 //! and park what cannot be delivered where operators can replay it.
 //!
+//! # Workspace
+//!
+//! This package (library + the `relay` binary) is only what runs in production, plus
+//! `relay demo` behind the default `demo` feature (a production build uses
+//! `--no-default-features`). Beside it: `crates/fake-centercode` (the fake Centercode, a
+//! library and a binary, used by the tests, the demo and the benchmark), room in `crates/`
+//! for a fake Salesforce, `bench/` (the benchmark), and `examples/salesforce/` (sample
+//! Salesforce messages, read by the demo and the tests).
+//!
 //! # Layout
 //!
 //! - [`settings`]: configuration layers, secrets, validation.
@@ -20,16 +29,15 @@
 //! - [`admin`]: the admin API (parked jobs, replay, pause); [`control`]: this process's
 //!   paused routes and circuit breakers; [`shared_control`]: pause state shared by every process.
 //! - [`cli`]: the `relay` subcommands; [`demo`]: `relay demo`.
-//! - [`fake_centercode`]: the fake Centercode server used by tests and the demo.
 
 pub mod admin;
 pub mod admin_cli;
 pub mod centercode;
 pub mod cli;
 pub mod control;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod domain;
-pub mod fake_centercode;
 pub mod inbound;
 pub mod mapping;
 pub mod metrics;

@@ -190,7 +190,7 @@ impl SoapError {
 }
 
 /// The exact acknowledgement body (HTTP 200, `text/xml; charset=utf-8`), byte-identical to
-/// `fixtures/salesforce/response_ack_true.xml`. Anything else may make Salesforce retry.
+/// `examples/salesforce/response_ack_true.xml`. Anything else may make Salesforce retry.
 pub const ACK_TRUE: &str = concat!(
     "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n",
     "<soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\" ",
@@ -906,7 +906,13 @@ mod tests {
     const ORG: &str = "00D8d000001AbCdEAK";
     const ACTION: &str = "04k8d0000009GdPAAU";
 
+    /// Real-shaped samples (the demo's too).
     fn fixture_dir() -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/salesforce/"))
+    }
+
+    /// Hostile inputs and the manifest of expected answers.
+    fn hostile_dir() -> PathBuf {
         PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/salesforce/"
@@ -914,7 +920,12 @@ mod tests {
     }
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = fixture_dir().join(name);
+        let sample = fixture_dir().join(name);
+        let path = if sample.exists() {
+            sample
+        } else {
+            hostile_dir().join(name)
+        };
         std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     }
 

@@ -2,8 +2,8 @@
 //! and the `relay parked` / `relay routes` commands.
 
 use crate::helpers::{fixture, spawn_app, spawn_app_with, TestApp};
+use fake_centercode::Fault;
 use serde_json::{json, Value};
-use sf_centercode_relay::fake_centercode::Fault;
 use sf_centercode_relay::worker::Outcome;
 
 const TOKEN: &str = "admin-token-for-tests-0123456789abcdef";

@@ -5,9 +5,9 @@
 //! The CLI runs through tokio's `Command`: the relay under test runs on this test's runtime.
 
 use crate::helpers::{spawn_app_with, TestApp};
+use fake_centercode::Fault;
 use serde_json::{json, Value};
 use sf_centercode_relay::admin::rfc3339;
-use sf_centercode_relay::fake_centercode::Fault;
 use sf_centercode_relay::queue::{Job, NewJob};
 use sf_centercode_relay::settings::Action;
 use sf_centercode_relay::worker::Outcome;

@@ -4,7 +4,7 @@
 use crate::helpers::{
     fixture, make_certificates, missing_finds, spawn_relay, write_relay_config, RabbitEnv,
 };
-use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
+use fake_centercode::{FakeCentercode, FakeConfig};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! The relay's main flows end to end, once per queue backend (embedded SQLite and RabbitMQ).
 
 use crate::helpers::{bearer, fixture, spawn_app_on, Backend};
+use fake_centercode::Fault;
 use serde_json::{json, Value};
-use sf_centercode_relay::fake_centercode::Fault;
 use sf_centercode_relay::worker::Outcome;
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! A real `relay serve` process killed with SIGKILL mid-load loses nothing it acknowledged.
 
 use crate::helpers::{finds, fixture, missing_finds, spawn_relay, write_relay_config, RabbitEnv};
-use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
+use fake_centercode::{FakeCentercode, FakeConfig};
 use std::collections::HashSet;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};

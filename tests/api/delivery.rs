@@ -1,8 +1,8 @@
 //! Workers against the fake Centercode: mapping, status classes, retries and parking.
 
 use crate::helpers::{fixture, spawn_app, spawn_app_with};
+use fake_centercode::{Fault, FaultMode, FaultRoute};
 use serde_json::{json, Value};
-use sf_centercode_relay::fake_centercode::{Fault, FaultMode, FaultRoute};
 use sf_centercode_relay::settings::{FieldMapping, FieldRule};
 use sf_centercode_relay::worker::{Outcome, Worker};
 use std::sync::Arc;

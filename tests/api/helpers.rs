@@ -1,8 +1,8 @@
 //! `spawn_app()` and friends: one relay and one fake Centercode per test.
 
 use base64::Engine;
+use fake_centercode::{FakeCentercode, FakeConfig};
 use hmac::{Hmac, Mac};
-use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
 use sf_centercode_relay::queue::rabbitmq::{QueueNames, RabbitConfig};
 use sf_centercode_relay::queue::{Queue, QueueStats, RabbitQueue};
 use sf_centercode_relay::settings::RabbitQueueType;
@@ -18,10 +18,16 @@ pub const API_KEY: &str = "test-key";
 pub const BEARER: &str = "bearer-token-for-tests-0123456789";
 pub const HMAC_SECRET: &str = "fixture-only-shared-secret-not-for-production";
 
+/// A Salesforce sample (`examples/salesforce/`, what admins and the demo use) or a hostile
+/// input (`tests/fixtures/salesforce/`, with the manifest of expected answers).
 pub fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/salesforce")
-        .join(name)
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let sample = root.join("examples/salesforce").join(name);
+    if sample.exists() {
+        sample
+    } else {
+        root.join("tests/fixtures/salesforce").join(name)
+    }
 }
 
 pub fn fixture(name: &str) -> Vec<u8> {

@@ -2,7 +2,7 @@
 //! nothing is stored, and the process stays responsive with bounded memory (RSS).
 
 use crate::helpers::{fixture, spawn_relay, write_relay_config};
-use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
+use fake_centercode::{FakeCentercode, FakeConfig};
 use std::process::Stdio;
 
 fn rss_kib(pid: u32) -> u64 {

@@ -5,8 +5,8 @@
 
 use crate::admin::with_id;
 use crate::helpers::{bearer, fixture, hmac_headers, spawn_app, spawn_app_with, TestApp};
+use fake_centercode::Fault;
 use serde_json::{json, Value};
-use sf_centercode_relay::fake_centercode::Fault;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

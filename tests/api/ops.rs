@@ -3,7 +3,7 @@
 
 use crate::admin::series;
 use crate::helpers::{fixture, test_settings};
-use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig};
+use fake_centercode::{FakeCentercode, FakeConfig};
 use sf_centercode_relay::startup::Application;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;

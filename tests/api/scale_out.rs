@@ -4,8 +4,8 @@
 
 use crate::admin::series;
 use crate::helpers::{finds, fixture, routes_toml, spawn_app_on, Backend, RabbitEnv, TestApp};
+use fake_centercode::{FakeCentercode, FakeConfig, Fault};
 use serde_json::{json, Value};
-use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig, Fault};
 use sf_centercode_relay::worker::Outcome;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};

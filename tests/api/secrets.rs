@@ -2,8 +2,8 @@
 //! e-mail address may appear anywhere in what it printed.
 
 use crate::helpers::{fixture, sign_v2, spawn_relay, write_relay_config, RabbitEnv};
+use fake_centercode::{ApiKeyConfig, FakeCentercode, FakeConfig, Fault};
 use serde_json::json;
-use sf_centercode_relay::fake_centercode::{ApiKeyConfig, FakeCentercode, FakeConfig, Fault};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

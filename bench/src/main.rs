@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use fake_centercode::{FakeCentercode, FakeConfig, LatencyConfig, RecordedRequest};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -10,9 +11,6 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ConnectionProperties};
 use serde_json::{json, Value};
-use sf_centercode_relay::fake_centercode::{
-    FakeCentercode, FakeConfig, LatencyConfig, RecordedRequest,
-};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -26,9 +24,8 @@ type Res<T> = anyhow::Result<T>;
 
 // Embedded at compile time so the bench runs from any directory.
 const OM_FIXTURE: &str =
-    include_str!("../../tests/fixtures/salesforce/om_contact_gdpr_removal_single.xml");
-const CALLOUT_FIXTURE: &str =
-    include_str!("../../tests/fixtures/salesforce/apex_removal_request.json");
+    include_str!("../../examples/salesforce/om_contact_gdpr_removal_single.xml");
+const CALLOUT_FIXTURE: &str = include_str!("../../examples/salesforce/apex_removal_request.json");
 const FIXTURE_NOTIFICATION_ID: &str = "04l8d0000100001AAA";
 const FIXTURE_EVENT_ID: &str = "5c0d7a3e-8f4b-4d7e-9a51-2f6c1b0e9d42";
 const ORG_ID: &str = "00D8d000001AbCdEAK";
@@ -2199,7 +2196,9 @@ fn build_relay_under_cargo() -> Res<()> {
         return Ok(());
     };
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--bin", "relay"]).current_dir(dir);
+    // The relay is another package of the workspace (the repository root).
+    cmd.args(["build", "-p", "sf-centercode-relay", "--bin", "relay"])
+        .current_dir(dir);
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }
@@ -2218,7 +2217,7 @@ fn warn_if_stale(relay: &Path) {
     if let (Some(r), Some(l)) = (mtime(relay), mtime(&lib)) {
         if l > r + Duration::from_secs(1) {
             say(format!(
-                "warning: {} is older than the library it is built from; run `cargo build --release --bins`",
+                "warning: {} is older than the library it is built from; run `cargo build --release --workspace --bins`",
                 relay.display()
             ));
         }
@@ -2236,7 +2235,7 @@ async fn run(args: Args) -> Res<()> {
     };
     if !relay_bin.exists() {
         bail!(
-            "{} not found: build both binaries first with `cargo build --release --bins`, then run target/release/relay-bench",
+            "{} not found: build both binaries first with `cargo build --release --workspace --bins`, then run target/release/relay-bench",
             relay_bin.display()
         );
     }

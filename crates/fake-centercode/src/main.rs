@@ -1,6 +1,6 @@
 //! Standalone fake Centercode server: `fake-centercode [CONFIG.json] [--bind ADDR]`.
 
-use sf_centercode_relay::fake_centercode::{FakeCentercode, FakeConfig, LatencyConfig};
+use fake_centercode::{FakeCentercode, FakeConfig, LatencyConfig};
 
 const USAGE: &str =
     "usage: fake-centercode [CONFIG.json] [--bind ADDR]   (default bind 127.0.0.1:9090)";
