@@ -381,15 +381,12 @@ impl BrokerLock {
     }
 }
 
-/// `RELAY_TEST_AMQP_URL`, or the local broker.
+/// The broker the tests use: `RELAY_TEST_AMQP_URL` or the local one, else one the harness
+/// starts (see `services`).
 pub fn amqp_url() -> String {
-    std::env::var("RELAY_TEST_AMQP_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    crate::services::rabbitmq().url.clone()
 }
 
-/// `RELAY_TEST_REDIS_URL`, or the local Redis.
 /// `host:port` of an AMQP URL (`amqp://user:pass@host:port/vhost`), for proxies in front of it.
 pub fn broker_address(url: &str) -> String {
     url.split('@')
@@ -399,11 +396,10 @@ pub fn broker_address(url: &str) -> String {
         .to_owned()
 }
 
+/// The Redis the tests use: `RELAY_TEST_REDIS_URL` or the local one, else one the harness
+/// starts (see `services`).
 pub fn redis_url() -> String {
-    std::env::var("RELAY_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
+    crate::services::redis().url.clone()
 }
 
 /// Panic (never skip) when no broker answers at `url`.
@@ -418,8 +414,8 @@ pub async fn require_rabbitmq(url: &str) {
         Err(_) => "no answer within 3 s".to_owned(),
     };
     panic!(
-        "RabbitMQ is not reachable at {url}: {err}. Start a broker with `rabbitmq-server -detached` \
-         (or `docker compose up -d rabbitmq`), or set RELAY_TEST_AMQP_URL to a running one."
+        "RabbitMQ is not reachable at {url}: {err}. Set RELAY_TEST_AMQP_URL to a running broker, \
+         or leave it unset and let the tests start their own (apt-get install rabbitmq-server)."
     );
 }
 
@@ -436,8 +432,8 @@ pub async fn require_redis(url: &str) {
         Err(_) => "no answer within 3 s".to_owned(),
     };
     panic!(
-        "Redis is not reachable at {url}: {err}. Start one with `redis-server --daemonize yes`, \
-         or set RELAY_TEST_REDIS_URL to a running one."
+        "Redis is not reachable at {url}: {err}. Set RELAY_TEST_REDIS_URL to a running Redis, \
+         or leave it unset and let the tests start their own (apt-get install redis-server)."
     );
 }
 
@@ -477,7 +473,7 @@ impl RabbitEnv {
             if !dead_lettering_works(&url).await {
                 eprintln!("RabbitMQ's dead-lettering supervisor is down (rabbitmq-server#16652); restarting the app");
                 for step in ["stop_app", "start_app"] {
-                    let ok = std::process::Command::new("rabbitmqctl")
+                    let ok = crate::services::rabbitmqctl()
                         .arg(step)
                         .status()
                         .is_ok_and(|s| s.success());
@@ -686,7 +682,7 @@ impl BrokerOwner {
 impl Drop for BrokerOwner {
     fn drop(&mut self) {
         // Idempotent: a running app stays running.
-        let _ = std::process::Command::new("rabbitmqctl")
+        let _ = crate::services::rabbitmqctl()
             .arg("start_app")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -695,7 +691,7 @@ impl Drop for BrokerOwner {
 }
 
 async fn rabbitmqctl(command: &str) {
-    let out = tokio::process::Command::new("rabbitmqctl")
+    let out = tokio::process::Command::from(crate::services::rabbitmqctl())
         .arg(command)
         .output()
         .await

@@ -654,7 +654,7 @@ async fn a_broker_nack_is_an_error_and_releases_the_claim() {
     let work = format!("{}.work", env.prefix);
     let policy = format!("{}-limit", env.prefix);
     let ctl = |args: Vec<String>| async move {
-        let out = tokio::process::Command::new("rabbitmqctl")
+        let out = tokio::process::Command::from(crate::services::rabbitmqctl())
             .args(&args)
             .output()
             .await

@@ -39,7 +39,7 @@ async fn no_secret_or_email_reaches_the_logs_on_rabbitmq_even_at_trace_level() {
             ".*",
         ],
     ] {
-        let _ = tokio::process::Command::new("rabbitmqctl")
+        let _ = tokio::process::Command::from(crate::services::rabbitmqctl())
             .args(&args)
             .output()
             .await
