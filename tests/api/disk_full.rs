@@ -1,39 +1,83 @@
 //! The embedded queue's disk fills up: the gateway answers 503 (Salesforce retries), nothing
-//! acknowledged is lost, and it recovers by itself when space returns. Needs root to mount a
-//! small tmpfs (the CI machine runs tests as root).
+//! acknowledged is lost, and it recovers by itself when space returns. The relay runs as a
+//! child process in its own mount namespace (`unshare -rm`: an unprivileged user namespace,
+//! so no root is needed) on a 2 MiB tmpfs, half of it taken by a ballast file that the test
+//! deletes (through `/proc/<pid>/root`) to give space back.
 
-use crate::helpers::{fixture, spawn_app_with};
-use std::process::Command;
+use crate::admin::series;
+use crate::helpers::{fixture, write_relay_config};
+use fake_centercode::{FakeCentercode, FakeConfig};
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-struct Mount(std::path::PathBuf);
+const ADMIN: &str = "disk-full-admin-token-0123456789abcdef";
 
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Mount {
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
-        .output()
-        .expect("run mount");
-    assert!(
-        out.status.success(),
-        "this test mounts a small tmpfs to fill the disk and needs root: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Mount(dir.to_owned())
+/// `relay serve` inside `unshare -rm`, its queue on a tmpfs mounted at `data` with `ballast`
+/// bytes taken; returns the child and its base URL.
+fn relay_on_small_tmpfs(
+    config: &std::path::Path,
+    data: &std::path::Path,
+) -> (std::process::Child, String) {
+    let script = r#"mount -t tmpfs -o size=2m tmpfs "$DATA" || exit 97
+head -c 1048576 /dev/zero > "$DATA/ballast"
+exec "$RELAY" --config "$CONFIG" serve"#;
+    let mut child = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
+        .env("DATA", data)
+        .env("RELAY", env!("CARGO_BIN_EXE_relay"))
+        .env("CONFIG", config)
+        .env("RELAY_CONFIG_DIR", config.parent().unwrap())
+        .env("RELAY__QUEUE__PATH", data.join("relay.db"))
+        .env("RUST_LOG", "error")
+        .env_remove("RELAY_ENV")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run unshare (util-linux)");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("relay listening on ")
+        .unwrap_or_else(|| {
+            let status = child.wait().ok();
+            panic!(
+                "the relay did not start in its own mount namespace ({status:?}); this test needs \
+                 `unshare --user --map-root-user --mount` (an unprivileged user namespace) or root"
+            )
+        })
+        .to_owned();
+    (child, address)
 }
 
 #[tokio::test]
 async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
-    // Arrange: the queue file on a 1 MiB tmpfs.
+    // Arrange: a relay whose queue file sits on a nearly full tmpfs; deliveries paused so
+    // the queue only grows while the disk fills.
+    let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mount = mount_tmpfs(dir.path(), "1m");
-    let db = dir.path().join("relay.db");
-    let app = spawn_app_with(move |s| s.queue.path = db).await;
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let config = write_relay_config(
+        dir.path(),
+        &format!("[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\nprobe_cache_ms = 0\n[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n[admin]\ntoken = \"{ADMIN}\"\n"),
+        &centercode.base_url(),
+    );
+    let (mut child, base) = relay_on_small_tmpfs(&config, &data);
+    let client = reqwest::Client::new();
+    let admin = |path: &str| {
+        client
+            .post(format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    assert_eq!(
+        admin("/admin/routes/gdpr/pause").await.unwrap().status(),
+        200
+    );
     let template = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml")).unwrap();
     let filler = "x".repeat(16 * 1024);
     let message = |n: u32| {
@@ -44,14 +88,20 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
                 &format!("user{n}@example.com"),
             )
             .replace("<sf:LastName>Kowalska", &format!("<sf:LastName>{filler}"))
-            .into_bytes()
+    };
+    let post = |n: u32| {
+        client
+            .post(format!("{base}/salesforce/outbound/gdpr"))
+            .header("Content-Type", "text/xml")
+            .body(message(n))
+            .send()
     };
 
     // Act: send until the disk is full.
     let mut acked = Vec::new();
     let mut refused = 0;
     for n in 0..200u32 {
-        let r = app.post_outbound("gdpr", message(n)).await;
+        let r = post(n).await.unwrap();
         match r.status().as_u16() {
             200 => acked.push(n),
             503 => {
@@ -69,48 +119,60 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
         "the disk never filled ({} acked)",
         acked.len()
     );
-    let ready = app
-        .client
-        .get(format!("{}/health/ready", app.address))
+    let ready = client
+        .get(format!("{base}/health/ready"))
         .send()
         .await
         .unwrap();
     assert_eq!(ready.status(), 503, "readiness reports the full disk");
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(
-        app.stats().await.ready,
-        acked.len() as u64,
+        series(&metrics, r#"relay_queue_depth{state="ready"}"#),
+        acked.len() as f64,
         "every acknowledged notification is stored"
     );
 
-    // Space returns: the same process accepts again without a restart.
-    let out = Command::new("mount")
-        .args(["-o", "remount,size=64m"])
-        .arg(&mount.0)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = app.post_outbound("gdpr", message(10_000)).await;
+    // Space returns (the ballast goes): the same process accepts again without a restart.
+    let ballast = format!("/proc/{}/root{}/ballast", child.id(), data.display());
+    std::fs::remove_file(&ballast).unwrap_or_else(|e| panic!("{ballast}: {e}"));
+    let r = post(10_000).await.unwrap();
     assert_eq!(r.status(), 200);
     acked.push(10_000);
 
-    // Assert: everything acknowledged reaches Centercode.
-    let outcomes = app.deliver_until_settled().await;
-    assert_eq!(outcomes.len(), acked.len());
-    let sent: std::collections::HashSet<String> = app
-        .centercode
-        .requests()
+    // Assert: everything acknowledged reaches Centercode once deliveries resume.
+    assert_eq!(
+        admin("/admin/routes/gdpr/resume").await.unwrap().status(),
+        200
+    );
+    let expected: std::collections::HashSet<String> = acked
         .iter()
-        .map(|r| r.query["find"].as_str().unwrap().to_owned())
+        .map(|n| format!("user{n}@example.com"))
         .collect();
-    for n in acked {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent: std::collections::HashSet<String> = centercode
+            .requests()
+            .iter()
+            .filter_map(|r| r.query["find"].as_str().map(str::to_owned))
+            .collect();
+        if sent.is_superset(&expected) {
+            break;
+        }
         assert!(
-            sent.contains(&format!("user{n}@example.com")),
-            "user{n} lost"
+            Instant::now() < deadline,
+            "{} of {} acknowledged removals reached Centercode",
+            expected.intersection(&sent).count(),
+            expected.len()
         );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
     }
-    drop(app);
+    let _ = child.kill();
+    let _ = child.wait();
 }
