@@ -67,6 +67,8 @@ pub struct CentercodeResponse {
     pub status: u16,
     /// A `Retry-After` header, already turned into a delay.
     pub retry_after: Option<Duration>,
+    /// The start of the answer's body, redacted for the ledger ([`crate::ledger::redact_response`]).
+    pub excerpt: Option<String>,
 }
 
 /// Why no status came back. Messages never contain the URL (it carries the key).
@@ -84,6 +86,15 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// `connect`, `timeout` or `broken`, for the ledger.
+    pub fn class(&self) -> &'static str {
+        match self {
+            TransportError::Connect(_) => "connect",
+            TransportError::Timeout => "timeout",
+            TransportError::Broken(_) => "broken",
+        }
+    }
+
     /// True when the request may have been processed by Centercode.
     pub fn outcome_unknown(&self) -> bool {
         !matches!(self, TransportError::Connect(_))
@@ -131,11 +142,16 @@ impl CentercodeClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        // Drain a little of the body so the connection can be reused; ignore errors.
-        let _ = tokio::time::timeout(Duration::from_secs(2), response.bytes()).await;
+        // Read the body so the connection can be reused; keep its start, redacted, for the
+        // ledger. Decisions are made on the status alone.
+        let excerpt = match tokio::time::timeout(Duration::from_secs(2), response.bytes()).await {
+            Ok(Ok(body)) if !body.is_empty() => Some(crate::ledger::redact_response(&body)),
+            _ => None,
+        };
         Ok(CentercodeResponse {
             status: status.as_u16(),
             retry_after,
+            excerpt,
         })
     }
 }

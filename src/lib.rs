@@ -39,6 +39,7 @@ pub mod control;
 pub mod demo;
 pub mod domain;
 pub mod inbound;
+pub mod ledger;
 pub mod mapping;
 pub mod metrics;
 pub mod netaddr;

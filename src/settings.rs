@@ -43,9 +43,42 @@ pub struct Settings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub control: ControlSettings,
+    #[serde(default)]
+    pub ledger: LedgerSettings,
     /// One entry per inbound endpoint (`/salesforce/outbound/{name}` or `/salesforce/callout/{name}`).
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
+}
+
+/// `[ledger]`: the delivery ledger (src/ledger.rs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSettings {
+    /// The HMAC key of subject keys (hashes of e-mails, so "was x@example.com erased?" can be
+    /// answered without the ledger holding the e-mail). Empty: no subject keys are recorded.
+    /// Secret: set `RELAY__LEDGER__SUBJECT_KEY`.
+    #[serde(default = "empty_secret")]
+    pub subject_key: SecretString,
+    /// Ledger entries stored longer ago than this are forgotten.
+    #[serde(default = "default_ledger_retention_days")]
+    pub retention_days: u64,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        Self {
+            subject_key: empty_secret(),
+            retention_days: default_ledger_retention_days(),
+        }
+    }
+}
+
+fn empty_secret() -> SecretString {
+    SecretString::from(String::new())
+}
+
+fn default_ledger_retention_days() -> u64 {
+    400
 }
 
 /// `[control]`: pause state shared by every process.

@@ -304,7 +304,11 @@ impl Application {
             stop.clone(),
         ));
         // Every role, gateways included: the dedupe keys are written by gateways.
-        let housekeeping = tokio::spawn(purge_expired_dedupe(self.queue.clone(), stop.clone()));
+        let housekeeping = tokio::spawn(purge_expired_dedupe(
+            self.queue.clone(),
+            self.settings.ledger.retention_days,
+            stop.clone(),
+        ));
         stop.cancelled().await;
         monitor.abort();
         housekeeping.abort();
@@ -354,12 +358,18 @@ async fn watch_backlog(queue: Queue, threshold: u64, stop: CancellationToken) {
 /// Forget expired dedupe keys in every process, in proportion to what expired: a full batch
 /// is followed at once by the next, so a burst of keys (a busy day of Salesforce traffic) is
 /// gone within seconds of expiring instead of outgrowing a fixed rate.
-async fn purge_expired_dedupe(queue: Queue, stop: CancellationToken) {
+async fn purge_expired_dedupe(queue: Queue, ledger_retention_days: u64, stop: CancellationToken) {
     let mut tick = tokio::time::interval(DEDUPE_PURGE_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
+        }
+        // Ledger retention, then the WAL folded back and truncated: rows deleted since (the
+        // payloads of delivered jobs) do not stay readable in it.
+        let before = crate::queue::now_ms() - (ledger_retention_days * 86_400_000) as i64;
+        if let Err(e) = queue.ledger_purge_before(before).await {
+            tracing::warn!(error = %e, "could not apply the ledger retention");
         }
         loop {
             match queue.purge_expired_dedupe().await {

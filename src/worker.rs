@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::queue::{now_ms, Leased, Queue, QueueError};
 use crate::retry::RetryPolicy;
 use crate::settings::{Action, OnOutcomeUnknown, OnUserNotFound, Settings};
+use secrecy::ExposeSecret;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -18,6 +19,18 @@ use tracing::Instrument;
 /// first, so the lease covers the call itself (`queue.lease_secs` must exceed
 /// `centercode.timeout_ms` by more than this).
 pub const LEASE_REFRESH_AFTER: Duration = Duration::from_millis(500);
+
+/// What one call to Centercode was, for the ledger.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    started_at_ms: i64,
+    duration_ms: i64,
+    status: Option<u16>,
+    error_class: Option<String>,
+    response: Option<String>,
+    /// The e-mail the call was about (turned into a subject key, never stored).
+    subject: Option<String>,
+}
 
 /// What became of one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +45,16 @@ pub enum Outcome {
     Parked { reason: String, status: Option<u16> },
     /// Returned to the queue without spending an attempt (route paused or circuit open).
     Held { reason: String },
+}
+
+impl Outcome {
+    /// Whether the job leaves the queue (acked or parked) with this outcome.
+    pub fn ends_the_job(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Delivered { .. } | Outcome::UserNotFound | Outcome::Parked { .. }
+        )
+    }
 }
 
 /// Delivers jobs from `queue` to Centercode.
@@ -195,6 +218,59 @@ impl Worker {
         }
     }
 
+    /// Record the attempt (when Centercode was called) and, for an outcome that ends the
+    /// job, the final outcome. Nothing is written for a job held without a call.
+    async fn write_ledger(
+        &self,
+        job: &Leased,
+        outcome: &Outcome,
+        call: Option<CallRecord>,
+    ) -> Result<(), QueueError> {
+        if call.is_none() && !outcome.ends_the_job() {
+            return Ok(());
+        }
+        let (attempt_outcome, final_outcome, reason) = match outcome {
+            Outcome::Delivered { .. } => ("done", Some("delivered"), None),
+            Outcome::UserNotFound => ("user_not_found", Some("user_not_found"), None),
+            Outcome::Retried { .. } => ("retry", None, None),
+            Outcome::Held { .. } => ("held", None, None),
+            Outcome::Parked { reason, .. } => ("parked", Some("parked"), Some(reason.clone())),
+        };
+        let secret = self.settings.ledger.subject_key.expose_secret();
+        let subject_key = call
+            .as_ref()
+            .and_then(|c| c.subject.as_deref())
+            .filter(|_| !secret.is_empty())
+            .map(|email| crate::ledger::subject_key(secret.as_bytes(), email));
+        let facts = crate::ledger::JobFacts {
+            job_id: job.id.clone(),
+            route: job.route.clone(),
+            action: job.action.clone(),
+            org_id: job.org_id.clone(),
+            notification_id: job.notification_id.clone(),
+            record_id: job.record_id.clone(),
+            subject_key,
+            stored_at_ms: job.first_seen_ms,
+        };
+        let attempt = call.map(|c| crate::ledger::Attempt {
+            attempt: job.attempts,
+            started_at_ms: c.started_at_ms,
+            duration_ms: c.duration_ms,
+            status: c.status,
+            error_class: c.error_class,
+            outcome: attempt_outcome.to_owned(),
+            response: c.response,
+        });
+        let final_outcome = final_outcome.map(|o| crate::ledger::FinalOutcome {
+            outcome: o.to_owned(),
+            reason,
+            at_ms: now_ms(),
+        });
+        self.queue
+            .ledger_record(facts, attempt, final_outcome)
+            .await
+    }
+
     /// Lease and deliver everything that is due now, one batch at a time (tests, demo).
     pub async fn deliver_all(&self) -> Result<Vec<Outcome>, QueueError> {
         let mut outcomes = Vec::new();
@@ -237,8 +313,17 @@ impl Worker {
             centercode.status = tracing::field::Empty,
         );
         async move {
-            let outcome = self.decide(&job).await;
+            let mut call = None;
+            let outcome = self.decide(&job, &mut call).await;
             drop(call_slot);
+            // The ledger first: a job leaves the queue only once its outcome is written there.
+            if let Err(e) = self.write_ledger(&job, &outcome, call).await {
+                if outcome.ends_the_job() {
+                    tracing::error!(error = %e, "could not write the outcome to the ledger; the job stays leased and comes back");
+                    return outcome;
+                }
+                tracing::warn!(error = %e, "could not write the attempt to the ledger");
+            }
             let recorded = match &outcome {
                 Outcome::Delivered { .. } | Outcome::UserNotFound => self.queue.ack(&job).await,
                 Outcome::Parked { reason, status } => {
@@ -280,7 +365,7 @@ impl Worker {
         .await
     }
 
-    async fn decide(&self, job: &Leased) -> Outcome {
+    async fn decide(&self, job: &Leased, call: &mut Option<CallRecord>) -> Outcome {
         let Some(route) = self.settings.route(&job.route) else {
             return Outcome::Parked {
                 reason: format!("route `{}` is no longer configured", job.route),
@@ -309,10 +394,19 @@ impl Worker {
             };
         }
         let started = std::time::Instant::now();
+        let started_at_ms = now_ms();
         let result = self
             .client
             .send(&request, self.settings.api_key_for(route))
             .await;
+        *call = Some(CallRecord {
+            started_at_ms,
+            duration_ms: started.elapsed().as_millis() as i64,
+            status: result.as_ref().ok().map(|r| r.status),
+            error_class: result.as_ref().err().map(|e| e.class().to_owned()),
+            response: result.as_ref().ok().and_then(|r| r.excerpt.clone()),
+            subject: request.find.clone(),
+        });
         // Feed the breaker: transient failures count, a permanent 4xx says Centercode is up.
         let healthy = match &result {
             Ok(r) if (200..300).contains(&r.status) || r.status == 404 => Some(true),
@@ -361,6 +455,7 @@ impl Worker {
             Ok(CentercodeResponse {
                 status,
                 retry_after,
+                ..
             }) => {
                 tracing::Span::current().record("centercode.status", status);
                 match (status, route.action) {

@@ -422,6 +422,58 @@ impl Queue {
         }
     }
 
+    /// Whether this backend keeps the delivery ledger (the embedded queue does, in its file;
+    /// the RabbitMQ backend's ledger in PostgreSQL is not built yet).
+    pub fn keeps_ledger(&self) -> bool {
+        matches!(self, Queue::Embedded(_))
+    }
+
+    /// Record what became of a job in the ledger (see [`crate::ledger`]); a no-op where the
+    /// backend keeps none.
+    pub async fn ledger_record(
+        &self,
+        facts: crate::ledger::JobFacts,
+        attempt: Option<crate::ledger::Attempt>,
+        outcome: Option<crate::ledger::FinalOutcome>,
+    ) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.ledger_record(facts, attempt, outcome).await,
+            Queue::Rabbit(_) => Ok(()),
+        }
+    }
+
+    pub async fn ledger_query(
+        &self,
+        q: crate::ledger::LedgerQuery,
+    ) -> Result<Vec<crate::ledger::Entry>, QueueError> {
+        match self {
+            Queue::Embedded(s) => s.ledger_query(q).await,
+            Queue::Rabbit(_) => Err(QueueError::NotReady(
+                "the delivery ledger is kept by the embedded queue only for now".into(),
+            )),
+        }
+    }
+
+    /// Retention: forget ledger entries stored before `before_ms`, then compact.
+    pub async fn ledger_purge_before(&self, before_ms: i64) -> Result<u64, QueueError> {
+        match self {
+            Queue::Embedded(q) => {
+                let n = q.ledger_purge_before(before_ms).await?;
+                q.compact().await?;
+                Ok(n)
+            }
+            Queue::Rabbit(_) => Ok(0),
+        }
+    }
+
+    /// Fold the embedded queue's WAL into its file and truncate it (nothing elsewhere).
+    pub async fn compact(&self) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.compact().await,
+            Queue::Rabbit(_) => Ok(()),
+        }
+    }
+
     /// Delete matching parked jobs for good.
     pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         match self {

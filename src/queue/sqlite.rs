@@ -53,6 +53,40 @@ CREATE TABLE IF NOT EXISTS dedupe (
 );
 CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+-- The delivery ledger (src/ledger.rs): no payloads, no e-mails.
+CREATE TABLE IF NOT EXISTS ledger_jobs (
+    job_id          TEXT PRIMARY KEY,
+    route           TEXT NOT NULL,
+    action          TEXT NOT NULL,
+    org_id          TEXT,
+    notification_id TEXT,
+    record_id       TEXT,
+    subject_key     TEXT,
+    stored_at       INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_by_record ON ledger_jobs (record_id);
+CREATE INDEX IF NOT EXISTS ledger_by_notification ON ledger_jobs (notification_id);
+CREATE INDEX IF NOT EXISTS ledger_by_subject ON ledger_jobs (subject_key);
+CREATE INDEX IF NOT EXISTS ledger_by_stored ON ledger_jobs (stored_at);
+CREATE TABLE IF NOT EXISTS ledger_attempts (
+    job_id      TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    status      INTEGER,
+    error_class TEXT,
+    outcome     TEXT NOT NULL,
+    response    TEXT,
+    -- attempts restart at 1 after a replay; a crash may record the same attempt twice
+    PRIMARY KEY (job_id, started_at, attempt)
+);
+CREATE TABLE IF NOT EXISTS ledger_outcomes (
+    job_id  TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason  TEXT,
+    at      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_outcomes_by_job ON ledger_outcomes (job_id, at);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 ";
 
@@ -83,7 +117,9 @@ fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     // WAL lets readers run beside the writer; synchronous=FULL fsyncs the WAL on every commit,
     // which is what makes an acknowledged message survive power loss, not just a crash.
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+        // secure_delete: a delivered job's payload (e-mails, field values) is overwritten when
+        // its row is deleted, not left in free pages of the file.
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA secure_delete = ON;",
     )?;
     Ok(conn)
 }
@@ -569,6 +605,16 @@ impl SqliteQueue {
                 args.push(SqlValue::Integer(now_ms()));
                 args.push(SqlValue::Integer(limit.map(|l| l as i64).unwrap_or(-1)));
                 // Attempts and the age clock restart; the previous reason is kept in `history`.
+                // The ledger notes each replay, in the same transaction.
+                conn.execute(
+                    &format!(
+                        "INSERT INTO ledger_outcomes (job_id, outcome, reason, at)
+                         SELECT id, 'replayed', NULL, ?{now_arg} FROM jobs
+                         WHERE id IN (SELECT id FROM jobs WHERE {clause} ORDER BY parked_at, id LIMIT ?{})",
+                        now_arg + 1
+                    ),
+                    rusqlite::params_from_iter(args.clone()),
+                )?;
                 let sql = format!(
                     "UPDATE jobs SET state = 'queued', attempts = 0, available_at = ?{now_arg}, age_from = ?{now_arg},
                                      lease_until = 0, replays = replays + 1,
@@ -589,10 +635,206 @@ impl SqliteQueue {
     pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
         self.write(move |conn| {
             let (clause, args) = filter_sql(&filter);
+            // The ledger notes each purge, in the same transaction.
+            let at = args.len() + 1;
+            let mut noted = args.clone();
+            noted.push(SqlValue::Integer(now_ms()));
+            conn.execute(
+                &format!(
+                    "INSERT INTO ledger_outcomes (job_id, outcome, reason, at)
+                     SELECT id, 'purged', NULL, ?{at} FROM jobs WHERE {clause}"
+                ),
+                rusqlite::params_from_iter(noted),
+            )?;
             Ok(conn.execute(
                 &format!("DELETE FROM jobs WHERE {clause}"),
                 rusqlite::params_from_iter(args),
             )? as u64)
+        })
+        .await
+    }
+
+    /// Write what became of a job (its facts, an attempt, a final outcome) in one
+    /// transaction, before the caller lets the job leave the queue.
+    pub async fn ledger_record(
+        &self,
+        facts: crate::ledger::JobFacts,
+        attempt: Option<crate::ledger::Attempt>,
+        outcome: Option<crate::ledger::FinalOutcome>,
+    ) -> Result<(), QueueError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
+            )?
+            .execute(params![
+                facts.job_id,
+                facts.route,
+                facts.action,
+                facts.org_id,
+                facts.notification_id,
+                facts.record_id,
+                facts.subject_key,
+                facts.stored_at_ms
+            ])?;
+            if let Some(a) = attempt {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO ledger_attempts (job_id, attempt, started_at, duration_ms, status, error_class, outcome, response)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?
+                .execute(params![
+                    facts.job_id,
+                    a.attempt,
+                    a.started_at_ms,
+                    a.duration_ms,
+                    a.status,
+                    a.error_class,
+                    a.outcome,
+                    a.response
+                ])?;
+            }
+            if let Some(o) = outcome {
+                conn.prepare_cached(
+                    "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![facts.job_id, o.outcome, o.reason, o.at_ms])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ledger entries matching `q`, newest stored first.
+    pub async fn ledger_query(
+        &self,
+        q: crate::ledger::LedgerQuery,
+    ) -> Result<Vec<crate::ledger::Entry>, QueueError> {
+        use crate::ledger::{Attempt, Entry, FinalOutcome, JobFacts};
+        self.read(move |conn| {
+            let mut clause = vec!["1 = 1".to_owned()];
+            let mut args: Vec<SqlValue> = Vec::new();
+            let mut eq = |col: &str, v: &Option<String>| {
+                if let Some(v) = v {
+                    args.push(SqlValue::Text(v.clone()));
+                    clause.push(format!("{col} = ?{}", args.len()));
+                }
+            };
+            eq("job_id", &q.job_id);
+            eq("record_id", &q.record_id);
+            eq("notification_id", &q.notification_id);
+            eq("subject_key", &q.subject_key);
+            eq("route", &q.route);
+            if let Some(t) = q.since_ms {
+                args.push(SqlValue::Integer(t));
+                clause.push(format!("stored_at >= ?{}", args.len()));
+            }
+            if let Some(t) = q.until_ms {
+                args.push(SqlValue::Integer(t));
+                clause.push(format!("stored_at < ?{}", args.len()));
+            }
+            if q.incomplete {
+                clause.push(
+                    "coalesce((SELECT outcome FROM ledger_outcomes o WHERE o.job_id = ledger_jobs.job_id ORDER BY at DESC, rowid DESC LIMIT 1), '') NOT IN ('delivered', 'user_not_found', 'purged')".into(),
+                );
+            }
+            args.push(SqlValue::Integer(q.limit.clamp(1, 1000) as i64));
+            let sql = format!(
+                "SELECT job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at
+                 FROM ledger_jobs WHERE {} ORDER BY stored_at DESC, job_id LIMIT ?{}",
+                clause.join(" AND "),
+                args.len()
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let facts: Vec<JobFacts> = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok(JobFacts {
+                        job_id: r.get(0)?,
+                        route: r.get(1)?,
+                        action: r.get(2)?,
+                        org_id: r.get(3)?,
+                        notification_id: r.get(4)?,
+                        record_id: r.get(5)?,
+                        subject_key: r.get(6)?,
+                        stored_at_ms: r.get(7)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut attempts_stmt = conn.prepare_cached(
+                "SELECT attempt, started_at, duration_ms, status, error_class, outcome, response
+                 FROM ledger_attempts WHERE job_id = ?1 ORDER BY started_at, attempt",
+            )?;
+            let mut outcomes_stmt = conn.prepare_cached(
+                "SELECT outcome, reason, at FROM ledger_outcomes WHERE job_id = ?1 ORDER BY at, rowid",
+            )?;
+            let mut entries = Vec::new();
+            for f in facts {
+                let attempts = attempts_stmt
+                    .query_map([&f.job_id], |r| {
+                        Ok(Attempt {
+                            attempt: r.get(0)?,
+                            started_at_ms: r.get(1)?,
+                            duration_ms: r.get(2)?,
+                            status: r.get(3)?,
+                            error_class: r.get(4)?,
+                            outcome: r.get(5)?,
+                            response: r.get(6)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut outcomes: Vec<FinalOutcome> = Vec::new();
+                for o in outcomes_stmt.query_map([&f.job_id], |r| {
+                    Ok(FinalOutcome {
+                        outcome: r.get(0)?,
+                        reason: r.get(1)?,
+                        at_ms: r.get(2)?,
+                    })
+                })? {
+                    let o = o?;
+                    // A crash between recording and acking records an outcome twice: show one.
+                    if outcomes.last().is_some_and(|l| l.outcome == o.outcome && l.reason == o.reason) {
+                        continue;
+                    }
+                    outcomes.push(o);
+                }
+                entries.push(Entry {
+                    facts: f,
+                    attempts,
+                    outcomes,
+                });
+            }
+            Ok(entries)
+        })
+        .await
+    }
+
+    /// Forget ledger entries stored before `before_ms` (retention), and fold the WAL back
+    /// into the file so deleted rows do not linger there either.
+    pub async fn ledger_purge_before(&self, before_ms: i64) -> Result<u64, QueueError> {
+        self.write(move |conn| {
+            let n = conn.execute(
+                "DELETE FROM ledger_jobs WHERE stored_at < ?1",
+                params![before_ms],
+            )?;
+            conn.execute(
+                "DELETE FROM ledger_attempts WHERE job_id NOT IN (SELECT job_id FROM ledger_jobs)",
+                [],
+            )?;
+            conn.execute(
+                "DELETE FROM ledger_outcomes WHERE job_id NOT IN (SELECT job_id FROM ledger_jobs)",
+                [],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    /// Checkpoint the WAL and truncate it: after deleting rows, their old page images (the
+    /// payloads of delivered jobs) leave the WAL file too.
+    pub async fn compact(&self) -> Result<(), QueueError> {
+        self.read(|conn| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(())
         })
         .await
     }

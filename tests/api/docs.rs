@@ -26,7 +26,7 @@ const SOURCE_ROOTS: [&str; 7] = [
 ];
 
 /// The `src/settings.rs` structs that are configuration tables, and where their keys live.
-const SETTINGS_TABLES: [(&str, &str); 11] = [
+const SETTINGS_TABLES: [(&str, &str); 12] = [
     ("ServerSettings", "server"),
     ("TlsSettings", "server.tls"),
     ("QueueSettings", "queue"),
@@ -35,6 +35,7 @@ const SETTINGS_TABLES: [(&str, &str); 11] = [
     ("TelemetrySettings", "telemetry"),
     ("AdminSettings", "admin"),
     ("ControlSettings", "control"),
+    ("LedgerSettings", "ledger"),
     ("RouteSettings", "routes"),
     ("CalloutAuth", "routes.auth"),
     ("FieldRule", "routes.fields.<key>"),

@@ -16,6 +16,7 @@ mod docs;
 mod helpers;
 mod hostile;
 mod inbound;
+mod ledger;
 mod openapi;
 mod ops;
 mod queue_conformance;

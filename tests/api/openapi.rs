@@ -238,6 +238,7 @@ fn the_callout_part_for_salesforce_uses_only_openapi_3_0_constructs() {
 async fn spawn_contract_app() -> TestApp {
     spawn_app_with(|s| {
         s.admin.token = Some(TOKEN.to_owned().into());
+        s.ledger.subject_key = "openapi-subject-key".to_owned().into();
         let route = s.routes.iter_mut().find(|r| r.name == TOKEN_ROUTE);
         route.expect("the test settings have this route").path_token =
             Some(PATH_TOKEN.to_owned().into());
@@ -593,6 +594,27 @@ async fn exercise_routes(c: &mut Contract, app: &TestApp) {
     assert_eq!(error_code(&unknown.await), (404, "unknown_route"));
 }
 
+/// The ledger, after the deliveries and parks of the steps before.
+async fn exercise_ledger(c: &mut Contract, app: &TestApp) {
+    let ledger = "/admin/ledger";
+    let all = c
+        .admin(app, "GET", ledger, "/admin/ledger?limit=50", None)
+        .await
+        .json;
+    assert!(!all["entries"].as_array().unwrap().is_empty(), "{all}");
+    let open = c.admin(app, "GET", ledger, "/admin/ledger?incomplete=true", None);
+    assert!(open.await.json["entries"].is_array());
+    let subject = "/admin/ledger/subject";
+    let body = json!({"email": "nobody@example.org"});
+    let found = c
+        .admin(app, "POST", subject, subject, Some(body))
+        .await
+        .json;
+    assert_eq!(found, json!({"entries": []}));
+    let bad = c.admin(app, "GET", ledger, "/admin/ledger?since=yesterday", None);
+    assert_eq!(error_code(&bad.await), (400, "bad_query"));
+}
+
 /// One callout to `route`.
 async fn callout(
     c: &mut Contract,
@@ -640,6 +662,7 @@ async fn every_documented_operation_answers_as_documented() {
     exercise_ops_and_outbound(&mut c, &app).await;
     exercise_parked(&mut c, &app).await;
     exercise_routes(&mut c, &app).await;
+    exercise_ledger(&mut c, &app).await;
     exercise_callouts(&mut c, &app).await;
     // The admin API turned off: every admin path answers 404 `admin_disabled`.
     let off = spawn_app().await;

@@ -1,0 +1,154 @@
+//! The delivery ledger on the embedded queue: every outcome recorded with its attempts,
+//! erasure answered by subject key, and no personal data left in the queue file once jobs
+//! complete.
+
+use crate::helpers::{fixture, spawn_app_with, TestApp};
+use fake_centercode::Fault;
+use serde_json::{json, Value};
+use sf_centercode_relay::worker::Outcome;
+
+const ADMIN: &str = "ledger-admin-token-0123456789abcdef0123";
+const SUBJECT_KEY: &str = "ledger-subject-key-for-tests";
+
+async fn spawn() -> TestApp {
+    spawn_app_with(|s| {
+        s.admin.token = Some(ADMIN.to_owned().into());
+        s.ledger.subject_key = SUBJECT_KEY.to_owned().into();
+    })
+    .await
+}
+
+async fn get(app: &TestApp, path: &str) -> Value {
+    let res = app
+        .client
+        .get(format!("{}{path}", app.address))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{path}");
+    res.json().await.unwrap()
+}
+
+async fn by_subject(app: &TestApp, email: &str) -> Value {
+    let res = app
+        .client
+        .post(format!("{}/admin/ledger/subject", app.address))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "email": email }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+fn outcomes(entry: &Value) -> Vec<&str> {
+    entry["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["outcome"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_erasure_is_proven_by_subject_key_and_no_personal_data_stays_in_the_queue_file() {
+    // Arrange: a removal, a removal of someone Centercode does not know, and feedback.
+    let app = spawn().await;
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+        .await;
+    // Act
+    let delivered = app.deliver_until_settled().await;
+    assert_eq!(delivered.len(), 2, "{delivered:?}");
+
+    // Assert: the erasure is answered from the e-mail (any case), with Centercode's status.
+    let entries = by_subject(&app, " Marta.Kowalska@EXAMPLE.org").await;
+    let entries = entries["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let erasure = &entries[0];
+    assert_eq!(erasure["route"], "gdpr");
+    assert_eq!(erasure["record_id"], "0038d0000000041AAA");
+    assert_eq!(erasure["notification_id"], "04l8d0000100001AAA");
+    assert_eq!(erasure["attempts"][0]["status"], 200);
+    assert_eq!(outcomes(erasure), vec!["delivered"]);
+    assert!(erasure["stored_at"].is_string());
+    assert!(erasure["subject_key"].as_str().unwrap().len() == 64);
+    assert_eq!(
+        by_subject(&app, "nobody@example.org").await["entries"],
+        json!([])
+    );
+    // By record id, the feedback's fate.
+    let fb = get(&app, "/admin/ledger?record_id=a0B8d00000AbCdEEAV").await;
+    assert_eq!(outcomes(&fb["entries"][0]), vec!["delivered"]);
+
+    // No e-mail and no field value left anywhere in the file or its WAL once compacted.
+    app.queue.compact().await.unwrap();
+    let db = app.settings.queue.path.clone();
+    let mut bytes = std::fs::read(&db).unwrap();
+    if let Ok(wal) = std::fs::read(db.with_extension("db-wal")) {
+        bytes.extend(wal);
+    }
+    for needle in [
+        "marta.kowalska@example.org",
+        "Kowalska",
+        "aisha.okafor@example.net",
+        "Folder rename reverted after sync",
+        "When I rename a folder",
+        "CC-778812",
+    ] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "`{needle}` is still in the queue file"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_parked_then_replayed_job_shows_each_step_and_incomplete_jobs_are_listed() {
+    let app = spawn().await;
+    app.centercode.push_fault(Fault {
+        status: 400,
+        body: Some(
+            r#"{"error":"bad request for marta.kowalska@example.org","apiKey":"k-123456"}"#.into(),
+        ),
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let parked = app.deliver_until_settled().await;
+    assert!(
+        matches!(&parked[..], [Outcome::Parked { .. }]),
+        "{parked:?}"
+    );
+    let open = get(&app, "/admin/ledger?incomplete=true").await;
+    let entry = &open["entries"][0];
+    assert_eq!(outcomes(entry), vec!["parked"]);
+    let response = entry["attempts"][0]["response"].as_str().unwrap();
+    assert!(response.contains("bad request"), "{response}");
+    assert!(
+        !response.contains("marta") && !response.contains("k-123456"),
+        "{response}"
+    );
+
+    let replay = app
+        .client
+        .post(format!("{}/admin/parked/replay", app.address))
+        .bearer_auth(ADMIN)
+        .json(&json!({"route": "gdpr"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 200);
+    app.deliver_until_settled().await;
+    let done = get(&app, "/admin/ledger?route=gdpr").await;
+    let entry = &done["entries"][0];
+    assert_eq!(outcomes(entry), vec!["parked", "replayed", "delivered"]);
+    assert_eq!(entry["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        get(&app, "/admin/ledger?incomplete=true").await["entries"],
+        json!([])
+    );
+}
