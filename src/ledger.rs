@@ -9,6 +9,8 @@
 //! Each outcome is written before the job leaves the queue (the worker records it, then
 //! acks); a crash between the two records it twice, never zero times, and readers show one.
 
+pub mod postgres;
+
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;

@@ -62,6 +62,17 @@ pub struct LedgerSettings {
     /// Ledger entries stored longer ago than this are forgotten.
     #[serde(default = "default_ledger_retention_days")]
     pub retention_days: u64,
+    /// RabbitMQ backend: the PostgreSQL database of the ledger (`postgres://user:pass@host/db`);
+    /// secret, set `RELAY__LEDGER__URL`. The embedded queue keeps its ledger in its own file.
+    #[serde(default)]
+    pub url: Option<SecretString>,
+    /// The PostgreSQL schema the ledger's tables live in (created at start).
+    #[serde(default = "default_ledger_schema")]
+    pub schema: String,
+}
+
+fn default_ledger_schema() -> String {
+    "relay_ledger".into()
 }
 
 impl Default for LedgerSettings {
@@ -69,6 +80,8 @@ impl Default for LedgerSettings {
         Self {
             subject_key: empty_secret(),
             retention_days: default_ledger_retention_days(),
+            url: None,
+            schema: default_ledger_schema(),
         }
     }
 }
@@ -913,6 +926,27 @@ impl Settings {
             if value > max {
                 return Err(SettingsError::new(key, format!("expected at most {max}")));
             }
+        }
+        if let Some(url) = &self.ledger.url {
+            if !matches!(url.expose_secret().split_once("://"), Some(("postgres" | "postgresql", rest)) if !rest.is_empty())
+            {
+                return Err(SettingsError::new(
+                    "ledger.url",
+                    "expected postgres://user:password@host:5432/database",
+                ));
+            }
+        }
+        if self.ledger.schema.is_empty()
+            || !self
+                .ledger
+                .schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(SettingsError::new(
+                "ledger.schema",
+                "expected letters, digits, '_' or '-'",
+            ));
         }
         if !(50..=60_000).contains(&self.control.refresh_ms) {
             return Err(SettingsError::new(

@@ -81,6 +81,19 @@ pub async fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
                     settings.queue.prefix
                 )
             })?;
+            match &settings.ledger.url {
+                Some(url) => {
+                    use secrecy::ExposeSecret;
+                    let ledger = crate::ledger::postgres::PgLedger::connect(
+                        url.expose_secret(),
+                        &settings.ledger.schema,
+                    )
+                    .await
+                    .context("opening the ledger database (ledger.url; the URL is not shown)")?;
+                    q.attach_ledger(ledger);
+                }
+                None => tracing::warn!("no delivery ledger: set ledger.url (PostgreSQL) to keep one on the RabbitMQ backend"),
+            }
             Ok(Queue::Rabbit(q))
         }
     }

@@ -422,14 +422,17 @@ impl Queue {
         }
     }
 
-    /// Whether this backend keeps the delivery ledger (the embedded queue does, in its file;
-    /// the RabbitMQ backend's ledger in PostgreSQL is not built yet).
+    /// Whether this backend keeps the delivery ledger (the embedded queue in its file; the
+    /// RabbitMQ backend in PostgreSQL, when `ledger.url` is set).
     pub fn keeps_ledger(&self) -> bool {
-        matches!(self, Queue::Embedded(_))
+        match self {
+            Queue::Embedded(_) => true,
+            Queue::Rabbit(q) => q.ledger().is_some(),
+        }
     }
 
-    /// Record what became of a job in the ledger (see [`crate::ledger`]); a no-op where the
-    /// backend keeps none.
+    /// Record what became of a job in the ledger (see [`crate::ledger`]); a no-op where none
+    /// is kept (RabbitMQ without `ledger.url`).
     pub async fn ledger_record(
         &self,
         facts: crate::ledger::JobFacts,
@@ -438,7 +441,10 @@ impl Queue {
     ) -> Result<(), QueueError> {
         match self {
             Queue::Embedded(q) => q.ledger_record(facts, attempt, outcome).await,
-            Queue::Rabbit(_) => Ok(()),
+            Queue::Rabbit(q) => match q.ledger() {
+                Some(l) => l.record(facts, attempt, outcome).await,
+                None => Ok(()),
+            },
         }
     }
 
@@ -448,9 +454,12 @@ impl Queue {
     ) -> Result<Vec<crate::ledger::Entry>, QueueError> {
         match self {
             Queue::Embedded(s) => s.ledger_query(q).await,
-            Queue::Rabbit(_) => Err(QueueError::NotReady(
-                "the delivery ledger is kept by the embedded queue only for now".into(),
-            )),
+            Queue::Rabbit(r) => match r.ledger() {
+                Some(l) => l.query(q).await,
+                None => Err(QueueError::NotReady(
+                    "no delivery ledger: the RabbitMQ backend keeps it in PostgreSQL; set ledger.url".into(),
+                )),
+            },
         }
     }
 
@@ -462,7 +471,10 @@ impl Queue {
                 q.compact().await?;
                 Ok(n)
             }
-            Queue::Rabbit(_) => Ok(0),
+            Queue::Rabbit(q) => match q.ledger() {
+                Some(l) => l.purge_before(before_ms).await,
+                None => Ok(0),
+            },
         }
     }
 

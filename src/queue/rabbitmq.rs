@@ -431,6 +431,8 @@ struct Inner {
     config: RabbitConfig,
     names: QueueNames,
     dedupe: Dedupe,
+    /// The PostgreSQL ledger, when `ledger.url` is set (attached after connecting).
+    ledger: std::sync::OnceLock<crate::ledger::postgres::PgLedger>,
     session: RwLock<Option<Arc<Session>>>,
     /// Deliveries received but not leased yet (at most `prefetch`), with their generation.
     buffer: Mutex<VecDeque<(u64, Delivery)>>,
@@ -684,6 +686,7 @@ impl RabbitQueue {
             config,
             names,
             dedupe,
+            ledger: std::sync::OnceLock::new(),
             session: RwLock::new(Some(session.clone())),
             buffer: Mutex::default(),
             held: Mutex::default(),
@@ -1020,6 +1023,24 @@ impl RabbitQueue {
             tracing::warn!(error = %e, "could not set aside jobs of paused routes");
         }
         Ok(leased)
+    }
+
+    /// Keep the delivery ledger in `ledger` (once, right after connecting).
+    pub fn attach_ledger(&self, ledger: crate::ledger::postgres::PgLedger) {
+        let _ = self.inner.ledger.set(ledger);
+    }
+
+    pub fn ledger(&self) -> Option<&crate::ledger::postgres::PgLedger> {
+        self.inner.ledger.get()
+    }
+
+    /// Note an outcome of a parked job (replayed, purged) in the ledger before the parked
+    /// copy goes.
+    async fn note(&self, job_id: &str, outcome: &str) -> Result<(), QueueError> {
+        match self.ledger() {
+            Some(l) => l.note(job_id, outcome).await,
+            None => Ok(()),
+        }
     }
 
     /// Read `queue` (parked or held) message by message, counting what is taken out.
@@ -1470,6 +1491,7 @@ impl RabbitQueue {
                 &fresh,
             )
             .await?;
+            self.note(&parked.id, "replayed").await?;
             browser.remove(&delivery).await?;
             replayed += 1;
         }
@@ -1484,7 +1506,9 @@ impl RabbitQueue {
         let mut browser = self.browse(&session, &self.inner.names.parked).await?;
         let mut purged = 0;
         while let Some(delivery) = browser.next().await? {
-            if filter_matches(&filter, &parked_job(&delivery)) {
+            let job = parked_job(&delivery);
+            if filter_matches(&filter, &job) {
+                self.note(&job.id, "purged").await?;
                 browser.remove(&delivery).await?;
                 purged += 1;
             }

@@ -32,7 +32,7 @@ exec "$RELAY" --config "$CONFIG" serve"#;
         .env("RUST_LOG", "error")
         .env_remove("RELAY_ENV")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::null())
         .spawn()
         .expect("run unshare (util-linux)");
     let mut line = String::new();
@@ -66,7 +66,8 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
         &format!("[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\nprobe_cache_ms = 0\n[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n[admin]\ntoken = \"{ADMIN}\"\n"),
         &centercode.base_url(),
     );
-    let (mut child, base) = relay_on_small_tmpfs(&config, &data);
+    let (child, base) = relay_on_small_tmpfs(&config, &data);
+    let child = KillOnDrop(child);
     let client = reqwest::Client::new();
     let admin = |path: &str| {
         client
@@ -125,22 +126,40 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 503, "readiness reports the full disk");
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(
-        series(&metrics, r#"relay_queue_depth{state="ready"}"#),
-        acked.len() as f64,
-        "every acknowledged notification is stored"
-    );
+    // Every acknowledged notification is stored (polled: a depth reading may trail a commit
+    // by a moment under load; a lost job would never show).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let stored: f64 = ["ready", "in_flight", "retrying", "parked"]
+            .iter()
+            .map(|s| series(&metrics, &format!(r#"relay_queue_depth{{state="{s}"}}"#)))
+            .sum();
+        if stored == acked.len() as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stored} stored for {} acknowledged: {}",
+            acked.len(),
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("relay_queue_depth"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
 
     // Space returns (the ballast goes): the same process accepts again without a restart.
-    let ballast = format!("/proc/{}/root{}/ballast", child.id(), data.display());
+    let ballast = format!("/proc/{}/root{}/ballast", child.0.id(), data.display());
     std::fs::remove_file(&ballast).unwrap_or_else(|e| panic!("{ballast}: {e}"));
     let r = post(10_000).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -173,6 +192,15 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
+}
+
+/// The relay child is killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -152,3 +152,78 @@ async fn a_parked_then_replayed_job_shows_each_step_and_incomplete_jobs_are_list
         json!([])
     );
 }
+
+#[tokio::test]
+async fn on_rabbitmq_the_ledger_lives_in_postgresql_and_holds_no_personal_data() {
+    // Arrange: the RabbitMQ backend with its ledger in a PostgreSQL schema of this test.
+    let pg = tokio::task::spawn_blocking(|| crate::services::postgres().url.clone())
+        .await
+        .unwrap();
+    let url = pg.clone();
+    let app = crate::helpers::spawn_app_on(crate::helpers::Backend::Rabbitmq, move |s| {
+        s.admin.token = Some(ADMIN.to_owned().into());
+        s.ledger.subject_key = SUBJECT_KEY.to_owned().into();
+        s.ledger.url = Some(url.into());
+        s.ledger.schema = s.queue.prefix.clone();
+    })
+    .await;
+    let schema = app.settings.ledger.schema.clone();
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+        .await;
+
+    // Act
+    assert_eq!(app.deliver_until_settled().await.len(), 2);
+
+    // Assert: the erasure answered from PostgreSQL by subject key.
+    let entries = by_subject(&app, "marta.kowalska@example.org").await;
+    let erasure = &entries["entries"][0];
+    assert_eq!(erasure["record_id"], "0038d0000000041AAA");
+    assert_eq!(outcomes(erasure), vec!["delivered"]);
+    assert_eq!(erasure["attempts"][0]["status"], 200);
+    // Nothing is left in the broker's queues, and the ledger's dump holds no personal data.
+    let stats = app.stats().await;
+    assert_eq!(
+        (
+            stats.ready,
+            stats.in_flight,
+            stats.retrying,
+            stats.parked,
+            stats.held
+        ),
+        (0, 0, 0, 0, 0)
+    );
+    let dump = tokio::process::Command::new(
+        crate::services::find_program("pg_dump", "postgresql-client").unwrap(),
+    )
+    .arg(&pg)
+    .arg(format!("--schema={schema}"))
+    .output()
+    .await
+    .unwrap();
+    assert!(dump.status.success(), "{dump:?}");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.contains("0038d0000000041AAA"),
+        "the dump holds the ledger"
+    );
+    for needle in [
+        "marta.kowalska@example.org",
+        "Kowalska",
+        "aisha.okafor@example.net",
+        "Folder rename reverted after sync",
+    ] {
+        assert!(
+            !dump.contains(needle),
+            "`{needle}` is in the ledger database"
+        );
+    }
+    let _ = tokio::process::Command::new(
+        crate::services::find_program("psql", "postgresql-client").unwrap(),
+    )
+    .arg(&pg)
+    .args(["-c", &format!("DROP SCHEMA \"{schema}\" CASCADE")])
+    .output()
+    .await;
+}

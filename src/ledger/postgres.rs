@@ -1,0 +1,388 @@
+//! The ledger in PostgreSQL (`ledger.url`), for the RabbitMQ backend: every relay process
+//! writes to it and any process answers queries. Writes from all of a process's workers go
+//! through one writer task that commits them in batches (one transaction for whatever is
+//! waiting), so a worker waits for a group commit, never for a round trip of its own per
+//! attempt; it still waits, because an outcome must be in the ledger before the job is acked.
+//! The schema is created (and migrated) at start.
+
+use super::{Attempt, Entry, FinalOutcome, JobFacts, LedgerQuery};
+use crate::queue::QueueError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, NoTls};
+
+/// Connections for queries (the writer has its own).
+const READERS: usize = 2;
+/// Most writes in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// The current schema version; each step below brings an older one forward.
+const MIGRATIONS: [&str; 1] = ["
+CREATE TABLE IF NOT EXISTS ledger_jobs (
+    job_id          TEXT PRIMARY KEY,
+    route           TEXT NOT NULL,
+    action          TEXT NOT NULL,
+    org_id          TEXT,
+    notification_id TEXT,
+    record_id       TEXT,
+    subject_key     TEXT,
+    stored_at       BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_by_record ON ledger_jobs (record_id);
+CREATE INDEX IF NOT EXISTS ledger_by_notification ON ledger_jobs (notification_id);
+CREATE INDEX IF NOT EXISTS ledger_by_subject ON ledger_jobs (subject_key);
+CREATE INDEX IF NOT EXISTS ledger_by_stored ON ledger_jobs (stored_at);
+CREATE TABLE IF NOT EXISTS ledger_attempts (
+    job_id      TEXT NOT NULL,
+    attempt     BIGINT NOT NULL,
+    started_at  BIGINT NOT NULL,
+    duration_ms BIGINT NOT NULL,
+    status      INTEGER,
+    error_class TEXT,
+    outcome     TEXT NOT NULL,
+    response    TEXT,
+    PRIMARY KEY (job_id, started_at, attempt)
+);
+CREATE TABLE IF NOT EXISTS ledger_outcomes (
+    seq     BIGSERIAL PRIMARY KEY,
+    job_id  TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason  TEXT,
+    at      BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_outcomes_by_job ON ledger_outcomes (job_id, at);
+"];
+
+enum Op {
+    Record(Box<(JobFacts, Option<Attempt>, Option<FinalOutcome>)>),
+    Note(String, String, i64),
+}
+
+struct Write {
+    op: Op,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// A handle to the PostgreSQL ledger; cheap to clone.
+#[derive(Clone)]
+pub struct PgLedger {
+    writes: mpsc::Sender<Write>,
+    readers: Arc<Vec<Client>>,
+    next: Arc<AtomicUsize>,
+}
+
+fn db(e: tokio_postgres::Error) -> QueueError {
+    // The error text names the statement problem, never connection secrets.
+    QueueError::NotReady(format!("ledger database: {e}"))
+}
+
+async fn connect(url: &str, schema: &str) -> Result<Client, QueueError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "ledger database connection ended");
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
+        ))
+        .await
+        .map_err(db)?;
+    Ok(client)
+}
+
+impl PgLedger {
+    /// Connect, apply the migrations the database lacks, start the writer.
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, QueueError> {
+        if !schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(QueueError::NotReady(
+                "ledger.schema: letters, digits, '_' or '-'".into(),
+            ));
+        }
+        let writer = connect(url, schema).await?;
+        migrate(&writer).await?;
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            readers.push(connect(url, schema).await?);
+        }
+        let (writes, rx) = mpsc::channel(4096);
+        tokio::spawn(write_batches(writer, rx));
+        Ok(Self {
+            writes,
+            readers: Arc::new(readers),
+            next: Arc::default(),
+        })
+    }
+
+    async fn submit(&self, op: Op) -> Result<(), QueueError> {
+        let (done, rx) = oneshot::channel();
+        self.writes
+            .send(Write { op, done })
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        rx.await
+            .map_err(|_| QueueError::Closed)?
+            .map_err(|e| QueueError::NotReady(format!("ledger write: {e}")))
+    }
+
+    pub async fn record(
+        &self,
+        facts: JobFacts,
+        attempt: Option<Attempt>,
+        outcome: Option<FinalOutcome>,
+    ) -> Result<(), QueueError> {
+        self.submit(Op::Record(Box::new((facts, attempt, outcome))))
+            .await
+    }
+
+    /// An outcome of a job already in the ledger (replayed, purged).
+    pub async fn note(&self, job_id: &str, outcome: &str) -> Result<(), QueueError> {
+        self.submit(Op::Note(
+            job_id.to_owned(),
+            outcome.to_owned(),
+            crate::queue::now_ms(),
+        ))
+        .await
+    }
+
+    fn reader(&self) -> &Client {
+        &self.readers[self.next.fetch_add(1, Ordering::Relaxed) % self.readers.len()]
+    }
+
+    pub async fn query(&self, q: LedgerQuery) -> Result<Vec<Entry>, QueueError> {
+        let client = self.reader();
+        let mut clause = vec!["TRUE".to_owned()];
+        let mut texts: Vec<String> = Vec::new();
+        let mut ints: Vec<i64> = Vec::new();
+        let mut order: Vec<(bool, usize)> = Vec::new();
+        for (col, v) in [
+            ("job_id", &q.job_id),
+            ("record_id", &q.record_id),
+            ("notification_id", &q.notification_id),
+            ("subject_key", &q.subject_key),
+            ("route", &q.route),
+        ] {
+            if let Some(v) = v {
+                texts.push(v.clone());
+                order.push((true, texts.len() - 1));
+                clause.push(format!("{col} = ${}", order.len()));
+            }
+        }
+        for (cmp, v) in [(">=", q.since_ms), ("<", q.until_ms)] {
+            if let Some(v) = v {
+                ints.push(v);
+                order.push((false, ints.len() - 1));
+                clause.push(format!("stored_at {cmp} ${}", order.len()));
+            }
+        }
+        if q.incomplete {
+            clause.push("coalesce((SELECT outcome FROM ledger_outcomes o WHERE o.job_id = ledger_jobs.job_id ORDER BY at DESC, seq DESC LIMIT 1), '') NOT IN ('delivered', 'user_not_found', 'purged')".into());
+        }
+        ints.push(q.limit.clamp(1, 1000) as i64);
+        order.push((false, ints.len() - 1));
+        let sql = format!(
+            "SELECT job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at
+             FROM ledger_jobs WHERE {} ORDER BY stored_at DESC, job_id LIMIT ${}",
+            clause.join(" AND "),
+            order.len()
+        );
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = order
+            .iter()
+            .map(|&(text, i)| -> &(dyn tokio_postgres::types::ToSql + Sync) {
+                if text {
+                    &texts[i]
+                } else {
+                    &ints[i]
+                }
+            })
+            .collect();
+        let rows = client.query(&sql, &params).await.map_err(db)?;
+        let mut entries = Vec::new();
+        for r in rows {
+            let facts = JobFacts {
+                job_id: r.get(0),
+                route: r.get(1),
+                action: r.get(2),
+                org_id: r.get(3),
+                notification_id: r.get(4),
+                record_id: r.get(5),
+                subject_key: r.get(6),
+                stored_at_ms: r.get(7),
+            };
+            let attempts = client
+                .query(
+                    "SELECT attempt, started_at, duration_ms, status, error_class, outcome, response
+                     FROM ledger_attempts WHERE job_id = $1 ORDER BY started_at, attempt",
+                    &[&facts.job_id],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|a| Attempt {
+                    attempt: a.get::<_, i64>(0) as u32,
+                    started_at_ms: a.get(1),
+                    duration_ms: a.get(2),
+                    status: a.get::<_, Option<i32>>(3).map(|s| s as u16),
+                    error_class: a.get(4),
+                    outcome: a.get(5),
+                    response: a.get(6),
+                })
+                .collect();
+            let mut outcomes: Vec<FinalOutcome> = Vec::new();
+            for o in client
+                .query(
+                    "SELECT outcome, reason, at FROM ledger_outcomes WHERE job_id = $1 ORDER BY at, seq",
+                    &[&facts.job_id],
+                )
+                .await
+                .map_err(db)?
+            {
+                let o = FinalOutcome {
+                    outcome: o.get(0),
+                    reason: o.get(1),
+                    at_ms: o.get(2),
+                };
+                // Recorded twice across a crash before the ack: show it once.
+                if outcomes
+                    .last()
+                    .is_some_and(|l| l.outcome == o.outcome && l.reason == o.reason)
+                {
+                    continue;
+                }
+                outcomes.push(o);
+            }
+            entries.push(Entry {
+                facts,
+                attempts,
+                outcomes,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Retention: forget entries stored before `before_ms`.
+    pub async fn purge_before(&self, before_ms: i64) -> Result<u64, QueueError> {
+        let client = self.reader();
+        let n = client
+            .execute(
+                "DELETE FROM ledger_jobs WHERE stored_at < $1",
+                &[&before_ms],
+            )
+            .await
+            .map_err(db)?;
+        client
+            .batch_execute(
+                "DELETE FROM ledger_attempts a WHERE NOT EXISTS (SELECT 1 FROM ledger_jobs j WHERE j.job_id = a.job_id);
+                 DELETE FROM ledger_outcomes o WHERE NOT EXISTS (SELECT 1 FROM ledger_jobs j WHERE j.job_id = o.job_id);",
+            )
+            .await
+            .map_err(db)?;
+        Ok(n)
+    }
+}
+
+/// Bring the schema to the current version, one step at a time, under an advisory lock so
+/// processes starting together do not race.
+async fn migrate(client: &Client) -> Result<(), QueueError> {
+    client
+        .batch_execute(
+            "SELECT pg_advisory_lock(727274); CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)",
+        )
+        .await
+        .map_err(db)?;
+    let result = async {
+        let version: i32 = client
+            .query_opt("SELECT version FROM ledger_schema", &[])
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            client.batch_execute(step).await?;
+            client.execute("DELETE FROM ledger_schema", &[]).await?;
+            client
+                .execute(
+                    "INSERT INTO ledger_schema (version) VALUES ($1)",
+                    &[&(i as i32 + 1)],
+                )
+                .await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    }
+    .await;
+    let _ = client
+        .batch_execute("SELECT pg_advisory_unlock(727274)")
+        .await;
+    result.map_err(db)
+}
+
+/// The writer: one transaction per batch of waiting writes, then every waiter is answered.
+async fn write_batches(mut client: Client, mut rx: mpsc::Receiver<Write>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let result = write_one_batch(&mut client, &batch)
+            .await
+            .map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, writes = batch.len(), "ledger batch failed");
+        }
+        for w in batch {
+            let _ = w.done.send(result.clone());
+        }
+    }
+}
+
+async fn write_one_batch(
+    client: &mut Client,
+    batch: &[Write],
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    for w in batch {
+        match &w.op {
+            Op::Record(record) => {
+                let (f, attempt, outcome) = &**record;
+                tx.execute(
+                    "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
+                    &[&f.job_id, &f.route, &f.action, &f.org_id, &f.notification_id, &f.record_id, &f.subject_key, &f.stored_at_ms],
+                )
+                .await?;
+                if let Some(a) = attempt {
+                    tx.execute(
+                        "INSERT INTO ledger_attempts (job_id, attempt, started_at, duration_ms, status, error_class, outcome, response)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         ON CONFLICT (job_id, started_at, attempt) DO NOTHING",
+                        &[&f.job_id, &i64::from(a.attempt), &a.started_at_ms, &a.duration_ms, &a.status.map(i32::from), &a.error_class, &a.outcome, &a.response],
+                    )
+                    .await?;
+                }
+                if let Some(o) = outcome {
+                    tx.execute(
+                        "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES ($1, $2, $3, $4)",
+                        &[&f.job_id, &o.outcome, &o.reason, &o.at_ms],
+                    )
+                    .await?;
+                }
+            }
+            Op::Note(job_id, outcome, at) => {
+                tx.execute(
+                    "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES ($1, $2, NULL, $3)",
+                    &[job_id, outcome, at],
+                )
+                .await?;
+            }
+        }
+    }
+    tx.commit().await
+}
