@@ -112,6 +112,46 @@ async fn sigkill_ten_times(backend: &str, queue: &str, _env: Option<RabbitEnv>) 
         "{missing} of {expected} acknowledged notifications never reached Centercode"
     );
     assert!(expected >= 100, "only {expected} acknowledged");
+    if backend == "embedded" {
+        every_job_that_left_the_queue_is_in_the_ledger(&dir.path().join("relay.db"), &acked);
+    }
+}
+
+/// After SIGKILLs at every moment: each acknowledged notification is either still queued or
+/// has a final outcome in the ledger (written before its job left the queue), never neither.
+fn every_job_that_left_the_queue_is_in_the_ledger(
+    db: &std::path::Path,
+    acked: &Mutex<HashSet<u32>>,
+) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let ids = |sql: &str| -> HashSet<String> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    let queued = ids("SELECT notification_id FROM jobs");
+    let finished = ids(
+        "SELECT j.notification_id FROM ledger_jobs j JOIN ledger_outcomes o ON o.job_id = j.job_id
+         WHERE o.outcome IN ('delivered', 'user_not_found')",
+    );
+    let acked = acked.lock().unwrap();
+    let unaccounted: Vec<String> = acked
+        .iter()
+        .map(|n| format!("04l{n:015}"))
+        .filter(|id| !queued.contains(id) && !finished.contains(id))
+        .collect();
+    assert!(
+        unaccounted.is_empty(),
+        "{} of {} acknowledged notifications left the queue without a ledger outcome, e.g. {:?}",
+        unaccounted.len(),
+        acked.len(),
+        unaccounted.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(
+        finished.len() >= 100,
+        "only {} outcomes in the ledger",
+        finished.len()
+    );
 }
 
 #[tokio::test]
