@@ -481,6 +481,8 @@ async fn purge(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 #[serde(deny_unknown_fields)]
 struct LedgerParams {
     job_id: Option<String>,
+    /// A subject key computed elsewhere (`relay ledger erasure --key-file`: an older key).
+    subject_key: Option<String>,
     record_id: Option<String>,
     notification_id: Option<String>,
     route: Option<String>,
@@ -497,7 +499,7 @@ impl LedgerParams {
             job_id: self.job_id.clone(),
             record_id: self.record_id.clone(),
             notification_id: self.notification_id.clone(),
-            subject_key,
+            subject_key: subject_key.or_else(|| self.subject_key.clone()),
             route: self.route.clone(),
             since_ms: self.since.map(|s| s * 1000),
             until_ms: self.until.map(|s| s * 1000),

@@ -53,6 +53,14 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::admin_cli::RoutesCommand,
     },
+    /// The delivery ledger: trace a job, record or notification; prove an erasure.
+    #[command(after_help = crate::admin_cli::LEDGER_EXIT_CODES_HELP)]
+    Ledger {
+        #[command(flatten)]
+        conn: crate::admin_cli::Connection,
+        #[command(subcommand)]
+        command: crate::admin_cli::LedgerCommand,
+    },
     /// Show the exact Centercode request(s) a Salesforce message would produce.
     Preview {
         /// The route to preview with.
@@ -74,6 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Demo { no_serve } => crate::demo::run(!no_serve).await,
         Command::Parked { conn, command } => crate::admin_cli::parked(&conn, command).await,
         Command::Routes { conn, command } => crate::admin_cli::routes(&conn, command).await,
+        Command::Ledger { conn, command } => crate::admin_cli::ledger(&conn, command).await,
         Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
             Ok(settings) => {
                 print!("{}", describe(&settings));

@@ -227,3 +227,71 @@ async fn on_rabbitmq_the_ledger_lives_in_postgresql_and_holds_no_personal_data()
     .output()
     .await;
 }
+
+/// `relay ledger …` with `input` on standard input; (exit code, stdout).
+async fn relay_ledger(app: &TestApp, args: &[&str], input: &str) -> (i32, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("ledger")
+        .args(args)
+        .args(["--url", &app.address, "--token", ADMIN])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_ledger_command_traces_and_proves_an_erasure_also_with_a_key_from_before_a_rotation() {
+    let app = spawn().await;
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    app.deliver_until_settled().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (current, other) = (dir.path().join("current.key"), dir.path().join("other.key"));
+    std::fs::write(&current, format!("{SUBJECT_KEY}\n")).unwrap();
+    std::fs::write(&other, "a-key-that-recorded-nothing").unwrap();
+
+    // The e-mail comes on standard input, hashed by the relay with its current key.
+    let (code, out) = relay_ledger(&app, &["erasure"], "marta.kowalska@example.org\n").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("0038d0000000041AAA") && out.contains("-> delivered"),
+        "{out}"
+    );
+    // Hashed here with the key of the file (the key in force when the entry was recorded).
+    let key = current.to_str().unwrap();
+    let (code, out) = relay_ledger(
+        &app,
+        &["erasure", "--key-file", key],
+        "marta.kowalska@example.org",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0038d0000000041AAA"), "{out}");
+    let key = other.to_str().unwrap();
+    let (code, _) = relay_ledger(
+        &app,
+        &["erasure", "--key-file", key],
+        "marta.kowalska@example.org",
+    )
+    .await;
+    assert_eq!(code, 3, "another key finds nothing");
+    let (code, _) = relay_ledger(&app, &["erasure"], "").await;
+    assert_eq!(code, 2, "no e-mail on standard input");
+
+    let (code, out) = relay_ledger(&app, &["trace", "--record-id", "0038d0000000041AAA"], "").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("attempt 1  done  status 200"), "{out}");
+    let (code, _) = relay_ledger(&app, &["trace", "--record-id", "003000000000000AAA"], "").await;
+    assert_eq!(code, 3);
+}
