@@ -797,6 +797,126 @@ async fn run_routes(conn: &Connection, command: RoutesCommand) -> Result<i32, Fa
     Ok(EXIT_DONE)
 }
 
+/// `relay ledger …`.
+pub async fn ledger(conn: &Connection, command: LedgerCommand) -> anyhow::Result<i32> {
+    Ok(exit_code(run_ledger(conn, command).await))
+}
+
+async fn run_ledger(conn: &Connection, command: LedgerCommand) -> Result<i32, Failure> {
+    let client = Client::new(conn)?;
+    let v = match command {
+        LedgerCommand::Trace {
+            job_id,
+            record_id,
+            notification_id,
+            route,
+            since,
+            until,
+            incomplete,
+            limit,
+        } => {
+            let mut query: Vec<(String, String)> = [
+                ("job_id", job_id),
+                ("record_id", record_id),
+                ("notification_id", notification_id),
+                ("route", route),
+                ("since", since.map(|s| s.to_string())),
+                ("until", until.map(|s| s.to_string())),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
+            .collect();
+            if incomplete {
+                query.push(("incomplete".into(), "true".into()));
+            }
+            query.push(("limit".into(), limit.to_string()));
+            client
+                .call(reqwest::Method::GET, "/admin/ledger", &query, None)
+                .await?
+        }
+        LedgerCommand::Erasure { key_file } => {
+            let mut email = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut email)
+                .map_err(|e| Failure::new(EXIT_USAGE, format!("reading the e-mail: {e}")))?;
+            let email = email.trim();
+            if email.is_empty() || !email.contains('@') {
+                return Err(Failure::new(
+                    EXIT_USAGE,
+                    "give the e-mail on standard input, e.g. `printf %s \"$EMAIL\" | relay ledger erasure`",
+                ));
+            }
+            match key_file {
+                Some(path) => {
+                    let raw = std::fs::read(&path).map_err(|e| {
+                        Failure::new(EXIT_USAGE, format!("reading {}: {e}", path.display()))
+                    })?;
+                    let key = String::from_utf8_lossy(&raw).trim().to_owned();
+                    let subject = crate::ledger::subject_key(key.as_bytes(), email);
+                    client
+                        .call(
+                            reqwest::Method::GET,
+                            "/admin/ledger",
+                            &[("subject_key".into(), subject)],
+                            None,
+                        )
+                        .await?
+                }
+                None => {
+                    client
+                        .call(
+                            reqwest::Method::POST,
+                            "/admin/ledger/subject",
+                            &[],
+                            Some(json!({ "email": email })),
+                        )
+                        .await?
+                }
+            }
+        }
+    };
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    if conn.json {
+        println!("{v}");
+    } else {
+        for e in &entries {
+            let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+            println!(
+                "{}  {}  record {}  notification {}  stored {}",
+                s("job_id"),
+                s("route"),
+                s("record_id"),
+                s("notification_id"),
+                s("stored_at")
+            );
+            for a in e["attempts"].as_array().into_iter().flatten() {
+                println!(
+                    "    attempt {}  {}  status {}  {} ms",
+                    a["attempt"],
+                    a["outcome"].as_str().unwrap_or("?"),
+                    a["status"],
+                    a["duration_ms"]
+                );
+            }
+            for o in e["outcomes"].as_array().into_iter().flatten() {
+                let at = o["at_ms"]
+                    .as_i64()
+                    .map(crate::admin::rfc3339)
+                    .unwrap_or_default();
+                println!(
+                    "    -> {}  {at}  {}",
+                    o["outcome"].as_str().unwrap_or("?"),
+                    o["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(if entries.is_empty() {
+        EXIT_MATCHED_NOTHING
+    } else {
+        EXIT_DONE
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -952,124 +1072,4 @@ mod tests {
         assert!(parse_url("relay:8080").is_err());
         assert!(parse_url("not a url").is_err());
     }
-}
-
-/// `relay ledger …`.
-pub async fn ledger(conn: &Connection, command: LedgerCommand) -> anyhow::Result<i32> {
-    Ok(exit_code(run_ledger(conn, command).await))
-}
-
-async fn run_ledger(conn: &Connection, command: LedgerCommand) -> Result<i32, Failure> {
-    let client = Client::new(conn)?;
-    let v = match command {
-        LedgerCommand::Trace {
-            job_id,
-            record_id,
-            notification_id,
-            route,
-            since,
-            until,
-            incomplete,
-            limit,
-        } => {
-            let mut query: Vec<(String, String)> = [
-                ("job_id", job_id),
-                ("record_id", record_id),
-                ("notification_id", notification_id),
-                ("route", route),
-                ("since", since.map(|s| s.to_string())),
-                ("until", until.map(|s| s.to_string())),
-            ]
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
-            .collect();
-            if incomplete {
-                query.push(("incomplete".into(), "true".into()));
-            }
-            query.push(("limit".into(), limit.to_string()));
-            client
-                .call(reqwest::Method::GET, "/admin/ledger", &query, None)
-                .await?
-        }
-        LedgerCommand::Erasure { key_file } => {
-            let mut email = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut email)
-                .map_err(|e| Failure::new(EXIT_USAGE, format!("reading the e-mail: {e}")))?;
-            let email = email.trim();
-            if email.is_empty() || !email.contains('@') {
-                return Err(Failure::new(
-                    EXIT_USAGE,
-                    "give the e-mail on standard input, e.g. `printf %s \"$EMAIL\" | relay ledger erasure`",
-                ));
-            }
-            match key_file {
-                Some(path) => {
-                    let raw = std::fs::read(&path).map_err(|e| {
-                        Failure::new(EXIT_USAGE, format!("reading {}: {e}", path.display()))
-                    })?;
-                    let key = String::from_utf8_lossy(&raw).trim().to_owned();
-                    let subject = crate::ledger::subject_key(key.as_bytes(), email);
-                    client
-                        .call(
-                            reqwest::Method::GET,
-                            "/admin/ledger",
-                            &[("subject_key".into(), subject)],
-                            None,
-                        )
-                        .await?
-                }
-                None => {
-                    client
-                        .call(
-                            reqwest::Method::POST,
-                            "/admin/ledger/subject",
-                            &[],
-                            Some(json!({ "email": email })),
-                        )
-                        .await?
-                }
-            }
-        }
-    };
-    let entries = v["entries"].as_array().cloned().unwrap_or_default();
-    if conn.json {
-        println!("{v}");
-    } else {
-        for e in &entries {
-            let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
-            println!(
-                "{}  {}  record {}  notification {}  stored {}",
-                s("job_id"),
-                s("route"),
-                s("record_id"),
-                s("notification_id"),
-                s("stored_at")
-            );
-            for a in e["attempts"].as_array().into_iter().flatten() {
-                println!(
-                    "    attempt {}  {}  status {}  {} ms",
-                    a["attempt"],
-                    a["outcome"].as_str().unwrap_or("?"),
-                    a["status"],
-                    a["duration_ms"]
-                );
-            }
-            for o in e["outcomes"].as_array().into_iter().flatten() {
-                let at = o["at_ms"]
-                    .as_i64()
-                    .map(crate::admin::rfc3339)
-                    .unwrap_or_default();
-                println!(
-                    "    -> {}  {at}  {}",
-                    o["outcome"].as_str().unwrap_or("?"),
-                    o["reason"].as_str().unwrap_or("")
-                );
-            }
-        }
-    }
-    Ok(if entries.is_empty() {
-        EXIT_MATCHED_NOTHING
-    } else {
-        EXIT_DONE
-    })
 }
