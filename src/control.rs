@@ -68,6 +68,15 @@ impl RouteControl {
             .collect()
     }
 
+    /// Whether this process changed its belief about `route` at or after `at_ms`.
+    pub fn changed_since(&self, route: &str, at_ms: i64) -> bool {
+        self.since
+            .read()
+            .expect("control lock")
+            .get(route)
+            .is_some_and(|&since| since >= at_ms)
+    }
+
     /// This process's belief only; [`crate::shared_control::set_paused`] changes it for
     /// every process. Returns whether the belief changed.
     pub fn set_paused(&self, route: &str, paused: bool) -> bool {

@@ -167,9 +167,15 @@ impl SharedControl {
     /// Read the records, apply them here, report what this process now believes. Returns
     /// the routes this process saw resumed.
     pub async fn sync_once(&self) -> Result<Vec<String>, QueueError> {
+        let read_at = now_ms();
         let records = records(&self.queue).await?;
         let mut resumed = Vec::new();
         for route in &self.routes {
+            // A change made here while the records were being read (an admin call, an
+            // automatic pause) is newer than what was read: keep it, not the stale record.
+            if self.control.changed_since(route, read_at) {
+                continue;
+            }
             let paused = records.get(route).is_some_and(|r| r.paused);
             if self.control.set_paused(route, paused) {
                 tracing::info!(route = %route, paused, "route pause state changed (shared)");
