@@ -512,6 +512,7 @@ impl LedgerParams {
 fn ledger_json(e: &crate::ledger::Entry) -> Value {
     let mut v = json!(e);
     v["stored_at"] = json!(rfc3339(e.facts.stored_at_ms));
+    v["received_at"] = json!(rfc3339(e.facts.received_at_ms));
     v
 }
 

@@ -28,6 +28,8 @@ pub struct JobFacts {
     pub notification_id: Option<String>,
     pub record_id: Option<String>,
     pub subject_key: Option<String>,
+    /// When the request carrying it arrived at the gateway (ms since the epoch).
+    pub received_at_ms: i64,
     /// When the gateway stored it (ms since the epoch).
     pub stored_at_ms: i64,
 }

@@ -250,6 +250,7 @@ impl Worker {
             notification_id: job.notification_id.clone(),
             record_id: job.record_id.clone(),
             subject_key,
+            received_at_ms: job.received_at_ms,
             stored_at_ms: job.first_seen_ms,
         };
         let attempt = call.map(|c| crate::ledger::Attempt {

@@ -238,6 +238,7 @@ pub fn job_from_callout(
     body_hash: Option<String>,
 ) -> NewJob {
     NewJob {
+        received_at_ms: 0,
         id: uuid::Uuid::new_v4().to_string(),
         route: route.name.clone(),
         action: route.action,
@@ -273,7 +274,8 @@ pub async fn receive(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, CalloutError> {
     let started = std::time::Instant::now();
-    let result = handle(&req, &path, payload, &state).await;
+    let received_at_ms = crate::queue::now_ms();
+    let result = handle(&req, &path, payload, &state, received_at_ms).await;
     let route = state.settings.route(&path).map(|r| r.name.as_str());
     match &result {
         Ok((_, stored)) => record_ingest(&state, route, 202, !stored, u64::from(*stored), started),
@@ -288,6 +290,7 @@ async fn handle(
     path: &str,
     payload: web::Payload,
     state: &AppState,
+    received_at_ms: i64,
 ) -> Result<(HttpResponse, bool), CalloutError> {
     let req = req.clone();
     let span = tracing::Span::current();
@@ -328,7 +331,8 @@ async fn handle(
     let body = parse_body(&raw)?;
     let key = idempotency_key(&req, route, &body)?;
     let hash = key.as_ref().map(|_| format!("{:x}", Sha256::digest(&raw)));
-    let job = job_from_callout(route, key, body, hash);
+    let mut job = job_from_callout(route, key, body, hash);
+    job.received_at_ms = received_at_ms;
     let job_id = job.id.clone();
     let outcome = state.queue.enqueue(vec![job]).await.map_err(|e| {
         tracing::error!(error = %e, "could not store callout; answering 503");

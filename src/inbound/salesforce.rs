@@ -84,6 +84,7 @@ pub fn jobs_from_message(route: &RouteSettings, message: &OutboundMessage) -> Ve
         .notifications
         .iter()
         .map(|n: &Notification| NewJob {
+            received_at_ms: 0,
             id: uuid::Uuid::new_v4().to_string(),
             route: route.name.clone(),
             action: route.action,
@@ -135,7 +136,8 @@ async fn receive_on(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, InboundError> {
     let started = std::time::Instant::now();
-    let result = handle(&req, path, token, payload, &state).await;
+    let received_at_ms = crate::queue::now_ms();
+    let result = handle(&req, path, token, payload, &state, received_at_ms).await;
     let route = state.settings.route(path).map(|r| r.name.as_str());
     match &result {
         Ok((_, stored)) => record_ingest(&state, route, 200, *stored == 0, *stored, started),
@@ -151,6 +153,7 @@ async fn handle(
     token: Option<&str>,
     payload: web::Payload,
     state: &AppState,
+    received_at_ms: i64,
 ) -> Result<(HttpResponse, u64), InboundError> {
     let req = req.clone();
     let span = tracing::Span::current();
@@ -195,7 +198,10 @@ async fn handle(
     }
     check_message(route, &message)
         .inspect_err(|e| tracing::warn!(error = %e, "outbound message refused"))?;
-    let jobs = jobs_from_message(route, &message);
+    let mut jobs = jobs_from_message(route, &message);
+    for job in &mut jobs {
+        job.received_at_ms = received_at_ms;
+    }
     let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let notification_ids: Vec<String> = message
         .notifications

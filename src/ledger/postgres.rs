@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS ledger_jobs (
     notification_id TEXT,
     record_id       TEXT,
     subject_key     TEXT,
+    received_at     BIGINT NOT NULL,
     stored_at       BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_by_record ON ledger_jobs (record_id);
@@ -186,7 +187,7 @@ impl PgLedger {
         ints.push(q.limit.clamp(1, 1000) as i64);
         order.push((false, ints.len() - 1));
         let sql = format!(
-            "SELECT job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at
+            "SELECT job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at
              FROM ledger_jobs WHERE {} ORDER BY stored_at DESC, job_id LIMIT ${}",
             clause.join(" AND "),
             order.len()
@@ -213,6 +214,7 @@ impl PgLedger {
                 record_id: r.get(5),
                 subject_key: r.get(6),
                 stored_at_ms: r.get(7),
+                received_at_ms: r.get(8),
             };
             let attempts = client
                 .query(
@@ -352,10 +354,10 @@ async fn write_one_batch(
             Op::Record(record) => {
                 let (f, attempt, outcome) = &**record;
                 tx.execute(
-                    "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                    "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                      ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
-                    &[&f.job_id, &f.route, &f.action, &f.org_id, &f.notification_id, &f.record_id, &f.subject_key, &f.stored_at_ms],
+                    &[&f.job_id, &f.route, &f.action, &f.org_id, &f.notification_id, &f.record_id, &f.subject_key, &f.stored_at_ms, &f.received_at_ms],
                 )
                 .await?;
                 if let Some(a) = attempt {

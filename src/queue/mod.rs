@@ -36,6 +36,9 @@ pub enum Job {
 /// A job to store, with its deduplication key.
 #[derive(Debug, Clone)]
 pub struct NewJob {
+    /// When the request carrying it arrived (ms since the epoch; 0 = not known: the time it
+    /// is stored stands in).
+    pub received_at_ms: i64,
     pub id: String,
     pub route: String,
     pub action: Action,
@@ -63,6 +66,8 @@ pub enum EnqueueOutcome {
 /// A job handed to a worker. `lease_token` proves the lease is still this worker's.
 #[derive(Debug, Clone)]
 pub struct Leased {
+    /// When the request carrying it arrived (ms since the epoch).
+    pub received_at_ms: i64,
     pub id: String,
     pub route: String,
     pub action: String,

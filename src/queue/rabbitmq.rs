@@ -840,6 +840,7 @@ impl RabbitQueue {
             org_id: job.org_id.clone(),
             notification_id: job.notification_id.clone(),
             record_id: job.record_id.clone(),
+            received_at_ms: (job.received_at_ms > 0).then_some(job.received_at_ms),
             ..Meta::default()
         };
         self.publish(session, &self.inner.names.work, &job.id, &body, &meta)
@@ -1481,6 +1482,7 @@ impl RabbitQueue {
                 record_id: old.record_id,
                 replays: old.replays + 1,
                 history,
+                received_at_ms: old.received_at_ms,
                 ..Meta::default()
             };
             self.publish(
@@ -1998,6 +2000,7 @@ fn decode(delivery: &Delivery, generation: u64) -> Result<(Leased, Meta), String
         .map(|n| n.max(0) as u32)
         .unwrap_or(u32::from(delivery.redelivered));
     let leased = Leased {
+        received_at_ms: meta.received_at_ms.unwrap_or(meta.first_seen_ms),
         id,
         route: meta.route.clone(),
         action: meta.action.clone(),
@@ -2073,6 +2076,8 @@ struct Meta {
     /// Not to be delivered before this time (a `Retry-After`, or a wait longer than the
     /// longest retry tier): a job back in work too early goes round another tier.
     not_before_ms: Option<i64>,
+    /// When the request carrying it arrived at a gateway.
+    received_at_ms: Option<i64>,
 }
 
 impl Meta {
@@ -2136,6 +2141,9 @@ impl Meta {
         if let Some(at) = self.not_before_ms {
             t.insert("x-not-before".into(), AMQPValue::LongLongInt(at));
         }
+        if let Some(at) = self.received_at_ms {
+            t.insert("x-received-at".into(), AMQPValue::LongLongInt(at));
+        }
         t
     }
 
@@ -2162,6 +2170,7 @@ impl Meta {
             history,
             status: get_str(t, "x-status"),
             not_before_ms: get_int(t, "x-not-before"),
+            received_at_ms: get_int(t, "x-received-at"),
         }
     }
 }
@@ -2362,6 +2371,7 @@ mod tests {
             history: vec!["first".into(), "second".into()],
             status: Some("parked".into()),
             not_before_ms: Some(1_234),
+            received_at_ms: Some(1_000),
         };
         let back = Meta::read(&meta.to_headers());
         assert_eq!(format!("{back:?}"), format!("{meta:?}"));

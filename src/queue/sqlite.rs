@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     parked_at       INTEGER,
     park_reason     TEXT,
     replays         INTEGER NOT NULL DEFAULT 0,
-    history         TEXT
+    history         TEXT,
+    received_at     INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, available_at);
 -- Leasing while routes are paused: each other route's due jobs by index, never walking past
@@ -62,6 +63,7 @@ CREATE TABLE IF NOT EXISTS ledger_jobs (
     notification_id TEXT,
     record_id       TEXT,
     subject_key     TEXT,
+    received_at     INTEGER NOT NULL,
     stored_at       INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_by_record ON ledger_jobs (record_id);
@@ -137,6 +139,15 @@ impl SqliteQueue {
         }
         let writer_conn = open_connection(path)?;
         writer_conn.execute_batch(SCHEMA)?;
+        // Files from before `received_at`: add the column (older rows read it as stored time).
+        let has_received: i64 = writer_conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'received_at'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_received == 0 {
+            writer_conn.execute_batch("ALTER TABLE jobs ADD COLUMN received_at INTEGER")?;
+        }
         let reader = open_connection(path)?;
         let (tx, rx) = mpsc::channel::<Work>();
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -268,8 +279,8 @@ impl SqliteQueue {
                     let payload = serde_json::to_string(&job.job).map_err(|e| QueueError::Corrupt(e.to_string()))?;
                     conn.prepare_cached(
                         "INSERT INTO jobs (id, route, action, org_id, notification_id, record_id, payload, state,
-                                           first_seen, age_from, available_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?8, ?8)",
+                                           first_seen, age_from, available_at, received_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?8, ?8, ?9)",
                     )?
                     .execute(params![
                         job.id,
@@ -279,7 +290,8 @@ impl SqliteQueue {
                         job.notification_id,
                         job.record_id,
                         payload,
-                        now
+                        now,
+                        if job.received_at_ms > 0 { job.received_at_ms } else { now }
                     ])?;
                     outcomes.push(EnqueueOutcome::Stored);
                 }
@@ -309,7 +321,7 @@ impl SqliteQueue {
                                   WHERE state = 'queued' AND available_at <= ?3 AND lease_until <= ?3
                                     AND route NOT IN (SELECT value FROM json_each(?4))
                                   ORDER BY available_at LIMIT ?5)
-                     RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from",
+                     RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from, received_at",
                     paused.clone(),
                 )
             } else {
@@ -320,7 +332,7 @@ impl SqliteQueue {
                        -- unary +: look the rows up by id, not through an index on state
                        AND +state = 'queued' AND +lease_until <= ?3
                        AND (SELECT count(*) FROM json_each(?4)) <= ?5
-                     RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from",
+                     RETURNING id, route, action, payload, attempts, first_seen, org_id, notification_id, record_id, age_from, received_at",
                     serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()),
                 )
             };
@@ -337,6 +349,7 @@ impl SqliteQueue {
                             payload: r.get(3)?,
                             attempts: r.get(4)?,
                             age_from: r.get(9)?,
+                            received_at: r.get(10)?,
                             org_id: r.get(6)?,
                             notification_id: r.get(7)?,
                             record_id: r.get(8)?,
@@ -369,6 +382,7 @@ impl SqliteQueue {
                     }
                 };
                 leased.push(Leased {
+                    received_at_ms: raw.received_at.unwrap_or(raw.age_from),
                     id,
                     route: raw.route,
                     action: raw.action,
@@ -664,8 +678,8 @@ impl SqliteQueue {
     ) -> Result<(), QueueError> {
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
             )?
             .execute(params![
@@ -676,7 +690,8 @@ impl SqliteQueue {
                 facts.notification_id,
                 facts.record_id,
                 facts.subject_key,
-                facts.stored_at_ms
+                facts.stored_at_ms,
+                facts.received_at_ms
             ])?;
             if let Some(a) = attempt {
                 conn.prepare_cached(
@@ -740,7 +755,7 @@ impl SqliteQueue {
             }
             args.push(SqlValue::Integer(q.limit.clamp(1, 1000) as i64));
             let sql = format!(
-                "SELECT job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at
+                "SELECT job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at
                  FROM ledger_jobs WHERE {} ORDER BY stored_at DESC, job_id LIMIT ?{}",
                 clause.join(" AND "),
                 args.len()
@@ -757,6 +772,7 @@ impl SqliteQueue {
                         record_id: r.get(5)?,
                         subject_key: r.get(6)?,
                         stored_at_ms: r.get(7)?,
+                        received_at_ms: r.get(8)?,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
@@ -902,7 +918,7 @@ impl SqliteQueue {
         self.read(move |conn| {
             let row = conn
                 .query_row(
-                    "SELECT id, route, action, payload, attempts, age_from, org_id, notification_id, record_id
+                    "SELECT id, route, action, payload, attempts, age_from, org_id, notification_id, record_id, received_at
                      FROM jobs WHERE id = ?1",
                     params![id],
                     |r| {
@@ -916,13 +932,15 @@ impl SqliteQueue {
                             r.get::<_, Option<String>>(6)?,
                             r.get::<_, Option<String>>(7)?,
                             r.get::<_, Option<String>>(8)?,
+                            r.get::<_, Option<i64>>(9)?,
                         ))
                     },
                 )
                 .optional()?;
-            row.map(|(id, route, action, payload, attempts, age_from, org_id, notification_id, record_id)| {
+            row.map(|(id, route, action, payload, attempts, age_from, org_id, notification_id, record_id, received_at)| {
                 let job = serde_json::from_str(&payload).map_err(|e| QueueError::Corrupt(e.to_string()))?;
                 Ok(Leased {
+                    received_at_ms: received_at.unwrap_or(age_from),
                     id,
                     route,
                     action,
@@ -1097,6 +1115,7 @@ fn due_ids_skipping(
 
 /// A leased row before its payload is decoded.
 struct RawLeased {
+    received_at: Option<i64>,
     route: String,
     action: String,
     payload: String,
@@ -1128,6 +1147,7 @@ mod tests {
 
     fn job(n: u32, key: Option<&str>) -> NewJob {
         NewJob {
+            received_at_ms: 0,
             id: format!("job-{n}"),
             route: "r".into(),
             action: Action::RemoveUser,

@@ -85,6 +85,7 @@ async fn park(app: &TestApp, n: u32) {
 async fn park_many(app: &TestApp, n: usize) {
     let jobs = (0..n)
         .map(|i| NewJob {
+            received_at_ms: 0,
             id: uuid::Uuid::new_v4().to_string(),
             route: "apex-removal".into(),
             action: Action::RemoveUser,

@@ -275,6 +275,7 @@ async fn park_directly(app: &crate::helpers::TestApp, n: u32) {
     use sf_centercode_relay::settings::Action;
     let jobs: Vec<NewJob> = (0..n)
         .map(|i| NewJob {
+            received_at_ms: 0,
             id: uuid::Uuid::new_v4().to_string(),
             route: "gdpr".into(),
             action: Action::RemoveUser,

@@ -74,7 +74,15 @@ async fn an_erasure_is_proven_by_subject_key_and_no_personal_data_stays_in_the_q
     assert_eq!(erasure["notification_id"], "04l8d0000100001AAA");
     assert_eq!(erasure["attempts"][0]["status"], 200);
     assert_eq!(outcomes(erasure), vec!["delivered"]);
-    assert!(erasure["stored_at"].is_string());
+    assert!(erasure["stored_at"].is_string() && erasure["received_at"].is_string());
+    let (received, stored) = (
+        erasure["received_at_ms"].as_i64().unwrap(),
+        erasure["stored_at_ms"].as_i64().unwrap(),
+    );
+    assert!(
+        received > 0 && received <= stored && stored - received < 10_000,
+        "received {received}, stored {stored}"
+    );
     assert!(erasure["subject_key"].as_str().unwrap().len() == 64);
     assert_eq!(
         by_subject(&app, "nobody@example.org").await["entries"],

@@ -13,6 +13,7 @@ const TIERS: &[f64] = &[0.2, 0.2];
 
 fn job(n: u32, key: Option<&str>, body_hash: Option<&str>) -> NewJob {
     NewJob {
+        received_at_ms: 0,
         id: uuid::Uuid::new_v4().to_string(),
         route: "gdpr".into(),
         action: Action::RemoveUser,

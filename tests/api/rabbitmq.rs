@@ -740,6 +740,7 @@ async fn a_broker_nack_is_an_error_and_releases_the_claim() {
 /// A removal callout job with this dedupe key.
 fn removal_job(dedupe_key: &str) -> NewJob {
     NewJob {
+        received_at_ms: 0,
         id: uuid::Uuid::new_v4().to_string(),
         route: "gdpr".into(),
         action: Action::RemoveUser,
