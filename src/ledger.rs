@@ -57,6 +57,9 @@ pub struct FinalOutcome {
     pub outcome: String,
     pub reason: Option<String>,
     pub at_ms: i64,
+    /// Written with the outcome where the route keeps payloads; never read back here.
+    #[serde(skip)]
+    pub kept_payload: Option<KeptPayload>,
 }
 
 /// Everything the ledger holds about one job.
@@ -67,6 +70,15 @@ pub struct Entry {
     pub attempts: Vec<Attempt>,
     /// In the order they happened (a replayed job may be parked again, then delivered).
     pub outcomes: Vec<FinalOutcome>,
+    /// The job's payload, only where its route sets `keep_payload_days` and until then.
+    pub payload: Option<serde_json::Value>,
+}
+
+/// A completed job's payload kept on purpose (`keep_payload_days`), until `expires_at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptPayload {
+    pub json: String,
+    pub expires_at_ms: i64,
 }
 
 /// Which entries to return.

@@ -592,6 +592,10 @@ pub struct RouteSettings {
     /// ranges: https://ip-ranges.salesforce.com/ip-ranges.json
     #[serde(default)]
     pub allowed_ips: Vec<String>,
+    /// Keep the payload of a completed job this many days in the ledger (default 0: gone
+    /// when the job completes), e.g. to resend feedback Centercode lost.
+    #[serde(default)]
+    pub keep_payload_days: u32,
     /// Production only: accept an outbound_message route with none of `path_token`,
     /// `allowed_ips` or mutual TLS (warned at start and shown on `/admin/routes`).
     #[serde(default)]
@@ -1258,6 +1262,12 @@ impl Settings {
                     "action {} needs the field that holds the user's e-mail",
                     route.action.as_str()
                 ),
+            ));
+        }
+        if route.keep_payload_days > 366 {
+            return Err(SettingsError::new(
+                key("keep_payload_days"),
+                "expected at most 366 days",
             ));
         }
         if route.action == Action::RemoveUser && !route.fields.is_empty() {

@@ -262,10 +262,25 @@ impl Worker {
             outcome: attempt_outcome.to_owned(),
             response: c.response,
         });
+        // A route may keep a completed job's payload for a while (keep_payload_days), e.g.
+        // to resend feedback Centercode lost; by default it is gone with the job.
+        let keep_days = self
+            .settings
+            .route(&job.route)
+            .map_or(0, |r| r.keep_payload_days);
+        let kept_payload = (keep_days > 0
+            && matches!(outcome, Outcome::Delivered { .. } | Outcome::UserNotFound))
+        .then(|| serde_json::to_string(&job.job).ok())
+        .flatten()
+        .map(|json| crate::ledger::KeptPayload {
+            json,
+            expires_at_ms: now_ms() + i64::from(keep_days) * 86_400_000,
+        });
         let final_outcome = final_outcome.map(|o| crate::ledger::FinalOutcome {
             outcome: o.to_owned(),
             reason,
             at_ms: now_ms(),
+            kept_payload,
         });
         self.queue
             .ledger_record(facts, attempt, final_outcome)

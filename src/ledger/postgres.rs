@@ -53,6 +53,11 @@ CREATE TABLE IF NOT EXISTS ledger_outcomes (
     at      BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_outcomes_by_job ON ledger_outcomes (job_id, at);
+CREATE TABLE IF NOT EXISTS ledger_payloads (
+    job_id     TEXT PRIMARY KEY,
+    payload    TEXT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
 "];
 
 enum Op {
@@ -248,6 +253,7 @@ impl PgLedger {
                     outcome: o.get(0),
                     reason: o.get(1),
                     at_ms: o.get(2),
+                    kept_payload: None,
                 };
                 // Recorded twice across a crash before the ack: show it once.
                 if outcomes
@@ -258,10 +264,19 @@ impl PgLedger {
                 }
                 outcomes.push(o);
             }
+            let payload: Option<String> = client
+                .query_opt(
+                    "SELECT payload FROM ledger_payloads WHERE job_id = $1 AND expires_at > $2",
+                    &[&facts.job_id, &crate::queue::now_ms()],
+                )
+                .await
+                .map_err(db)?
+                .map(|r| r.get(0));
             entries.push(Entry {
                 facts,
                 attempts,
                 outcomes,
+                payload: payload.and_then(|p| serde_json::from_str(&p).ok()),
             });
         }
         Ok(entries)
@@ -281,6 +296,13 @@ impl PgLedger {
             .batch_execute(
                 "DELETE FROM ledger_attempts a WHERE NOT EXISTS (SELECT 1 FROM ledger_jobs j WHERE j.job_id = a.job_id);
                  DELETE FROM ledger_outcomes o WHERE NOT EXISTS (SELECT 1 FROM ledger_jobs j WHERE j.job_id = o.job_id);",
+            )
+            .await
+            .map_err(db)?;
+        client
+            .execute(
+                "DELETE FROM ledger_payloads WHERE expires_at <= $1",
+                &[&crate::queue::now_ms()],
             )
             .await
             .map_err(db)?;
@@ -375,6 +397,14 @@ async fn write_one_batch(
                         &[&f.job_id, &o.outcome, &o.reason, &o.at_ms],
                     )
                     .await?;
+                    if let Some(kept) = &o.kept_payload {
+                        tx.execute(
+                            "INSERT INTO ledger_payloads (job_id, payload, expires_at) VALUES ($1, $2, $3)
+                             ON CONFLICT (job_id) DO UPDATE SET payload = excluded.payload, expires_at = excluded.expires_at",
+                            &[&f.job_id, &kept.json, &kept.expires_at_ms],
+                        )
+                        .await?;
+                    }
                 }
             }
             Op::Note(job_id, outcome, at) => {

@@ -89,6 +89,12 @@ CREATE TABLE IF NOT EXISTS ledger_outcomes (
     at      INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_outcomes_by_job ON ledger_outcomes (job_id, at);
+-- Payloads kept on purpose (a route's keep_payload_days), until they expire.
+CREATE TABLE IF NOT EXISTS ledger_payloads (
+    job_id     TEXT PRIMARY KEY,
+    payload    TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 ";
 
@@ -714,6 +720,12 @@ impl SqliteQueue {
                     "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES (?1, ?2, ?3, ?4)",
                 )?
                 .execute(params![facts.job_id, o.outcome, o.reason, o.at_ms])?;
+                if let Some(kept) = o.kept_payload {
+                    conn.prepare_cached(
+                        "INSERT OR REPLACE INTO ledger_payloads (job_id, payload, expires_at) VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![facts.job_id, kept.json, kept.expires_at_ms])?;
+                }
             }
             Ok(())
         })
@@ -804,6 +816,7 @@ impl SqliteQueue {
                         outcome: r.get(0)?,
                         reason: r.get(1)?,
                         at_ms: r.get(2)?,
+                        kept_payload: None,
                     })
                 })? {
                     let o = o?;
@@ -813,10 +826,15 @@ impl SqliteQueue {
                     }
                     outcomes.push(o);
                 }
+                let payload: Option<String> = conn
+                    .prepare_cached("SELECT payload FROM ledger_payloads WHERE job_id = ?1 AND expires_at > ?2")?
+                    .query_row(params![f.job_id, now_ms()], |r| r.get(0))
+                    .optional()?;
                 entries.push(Entry {
                     facts: f,
                     attempts,
                     outcomes,
+                    payload: payload.and_then(|p| serde_json::from_str(&p).ok()),
                 });
             }
             Ok(entries)
@@ -839,6 +857,10 @@ impl SqliteQueue {
             conn.execute(
                 "DELETE FROM ledger_outcomes WHERE job_id NOT IN (SELECT job_id FROM ledger_jobs)",
                 [],
+            )?;
+            conn.execute(
+                "DELETE FROM ledger_payloads WHERE expires_at <= ?1 OR job_id NOT IN (SELECT job_id FROM ledger_jobs)",
+                params![now_ms()],
             )?;
             Ok(n as u64)
         })

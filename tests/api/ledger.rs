@@ -303,3 +303,44 @@ async fn the_ledger_command_traces_and_proves_an_erasure_also_with_a_key_from_be
     let (code, _) = relay_ledger(&app, &["trace", "--record-id", "003000000000000AAA"], "").await;
     assert_eq!(code, 3);
 }
+
+#[tokio::test]
+async fn a_route_that_keeps_payloads_keeps_them_only_until_they_expire() {
+    let app = spawn_app_with(|s| {
+        s.admin.token = Some(ADMIN.to_owned().into());
+        let feedback = s.routes.iter_mut().find(|r| r.name == "feedback").unwrap();
+        feedback.keep_payload_days = 2;
+    })
+    .await;
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+        .await;
+    app.deliver_until_settled().await;
+    let fb = get(&app, "/admin/ledger?route=feedback").await;
+    let payload = fb["entries"][0]["payload"].to_string();
+    assert!(
+        payload.contains("Folder rename reverted after sync"),
+        "{payload}"
+    );
+    let removal = get(&app, "/admin/ledger?route=gdpr").await;
+    assert_eq!(
+        removal["entries"][0]["payload"],
+        Value::Null,
+        "removals keep nothing"
+    );
+
+    // Once expired, retention removes it from the ledger and the file.
+    let db = app.settings.queue.path.clone();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("UPDATE ledger_payloads SET expires_at = 1", [])
+        .unwrap();
+    app.queue.ledger_purge_before(0).await.unwrap();
+    let fb = get(&app, "/admin/ledger?route=feedback").await;
+    assert_eq!(fb["entries"][0]["payload"], Value::Null);
+    let mut bytes = std::fs::read(&db).unwrap();
+    bytes.extend(std::fs::read(db.with_extension("db-wal")).unwrap_or_default());
+    let needle = b"Folder rename reverted after sync";
+    assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+}
