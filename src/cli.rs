@@ -119,6 +119,9 @@ async fn serve(settings: Settings, role: crate::startup::Role) -> anyhow::Result
         "http"
     };
     let app = Application::build(settings).await?;
+    // The signal handlers exist before anyone learns the address: a SIGTERM sent as soon as
+    // the listening line is read drains cleanly instead of killing the process.
+    let signals = ShutdownSignals::install();
     // Tests and scripts read this line to find the port when binding port 0.
     println!("relay listening on {scheme}://127.0.0.1:{}", app.port());
     if let Some(ops) = app.ops_port() {
@@ -132,25 +135,44 @@ async fn serve(settings: Settings, role: crate::startup::Role) -> anyhow::Result
     let stop = CancellationToken::new();
     let signal_stop = stop.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signals.received().await;
         signal_stop.cancel();
     });
     app.run_as(stop, role).await?;
     Ok(0)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM and Ctrl-C, registered when created.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+                int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn received(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// What `check-config` prints: one block per route.
