@@ -551,11 +551,6 @@ async fn ledger_subject(
     #[derive(Deserialize)]
     struct SubjectBody {
         email: String,
-        #[serde(flatten)]
-        filter: LedgerFlatten,
-    }
-    #[derive(Deserialize, Default)]
-    struct LedgerFlatten {
         route: Option<String>,
         limit: Option<usize>,
     }
@@ -575,8 +570,8 @@ async fn ledger_subject(
         );
     }
     let params = LedgerParams {
-        route: body.filter.route,
-        limit: body.filter.limit,
+        route: body.route,
+        limit: body.limit,
         ..LedgerParams::default()
     };
     let key = crate::ledger::subject_key(secret.as_bytes(), &body.email);

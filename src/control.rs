@@ -48,13 +48,6 @@ impl RouteControl {
             .collect()
     }
 
-    /// Routes whose jobs must not be leased now: paused, or circuit open.
-    pub fn excluded(&self) -> Vec<String> {
-        let mut routes = self.paused();
-        routes.extend(self.breaker.blocked());
-        routes
-    }
-
     pub fn is_paused(&self, route: &str) -> bool {
         self.paused.read().expect("control lock").contains(route)
     }

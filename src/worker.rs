@@ -20,8 +20,8 @@ use tracing::Instrument;
 /// `centercode.timeout_ms` by more than this).
 pub const LEASE_REFRESH_AFTER: Duration = Duration::from_millis(500);
 
-/// What one call to Centercode was, for the ledger.
-#[derive(Debug, Clone)]
+/// What one call to Centercode was, for the ledger. No `Debug`: it holds the e-mail, which
+/// must not be printable by accident.
 pub struct CallRecord {
     started_at_ms: i64,
     duration_ms: i64,
@@ -226,7 +226,7 @@ impl Worker {
         outcome: &Outcome,
         call: Option<CallRecord>,
     ) -> Result<(), QueueError> {
-        if call.is_none() && !outcome.ends_the_job() {
+        if !self.queue.keeps_ledger() || (call.is_none() && !outcome.ends_the_job()) {
             return Ok(());
         }
         let (attempt_outcome, final_outcome, reason) = match outcome {

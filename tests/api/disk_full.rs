@@ -7,7 +7,6 @@
 use crate::admin::series;
 use crate::helpers::{fixture, write_relay_config};
 use fake_centercode::{FakeCentercode, FakeConfig};
-use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,21 +34,13 @@ exec "$RELAY" --config "$CONFIG" serve"#;
         .stderr(Stdio::null())
         .spawn()
         .expect("run unshare (util-linux)");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("relay listening on ")
-        .unwrap_or_else(|| {
-            let status = child.wait().ok();
-            panic!(
-                "the relay did not start in its own mount namespace ({status:?}); this test needs \
-                 `unshare --user --map-root-user --mount` (an unprivileged user namespace) or root"
-            )
-        })
-        .to_owned();
+    let address = crate::helpers::listening_address(&mut child).unwrap_or_else(|_| {
+        let status = child.wait().ok();
+        panic!(
+            "the relay did not start in its own mount namespace ({status:?}); this test needs \
+             `unshare --user --map-root-user --mount` (an unprivileged user namespace) or root"
+        )
+    });
     (child, address)
 }
 

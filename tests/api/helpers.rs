@@ -727,7 +727,6 @@ pub fn spawn_relay(
     env: &[(&str, &str)],
     stderr: std::process::Stdio,
 ) -> (std::process::Child, String) {
-    use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
         .arg("--config")
         .arg(config)
@@ -740,16 +739,23 @@ pub fn spawn_relay(
         .stderr(stderr)
         .spawn()
         .expect("start relay");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("relay listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line from relay: {line}"))
-        .to_owned();
+    let address = listening_address(&mut child)
+        .unwrap_or_else(|line| panic!("unexpected first line from relay: {line}"));
     (child, address)
+}
+
+/// The base URL from a started relay's first stdout line (`relay listening on URL`), or the
+/// line it printed instead.
+pub fn listening_address(child: &mut std::process::Child) -> Result<String, String> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    line.trim()
+        .strip_prefix("relay listening on ")
+        .map(str::to_owned)
+        .ok_or(line)
 }
 
 /// Every `find=` e-mail the fake Centercode received, in arrival order.
