@@ -1,5 +1,5 @@
 //! The admin API under `/admin/`: list, show, replay and purge parked jobs; pause and resume
-//! routes. Off unless `admin.token` is set; every call needs `Authorization: Bearer <token>`.
+//! routes; every job in the ledger (`/admin/jobs`, see [`jobs`]). Off unless `admin.token` is set; every call needs `Authorization: Bearer <token>`.
 //! Answers never contain API keys or session ids, and e-mail addresses are masked.
 
 use crate::inbound::{error_json, AppState};
@@ -12,15 +12,15 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+mod jobs;
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::scope("/admin")
+        jobs::configure(web::scope("/admin"))
             .route("/parked", web::get().to(list))
             .route("/parked", web::delete().to(purge))
             .route("/parked/replay", web::post().to(replay))
             .route("/parked/{id}", web::get().to(show))
-            .route("/ledger", web::get().to(ledger))
-            .route("/ledger/subject", web::post().to(ledger_subject))
             .route("/routes", web::get().to(routes))
             .route("/routes/{route}/pause", web::post().to(pause))
             .route("/routes/{route}/resume", web::post().to(resume))
@@ -474,108 +474,6 @@ async fn purge(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
         }
         Err(e) => queue_error(e),
     }
-}
-
-/// Query of the delivery ledger.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LedgerParams {
-    job_id: Option<String>,
-    /// A subject key computed elsewhere (`relay ledger erasure --key-file`: an older key).
-    subject_key: Option<String>,
-    record_id: Option<String>,
-    notification_id: Option<String>,
-    route: Option<String>,
-    since: Option<i64>,
-    until: Option<i64>,
-    #[serde(default)]
-    incomplete: bool,
-    limit: Option<usize>,
-}
-
-impl LedgerParams {
-    fn query(&self, subject_key: Option<String>) -> crate::ledger::LedgerQuery {
-        crate::ledger::LedgerQuery {
-            job_id: self.job_id.clone(),
-            record_id: self.record_id.clone(),
-            notification_id: self.notification_id.clone(),
-            subject_key: subject_key.or_else(|| self.subject_key.clone()),
-            route: self.route.clone(),
-            since_ms: self.since.map(|s| s * 1000),
-            until_ms: self.until.map(|s| s * 1000),
-            incomplete: self.incomplete,
-            limit: self.limit.unwrap_or(100),
-        }
-    }
-}
-
-fn ledger_json(e: &crate::ledger::Entry) -> Value {
-    let mut v = json!(e);
-    v["stored_at"] = json!(rfc3339(e.facts.stored_at_ms));
-    v["received_at"] = json!(rfc3339(e.facts.received_at_ms));
-    v
-}
-
-async fn answer_ledger(state: &AppState, q: crate::ledger::LedgerQuery) -> HttpResponse {
-    match state.queue.ledger_query(q).await {
-        Ok(entries) => HttpResponse::Ok()
-            .json(json!({"entries": entries.iter().map(ledger_json).collect::<Vec<_>>()})),
-        Err(crate::queue::QueueError::NotReady(why)) => error(
-            actix_web::http::StatusCode::NOT_IMPLEMENTED,
-            "no_ledger",
-            &why,
-        ),
-        Err(e) => queue_error(e),
-    }
-}
-
-/// `GET /admin/ledger`: what became of jobs, by job, record or notification id, route, time.
-async fn ledger(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Some(denied) = deny(&req, &state) {
-        return denied;
-    }
-    let params: LedgerParams = match parse_query(&req) {
-        Ok(p) => p,
-        Err(refused) => return *refused,
-    };
-    answer_ledger(&state, params.query(None)).await
-}
-
-/// `POST /admin/ledger/subject` with `{"email": ...}` (never in a URL): the entries of that
-/// person's subject key. The e-mail is hashed here and forgotten.
-async fn ledger_subject(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    payload: web::Payload,
-) -> HttpResponse {
-    #[derive(Deserialize)]
-    struct SubjectBody {
-        email: String,
-        route: Option<String>,
-        limit: Option<usize>,
-    }
-    if let Some(denied) = deny(&req, &state) {
-        return denied;
-    }
-    let body: SubjectBody = match parse_json_body(&req, payload).await {
-        Ok(b) => b,
-        Err(refused) => return *refused,
-    };
-    let secret = state.settings.ledger.subject_key.expose_secret();
-    if secret.is_empty() {
-        return error(
-            actix_web::http::StatusCode::CONFLICT,
-            "no_subject_key",
-            "ledger.subject_key is not set, so no subject keys were recorded",
-        );
-    }
-    let params = LedgerParams {
-        route: body.route,
-        limit: body.limit,
-        ..LedgerParams::default()
-    };
-    let key = crate::ledger::subject_key(secret.as_bytes(), &body.email);
-    answer_ledger(&state, params.query(Some(key))).await
 }
 
 /// Each route with its shared pause state and, per live process, what that process

@@ -1,4 +1,4 @@
-//! `relay parked …`, `relay routes …` and `relay ledger …`: the admin API from the command line, as tables for
+//! `relay parked …` and `relay routes …`: the admin API from the command line, as tables for
 //! people or JSON (`--json`) for scripts. The token comes from `--token` or
 //! `RELAY_ADMIN_TOKEN`. Exit codes are in [`EXIT_CODES_HELP`].
 
@@ -315,51 +315,6 @@ pub enum ParkedCommand {
     },
 }
 
-/// The exit codes, as `relay ledger --help` prints them.
-pub const LEDGER_EXIT_CODES_HELP: &str = "\
-Exit codes:
-  0  done: entries found
-  1  failed: the relay could not be reached or answered 5xx
-  2  bad usage or configuration: invalid arguments, no admin token, no e-mail on
-     standard input, an unreadable --key-file, or a request the relay refused
-  3  the ledger holds no entry for this query";
-
-#[derive(Debug, Subcommand)]
-pub enum LedgerCommand {
-    /// What became of jobs: each attempt and outcome (by job, record or notification id).
-    #[command(after_help = LEDGER_EXIT_CODES_HELP)]
-    Trace {
-        #[arg(long)]
-        job_id: Option<String>,
-        #[arg(long)]
-        record_id: Option<String>,
-        #[arg(long)]
-        notification_id: Option<String>,
-        #[arg(long)]
-        route: Option<String>,
-        /// Stored at or after: Unix seconds, RFC 3339, or an age (`7d`).
-        #[arg(long, value_parser = parse_time)]
-        since: Option<i64>,
-        /// Stored before: Unix seconds, RFC 3339, or an age.
-        #[arg(long, value_parser = parse_time)]
-        until: Option<i64>,
-        /// Only jobs that never completed (last outcome not delivered / user not found / purged).
-        #[arg(long)]
-        incomplete: bool,
-        #[arg(long, default_value_t = 100)]
-        limit: u64,
-    },
-    /// Was this person erased? Reads the e-mail from standard input (never an argument, so
-    /// it stays out of shell history and process lists) and shows their entries.
-    #[command(after_help = LEDGER_EXIT_CODES_HELP)]
-    Erasure {
-        /// Hash the e-mail here with this key (hex or raw bytes of the file, trimmed) instead
-        /// of the relay's current `ledger.subject_key`: finds entries recorded before a rotation.
-        #[arg(long, value_name = "FILE")]
-        key_file: Option<std::path::PathBuf>,
-    },
-}
-
 #[derive(Debug, Subcommand)]
 pub enum RoutesCommand {
     /// Routes and whether they are paused.
@@ -374,13 +329,13 @@ pub enum RoutesCommand {
 }
 
 /// Why a command stopped, with its exit code.
-struct Failure {
-    code: i32,
-    message: String,
+pub(crate) struct Failure {
+    pub(crate) code: i32,
+    pub(crate) message: String,
 }
 
 impl Failure {
-    fn new(code: i32, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: i32, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -389,21 +344,21 @@ impl Failure {
 }
 
 /// Print a failure on stderr and turn it into the exit code.
-fn exit_code(result: Result<i32, Failure>) -> i32 {
+pub(crate) fn exit_code(result: Result<i32, Failure>) -> i32 {
     result.unwrap_or_else(|f| {
         eprintln!("relay: {}", f.message);
         f.code
     })
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+pub(crate) struct Client {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) token: String,
 }
 
 impl Client {
-    fn new(conn: &Connection) -> Result<Self, Failure> {
+    pub(crate) fn new(conn: &Connection) -> Result<Self, Failure> {
         let token = conn
             .token
             .clone()
@@ -425,7 +380,7 @@ impl Client {
         })
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -795,126 +750,6 @@ async fn run_routes(conn: &Connection, command: RoutesCommand) -> Result<i32, Fa
         println!("route {} is {state}", v["route"].as_str().unwrap_or("?"));
     }
     Ok(EXIT_DONE)
-}
-
-/// `relay ledger …`.
-pub async fn ledger(conn: &Connection, command: LedgerCommand) -> anyhow::Result<i32> {
-    Ok(exit_code(run_ledger(conn, command).await))
-}
-
-async fn run_ledger(conn: &Connection, command: LedgerCommand) -> Result<i32, Failure> {
-    let client = Client::new(conn)?;
-    let v = match command {
-        LedgerCommand::Trace {
-            job_id,
-            record_id,
-            notification_id,
-            route,
-            since,
-            until,
-            incomplete,
-            limit,
-        } => {
-            let mut query: Vec<(String, String)> = [
-                ("job_id", job_id),
-                ("record_id", record_id),
-                ("notification_id", notification_id),
-                ("route", route),
-                ("since", since.map(|s| s.to_string())),
-                ("until", until.map(|s| s.to_string())),
-            ]
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
-            .collect();
-            if incomplete {
-                query.push(("incomplete".into(), "true".into()));
-            }
-            query.push(("limit".into(), limit.to_string()));
-            client
-                .call(reqwest::Method::GET, "/admin/ledger", &query, None)
-                .await?
-        }
-        LedgerCommand::Erasure { key_file } => {
-            let mut email = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut email)
-                .map_err(|e| Failure::new(EXIT_USAGE, format!("reading the e-mail: {e}")))?;
-            let email = email.trim();
-            if email.is_empty() || !email.contains('@') {
-                return Err(Failure::new(
-                    EXIT_USAGE,
-                    "give the e-mail on standard input, e.g. `printf %s \"$EMAIL\" | relay ledger erasure`",
-                ));
-            }
-            match key_file {
-                Some(path) => {
-                    let raw = std::fs::read(&path).map_err(|e| {
-                        Failure::new(EXIT_USAGE, format!("reading {}: {e}", path.display()))
-                    })?;
-                    let key = String::from_utf8_lossy(&raw).trim().to_owned();
-                    let subject = crate::ledger::subject_key(key.as_bytes(), email);
-                    client
-                        .call(
-                            reqwest::Method::GET,
-                            "/admin/ledger",
-                            &[("subject_key".into(), subject)],
-                            None,
-                        )
-                        .await?
-                }
-                None => {
-                    client
-                        .call(
-                            reqwest::Method::POST,
-                            "/admin/ledger/subject",
-                            &[],
-                            Some(json!({ "email": email })),
-                        )
-                        .await?
-                }
-            }
-        }
-    };
-    let entries = v["entries"].as_array().cloned().unwrap_or_default();
-    if conn.json {
-        println!("{v}");
-    } else {
-        for e in &entries {
-            let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
-            println!(
-                "{}  {}  record {}  notification {}  stored {}",
-                s("job_id"),
-                s("route"),
-                s("record_id"),
-                s("notification_id"),
-                s("stored_at")
-            );
-            for a in e["attempts"].as_array().into_iter().flatten() {
-                println!(
-                    "    attempt {}  {}  status {}  {} ms",
-                    a["attempt"],
-                    a["outcome"].as_str().unwrap_or("?"),
-                    a["status"],
-                    a["duration_ms"]
-                );
-            }
-            for o in e["outcomes"].as_array().into_iter().flatten() {
-                let at = o["at_ms"]
-                    .as_i64()
-                    .map(crate::admin::rfc3339)
-                    .unwrap_or_default();
-                println!(
-                    "    -> {}  {at}  {}",
-                    o["outcome"].as_str().unwrap_or("?"),
-                    o["reason"].as_str().unwrap_or("")
-                );
-            }
-        }
-    }
-    Ok(if entries.is_empty() {
-        EXIT_MATCHED_NOTHING
-    } else {
-        EXIT_DONE
-    })
 }
 
 #[cfg(test)]

@@ -53,13 +53,30 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::admin_cli::RoutesCommand,
     },
-    /// The delivery ledger: trace a job, record or notification; prove an erasure.
-    #[command(after_help = crate::admin_cli::LEDGER_EXIT_CODES_HELP)]
+    /// What became of a record, notification, job or person: every attempt and outcome,
+    /// newest job first (from the delivery ledger, through the admin API).
+    #[command(after_help = crate::ledger_cli::LEDGER_EXIT_CODES_HELP)]
+    Trace {
+        #[command(flatten)]
+        conn: crate::admin_cli::Connection,
+        #[command(flatten)]
+        args: crate::ledger_cli::TraceArgs,
+    },
+    /// The delivery ledger: what is undelivered, and erasure receipts to export.
+    #[command(after_help = crate::ledger_cli::LEDGER_EXIT_CODES_HELP)]
     Ledger {
         #[command(flatten)]
         conn: crate::admin_cli::Connection,
         #[command(subcommand)]
-        command: crate::admin_cli::LedgerCommand,
+        command: crate::ledger_cli::LedgerCommand,
+    },
+    /// Jobs in the ledger: resend a delivered one whose payload is kept.
+    #[command(after_help = crate::ledger_cli::LEDGER_EXIT_CODES_HELP)]
+    Jobs {
+        #[command(flatten)]
+        conn: crate::admin_cli::Connection,
+        #[command(subcommand)]
+        command: crate::ledger_cli::JobsCommand,
     },
     /// Show the exact Centercode request(s) a Salesforce message would produce.
     Preview {
@@ -82,7 +99,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Demo { no_serve } => crate::demo::run(!no_serve).await,
         Command::Parked { conn, command } => crate::admin_cli::parked(&conn, command).await,
         Command::Routes { conn, command } => crate::admin_cli::routes(&conn, command).await,
-        Command::Ledger { conn, command } => crate::admin_cli::ledger(&conn, command).await,
+        Command::Trace { conn, args } => {
+            Ok(crate::ledger_cli::trace(&conn, args, cli.config.as_deref()).await)
+        }
+        Command::Ledger { conn, command } => Ok(crate::ledger_cli::ledger(&conn, command).await),
+        Command::Jobs { conn, command } => Ok(crate::ledger_cli::jobs(&conn, command).await),
         Command::CheckConfig => match Settings::load(cli.config.as_deref()) {
             Ok(settings) => {
                 print!("{}", describe(&settings));

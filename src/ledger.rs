@@ -67,6 +67,12 @@ pub struct FinalOutcome {
 pub struct Entry {
     #[serde(flatten)]
     pub facts: JobFacts,
+    /// The latest outcome (`None`: stored, not ended yet) and when.
+    pub last_outcome: Option<String>,
+    pub last_outcome_at_ms: Option<i64>,
+    /// Centercode's status on the latest attempt that got an answer.
+    pub last_status: Option<u16>,
+    /// Filled only when the query asks for history (`LedgerQuery::history`).
     pub attempts: Vec<Attempt>,
     /// In the order they happened (a replayed job may be parked again, then delivered).
     pub outcomes: Vec<FinalOutcome>,
@@ -81,7 +87,11 @@ pub struct KeptPayload {
     pub expires_at_ms: i64,
 }
 
-/// Which entries to return.
+/// Outcomes after which nothing more happens to a job (`resent`: a delivered job stored
+/// again as a new job, which has its own entry).
+pub const ENDING_OUTCOMES: [&str; 4] = ["delivered", "user_not_found", "purged", "resent"];
+
+/// Which entries to return, newest stored first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerQuery {
     pub job_id: Option<String>,
@@ -89,11 +99,194 @@ pub struct LedgerQuery {
     pub notification_id: Option<String>,
     pub subject_key: Option<String>,
     pub route: Option<String>,
+    pub action: Option<String>,
+    /// The latest outcome; `pending` means none yet.
+    pub outcome: Option<String>,
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
-    /// Only jobs whose last outcome is not `delivered`/`user_not_found`/`purged`.
+    /// Only jobs whose latest outcome does not end them (see [`ENDING_OUTCOMES`]).
     pub incomplete: bool,
+    /// Continue after this position (the last entry of the previous page).
+    pub after: Option<LedgerCursor>,
+    /// Load each entry's attempts, outcomes and kept payload (detail views).
+    pub history: bool,
     pub limit: usize,
+}
+
+/// A position in the ledger's order (newest stored first): `{stored_at_ms}~{job_id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerCursor {
+    pub stored_at_ms: i64,
+    pub job_id: String,
+}
+
+impl LedgerCursor {
+    pub fn after(entry: &Entry) -> String {
+        format!("{}~{}", entry.facts.stored_at_ms, entry.facts.job_id)
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let (ms, id) = text.split_once('~')?;
+        Some(Self {
+            stored_at_ms: ms.parse().ok()?,
+            job_id: id.to_owned(),
+        })
+    }
+}
+
+/// A bound value of a ledger query, for either database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlArg {
+    Text(String),
+    Int(i64),
+}
+
+/// The columns of a ledger entry's summary, in the order [`Entry`] readers expect.
+pub const SUMMARY_COLUMNS: &str = "job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at, last_outcome, last_outcome_at, last_status";
+
+/// The `SELECT` of `q` against `ledger_jobs` for either database: `placeholder(n)` writes the
+/// n-th (1-based) parameter (`?n` in SQLite, `$n` in PostgreSQL). One builder, so both
+/// ledgers answer the same query the same way.
+pub fn select_sql(q: &LedgerQuery, placeholder: impl Fn(usize) -> String) -> (String, Vec<SqlArg>) {
+    let mut clause = vec!["1 = 1".to_owned()];
+    let mut args: Vec<SqlArg> = Vec::new();
+    let bind = |args: &mut Vec<SqlArg>, v: SqlArg| {
+        args.push(v);
+        placeholder(args.len())
+    };
+    for (col, v) in [
+        ("job_id", &q.job_id),
+        ("record_id", &q.record_id),
+        ("notification_id", &q.notification_id),
+        ("subject_key", &q.subject_key),
+        ("route", &q.route),
+        ("action", &q.action),
+    ] {
+        if let Some(v) = v {
+            let p = bind(&mut args, SqlArg::Text(v.clone()));
+            clause.push(format!("{col} = {p}"));
+        }
+    }
+    match q.outcome.as_deref() {
+        Some("pending") => clause.push("last_outcome IS NULL".into()),
+        Some(o) => {
+            let p = bind(&mut args, SqlArg::Text(o.to_owned()));
+            clause.push(format!("last_outcome = {p}"));
+        }
+        None => {}
+    }
+    if let Some(t) = q.since_ms {
+        let p = bind(&mut args, SqlArg::Int(t));
+        clause.push(format!("stored_at >= {p}"));
+    }
+    if let Some(t) = q.until_ms {
+        let p = bind(&mut args, SqlArg::Int(t));
+        clause.push(format!("stored_at < {p}"));
+    }
+    if q.incomplete {
+        let ending = ENDING_OUTCOMES.map(|o| format!("'{o}'")).join(", ");
+        clause.push(format!(
+            "(last_outcome IS NULL OR last_outcome NOT IN ({ending}))"
+        ));
+    }
+    if let Some(c) = &q.after {
+        let t = bind(&mut args, SqlArg::Int(c.stored_at_ms));
+        let id = bind(&mut args, SqlArg::Text(c.job_id.clone()));
+        clause.push(format!(
+            "(stored_at < {t} OR (stored_at = {t} AND job_id < {id}))"
+        ));
+    }
+    let limit = bind(&mut args, SqlArg::Int(q.limit.clamp(1, MAX_PAGE) as i64));
+    (
+        format!(
+            "SELECT {SUMMARY_COLUMNS} FROM ledger_jobs WHERE {} ORDER BY stored_at DESC, job_id DESC LIMIT {limit}",
+            clause.join(" AND ")
+        ),
+        args,
+    )
+}
+
+/// Most entries one query returns.
+pub const MAX_PAGE: usize = 1000;
+
+/// Drop the copies of an outcome that a crash between recording and acking wrote twice
+/// (the same outcome and reason, one after the other): readers show one.
+pub fn dedup_outcomes(outcomes: Vec<FinalOutcome>) -> Vec<FinalOutcome> {
+    let mut out: Vec<FinalOutcome> = Vec::with_capacity(outcomes.len());
+    for o in outcomes {
+        if out
+            .last()
+            .is_some_and(|l| l.outcome == o.outcome && l.reason == o.reason)
+        {
+            continue;
+        }
+        out.push(o);
+    }
+    out
+}
+
+/// Most ledger jobs one retention batch forgets (one short write transaction).
+pub const PURGE_BATCH: usize = 2_000;
+
+/// Development convenience: with the ledger on and no `ledger.subject_key`, use the key kept
+/// beside the queue file (`{queue.path}.subject-key`), generating it once (owner-only), and
+/// warn, so erasures are provable from the first run. Production refuses to start without a
+/// configured key (see `Settings::validate_for`), so this never picks one there.
+pub fn ensure_subject_key(settings: &mut crate::settings::Settings) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use secrecy::ExposeSecret;
+    if !settings.ledger.enabled || !settings.ledger.subject_key.expose_secret().is_empty() {
+        return Ok(());
+    }
+    let path = generated_key_file(settings);
+    let key = match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= crate::settings::MIN_SUBJECT_KEY_CHARS => {
+            text.trim().to_owned()
+        }
+        _ => {
+            use rand::RngCore;
+            let mut bytes = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut bytes);
+            let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            write_owner_only(&path, &key).with_context(|| {
+                format!(
+                    "writing a generated ledger.subject_key to {}",
+                    path.display()
+                )
+            })?;
+            key
+        }
+    };
+    tracing::warn!(
+        file = %path.display(),
+        "ledger.subject_key is not set: using a generated key kept in this file (owner-only). Set RELAY__LEDGER__SUBJECT_KEY before production; erasures recorded under this key stay findable with `relay trace --email … --key-file` on that file"
+    );
+    settings.ledger.subject_key = secrecy::SecretString::from(key);
+    Ok(())
+}
+
+/// Where a development relay keeps its generated subject key: beside the queue file.
+pub fn generated_key_file(settings: &crate::settings::Settings) -> std::path::PathBuf {
+    let mut name = settings.queue.path.clone().into_os_string();
+    name.push(".subject-key");
+    std::path::PathBuf::from(name)
+}
+
+fn write_owner_only(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// The subject key of `email` under `secret`: lower-cased and trimmed first, so the same

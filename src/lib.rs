@@ -26,9 +26,12 @@
 //! - [`retry`]: retry schedule, jitter and `Retry-After`.
 //! - [`worker`]: lease, deliver, ack / retry / park.
 //! - [`startup`]: wiring and shutdown. [`telemetry`]: logging. [`metrics`]: Prometheus.
-//! - [`admin`]: the admin API (parked jobs, replay, pause); [`control`]: this process's
-//!   paused routes and circuit breakers; [`shared_control`]: pause state shared by every process.
-//! - [`cli`]: the `relay` subcommands; [`demo`]: `relay demo`.
+//! - [`admin`]: the admin API (parked jobs, replay, pause, the ledger's jobs); [`control`]:
+//!   this process's paused routes and circuit breakers; [`shared_control`]: pause state
+//!   shared by every process.
+//! - [`ledger`]: the delivery ledger (SQLite or PostgreSQL): every job's attempts and
+//!   outcome, erasure receipts by subject key.
+//! - [`cli`]: the `relay` subcommands ([`admin_cli`], [`ledger_cli`]); [`demo`]: `relay demo`.
 
 pub mod admin;
 pub mod admin_cli;
@@ -40,6 +43,7 @@ pub mod demo;
 pub mod domain;
 pub mod inbound;
 pub mod ledger;
+pub mod ledger_cli;
 pub mod mapping;
 pub mod metrics;
 pub mod netaddr;

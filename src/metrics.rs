@@ -40,6 +40,16 @@ fn labels(pairs: &[(&'static str, &str)]) -> Labels {
 /// Help text for every metric the relay exports.
 const HELP: &[(&str, &str, &str)] = &[
     (
+        "relay_ledger_write_seconds",
+        "histogram",
+        "Time a worker waited for the delivery ledger to record an attempt or outcome.",
+    ),
+    (
+        "relay_ledger_oldest_entry_age_seconds",
+        "gauge",
+        "Age of the oldest delivery ledger entry (retention keeps it under ledger.retention_days).",
+    ),
+    (
         "relay_ingest_requests_total",
         "counter",
         "Inbound requests by route and outcome (acked, duplicate, rejected_4xx, unavailable_5xx).",

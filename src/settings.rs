@@ -54,9 +54,14 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerSettings {
+    /// Keep the ledger (default). `false` turns it off: nothing is recorded and `relay trace`
+    /// says so.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// The HMAC key of subject keys (hashes of e-mails, so "was x@example.com erased?" can be
-    /// answered without the ledger holding the e-mail). Empty: no subject keys are recorded.
-    /// Secret: set `RELAY__LEDGER__SUBJECT_KEY`.
+    /// answered without the ledger holding the e-mail). At least 32 characters; required in
+    /// production. Empty in development: one is generated once and kept beside the queue file
+    /// (`{queue.path}.subject-key`, owner-only). Secret: set `RELAY__LEDGER__SUBJECT_KEY`.
     #[serde(default = "empty_secret")]
     pub subject_key: SecretString,
     /// Ledger entries stored longer ago than this are forgotten.
@@ -71,6 +76,9 @@ pub struct LedgerSettings {
     pub schema: String,
 }
 
+/// Shortest `ledger.subject_key` accepted in production (and generated in development).
+pub const MIN_SUBJECT_KEY_CHARS: usize = 32;
+
 fn default_ledger_schema() -> String {
     "relay_ledger".into()
 }
@@ -78,6 +86,7 @@ fn default_ledger_schema() -> String {
 impl Default for LedgerSettings {
     fn default() -> Self {
         Self {
+            enabled: true,
             subject_key: empty_secret(),
             retention_days: default_ledger_retention_days(),
             url: None,
@@ -1042,6 +1051,20 @@ impl Settings {
                     "in production a RabbitMQ gateway needs Redis for dedupe (a second gateway would accept duplicates); set queue.dedupe = \"memory\" if exactly one gateway runs",
                 ));
             }
+            if self.ledger.enabled && self.ledger.url.is_none() {
+                return Err(SettingsError::new(
+                    "ledger.url",
+                    "in production the RabbitMQ backend keeps its delivery ledger in PostgreSQL: set RELAY__LEDGER__URL (or ledger.enabled = false to run without proof of delivery)",
+                ));
+            }
+        }
+        if self.ledger.enabled
+            && self.ledger.subject_key.expose_secret().chars().count() < MIN_SUBJECT_KEY_CHARS
+        {
+            return Err(SettingsError::new(
+                "ledger.subject_key",
+                format!("in production the ledger needs a subject key of at least {MIN_SUBJECT_KEY_CHARS} characters (RELAY__LEDGER__SUBJECT_KEY); it is what lets an erasure be proven without keeping the e-mail"),
+            ));
         }
         Ok(())
     }
@@ -1407,11 +1430,63 @@ salesforce_id = "Id"
         assert!(!format!("{s:?}").contains("super-secret-key"));
     }
 
+    /// What production asks of the ledger: a long subject key and, on RabbitMQ, a database.
+    fn ledger_ready(s: &mut Settings) {
+        s.ledger.subject_key = SecretString::from("k".repeat(MIN_SUBJECT_KEY_CHARS));
+        s.ledger.url = Some(SecretString::from("postgres://relay@db/relay".to_owned()));
+    }
+
+    #[test]
+    fn production_needs_a_long_subject_key_and_on_rabbitmq_a_ledger_database_unless_the_ledger_is_off(
+    ) {
+        let open = ROUTES
+            .replace(
+                "email_field = \"Email\"",
+                "email_field = \"Email\"\ninsecure_open = true",
+            )
+            .replace("[routes.fields]", "insecure_open = true\n[routes.fields]");
+        let rabbit = format!(
+            "[queue]\nbackend = \"rabbitmq\"\nredis_url = \"redis://127.0.0.1:6379\"\n{open}"
+        );
+        let check = |text: &str, tweak: &dyn Fn(&mut Settings)| {
+            let mut s = Settings::from_toml(text).unwrap();
+            s.centercode.api_key = SecretString::from("community-key");
+            ledger_ready(&mut s);
+            tweak(&mut s);
+            s.validate_for(Environment::Production).err().map(|e| e.key)
+        };
+        assert_eq!(check(&open, &|_| {}), None);
+        assert_eq!(check(&rabbit, &|_| {}), None);
+        let short = |s: &mut Settings| s.ledger.subject_key = SecretString::from("k".repeat(31));
+        assert_eq!(check(&open, &short).as_deref(), Some("ledger.subject_key"));
+        let no_db = |s: &mut Settings| s.ledger.url = None;
+        assert_eq!(
+            check(&open, &no_db),
+            None,
+            "the embedded ledger lives in the queue file"
+        );
+        assert_eq!(check(&rabbit, &no_db).as_deref(), Some("ledger.url"));
+        let off = |s: &mut Settings| {
+            s.ledger.enabled = false;
+            s.ledger.url = None;
+            s.ledger.subject_key = SecretString::from(String::new());
+        };
+        assert_eq!(
+            check(&rabbit, &off),
+            None,
+            "an explicit opt-out is accepted"
+        );
+        let mut dev = Settings::from_toml(&rabbit).unwrap();
+        dev.ledger.subject_key = SecretString::from(String::new());
+        dev.validate_for(Environment::Local).unwrap();
+    }
+
     fn production(extra: &str) -> Result<(), SettingsError> {
         let mut s =
             Settings::from_toml(&format!("{extra}\n{ROUTES}")).expect("valid outside production");
         if s.centercode.api_key.expose_secret().is_empty() {
             s.centercode.api_key = SecretString::from("community-key");
+            ledger_ready(&mut s);
         }
         s.validate_for(Environment::Production)
     }
@@ -1430,6 +1505,7 @@ salesforce_id = "Id"
             );
         let mut s = Settings::from_toml(&guarded).unwrap();
         s.centercode.api_key = SecretString::from("community-key");
+        ledger_ready(&mut s);
         s.validate_for(Environment::Production)
             .expect("token and allowlist suffice");
         // An explicit opt-out is accepted (and warned about at start).
@@ -1439,6 +1515,7 @@ salesforce_id = "Id"
         );
         let mut s = Settings::from_toml(&open).unwrap();
         s.centercode.api_key = SecretString::from("community-key");
+        ledger_ready(&mut s);
         assert_eq!(
             s.validate_for(Environment::Production).unwrap_err().key,
             "routes[1].path_token"
@@ -1463,6 +1540,7 @@ salesforce_id = "Id"
             if key != "centercode.api_key" {
                 s.centercode.api_key = SecretString::from("community-key");
             }
+            ledger_ready(&mut s);
             assert_eq!(
                 s.validate_for(Environment::Production).unwrap_err().key,
                 key,
@@ -1489,9 +1567,11 @@ salesforce_id = "Id"
         ))
         .unwrap();
         s.centercode.api_key = SecretString::from("community-key");
+        ledger_ready(&mut s);
         s.validate_for(Environment::Production).unwrap();
         let mut s = Settings::from_toml(&format!("{rabbit}{guarded}")).unwrap();
         s.centercode.api_key = SecretString::from("community-key");
+        ledger_ready(&mut s);
         s.validate_for(Environment::Production).unwrap();
     }
 

@@ -71,6 +71,7 @@ pub async fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
                     settings.queue.path.display()
                 )
             })?;
+            q.set_ledger_enabled(settings.ledger.enabled);
             Ok(Queue::Embedded(q))
         }
         QueueBackend::Rabbitmq => {
@@ -82,6 +83,7 @@ pub async fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
                 )
             })?;
             match &settings.ledger.url {
+                _ if !settings.ledger.enabled => {}
                 Some(url) => {
                     use secrecy::ExposeSecret;
                     let ledger = crate::ledger::postgres::PgLedger::connect(
@@ -92,7 +94,7 @@ pub async fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
                     .context("opening the ledger database (ledger.url; the URL is not shown)")?;
                     q.attach_ledger(ledger);
                 }
-                None => tracing::warn!("no delivery ledger: set ledger.url (PostgreSQL) to keep one on the RabbitMQ backend"),
+                None => tracing::warn!("running without a delivery ledger: set ledger.url (PostgreSQL) to keep one on the RabbitMQ backend"),
             }
             Ok(Queue::Rabbit(q))
         }
@@ -106,7 +108,10 @@ impl Application {
     }
 
     /// Build around an already open queue (the seam tests use).
-    pub fn with_queue(settings: Settings, queue: Queue) -> anyhow::Result<Self> {
+    pub fn with_queue(mut settings: Settings, queue: Queue) -> anyhow::Result<Self> {
+        if queue.keeps_ledger() {
+            crate::ledger::ensure_subject_key(&mut settings)?;
+        }
         let listener = TcpListener::bind(&settings.server.bind)
             .with_context(|| format!("binding {}", settings.server.bind))?;
         let port = listener.local_addr()?.port();
@@ -317,9 +322,10 @@ impl Application {
             stop.clone(),
         ));
         // Every role, gateways included: the dedupe keys are written by gateways.
-        let housekeeping = tokio::spawn(purge_expired_dedupe(
+        let housekeeping = tokio::spawn(housekeeping(
             self.queue.clone(),
             self.settings.ledger.retention_days,
+            self.metrics.clone(),
             stop.clone(),
         ));
         stop.cancelled().await;
@@ -368,10 +374,16 @@ async fn watch_backlog(queue: Queue, threshold: u64, stop: CancellationToken) {
     }
 }
 
-/// Forget expired dedupe keys in every process, in proportion to what expired: a full batch
+/// Every minute, in every process: apply the ledger's retention (and report its oldest
+/// entry's age), then forget expired dedupe keys in proportion to what expired: a full batch
 /// is followed at once by the next, so a burst of keys (a busy day of Salesforce traffic) is
 /// gone within seconds of expiring instead of outgrowing a fixed rate.
-async fn purge_expired_dedupe(queue: Queue, ledger_retention_days: u64, stop: CancellationToken) {
+async fn housekeeping(
+    queue: Queue,
+    ledger_retention_days: u64,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(DEDUPE_PURGE_INTERVAL);
     loop {
         tokio::select! {
@@ -381,8 +393,18 @@ async fn purge_expired_dedupe(queue: Queue, ledger_retention_days: u64, stop: Ca
         // Ledger retention, then the WAL folded back and truncated: rows deleted since (the
         // payloads of delivered jobs) do not stay readable in it.
         let before = crate::queue::now_ms() - (ledger_retention_days * 86_400_000) as i64;
-        if let Err(e) = queue.ledger_purge_before(before).await {
-            tracing::warn!(error = %e, "could not apply the ledger retention");
+        if queue.keeps_ledger() {
+            if let Err(e) = queue.ledger_purge_before(before).await {
+                tracing::warn!(error = %e, "could not apply the ledger retention");
+            }
+            match queue.ledger_oldest_ms().await {
+                Ok(oldest) => {
+                    let age =
+                        oldest.map_or(0.0, |t| (crate::queue::now_ms() - t).max(0) as f64 / 1000.0);
+                    metrics.set("relay_ledger_oldest_entry_age_seconds", &[], age);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the ledger's oldest entry"),
+            }
         }
         loop {
             match queue.purge_expired_dedupe().await {

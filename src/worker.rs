@@ -282,9 +282,17 @@ impl Worker {
             at_ms: now_ms(),
             kept_payload,
         });
-        self.queue
+        let started = std::time::Instant::now();
+        let result = self
+            .queue
             .ledger_record(facts, attempt, final_outcome)
-            .await
+            .await;
+        self.metrics.observe(
+            "relay_ledger_write_seconds",
+            &[],
+            started.elapsed().as_secs_f64(),
+        );
+        result
     }
 
     /// Lease and deliver everything that is due now, one batch at a time (tests, demo).

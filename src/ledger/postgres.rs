@@ -5,7 +5,7 @@
 //! attempt; it still waits, because an outcome must be in the ledger before the job is acked.
 //! The schema is created (and migrated) at start.
 
-use super::{Attempt, Entry, FinalOutcome, JobFacts, LedgerQuery};
+use super::{Attempt, Entry, FinalOutcome, JobFacts, LedgerQuery, SqlArg};
 use crate::queue::QueueError;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,7 +18,8 @@ const READERS: usize = 2;
 const MAX_BATCH: usize = 256;
 
 /// The current schema version; each step below brings an older one forward.
-const MIGRATIONS: [&str; 1] = ["
+const MIGRATIONS: [&str; 2] = [
+    "
 CREATE TABLE IF NOT EXISTS ledger_jobs (
     job_id          TEXT PRIMARY KEY,
     route           TEXT NOT NULL,
@@ -58,7 +59,14 @@ CREATE TABLE IF NOT EXISTS ledger_payloads (
     payload    TEXT NOT NULL,
     expires_at BIGINT NOT NULL
 );
-"];
+",
+    "
+ALTER TABLE ledger_jobs ADD COLUMN IF NOT EXISTS last_outcome TEXT;
+ALTER TABLE ledger_jobs ADD COLUMN IF NOT EXISTS last_outcome_at BIGINT;
+ALTER TABLE ledger_jobs ADD COLUMN IF NOT EXISTS last_status INTEGER;
+CREATE INDEX IF NOT EXISTS ledger_payloads_expiry ON ledger_payloads (expires_at);
+",
+];
 
 enum Op {
     Record(Box<(JobFacts, Option<Attempt>, Option<FinalOutcome>)>),
@@ -136,6 +144,16 @@ impl PgLedger {
             .map_err(|e| QueueError::NotReady(format!("ledger write: {e}")))
     }
 
+    /// Note a job just stored, without waiting (the ack must not wait on the ledger): if the
+    /// writer is backed up or the write fails, the worker records the same facts later.
+    pub fn stored(&self, facts: JobFacts) {
+        let (done, _) = oneshot::channel();
+        let _ = self.writes.try_send(Write {
+            op: Op::Record(Box::new((facts, None, None))),
+            done,
+        });
+    }
+
     pub async fn record(
         &self,
         facts: JobFacts,
@@ -162,70 +180,51 @@ impl PgLedger {
 
     pub async fn query(&self, q: LedgerQuery) -> Result<Vec<Entry>, QueueError> {
         let client = self.reader();
-        let mut clause = vec!["TRUE".to_owned()];
-        let mut texts: Vec<String> = Vec::new();
-        let mut ints: Vec<i64> = Vec::new();
-        let mut order: Vec<(bool, usize)> = Vec::new();
-        for (col, v) in [
-            ("job_id", &q.job_id),
-            ("record_id", &q.record_id),
-            ("notification_id", &q.notification_id),
-            ("subject_key", &q.subject_key),
-            ("route", &q.route),
-        ] {
-            if let Some(v) = v {
-                texts.push(v.clone());
-                order.push((true, texts.len() - 1));
-                clause.push(format!("{col} = ${}", order.len()));
-            }
-        }
-        for (cmp, v) in [(">=", q.since_ms), ("<", q.until_ms)] {
-            if let Some(v) = v {
-                ints.push(v);
-                order.push((false, ints.len() - 1));
-                clause.push(format!("stored_at {cmp} ${}", order.len()));
-            }
-        }
-        if q.incomplete {
-            clause.push("coalesce((SELECT outcome FROM ledger_outcomes o WHERE o.job_id = ledger_jobs.job_id ORDER BY at DESC, seq DESC LIMIT 1), '') NOT IN ('delivered', 'user_not_found', 'purged')".into());
-        }
-        ints.push(q.limit.clamp(1, 1000) as i64);
-        order.push((false, ints.len() - 1));
-        let sql = format!(
-            "SELECT job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at
-             FROM ledger_jobs WHERE {} ORDER BY stored_at DESC, job_id LIMIT ${}",
-            clause.join(" AND "),
-            order.len()
-        );
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = order
+        let (sql, args) = super::select_sql(&q, |n| format!("${n}"));
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args
             .iter()
-            .map(|&(text, i)| -> &(dyn tokio_postgres::types::ToSql + Sync) {
-                if text {
-                    &texts[i]
-                } else {
-                    &ints[i]
+            .map(|a| -> &(dyn tokio_postgres::types::ToSql + Sync) {
+                match a {
+                    SqlArg::Text(t) => t,
+                    SqlArg::Int(i) => i,
                 }
             })
             .collect();
-        let rows = client.query(&sql, &params).await.map_err(db)?;
-        let mut entries = Vec::new();
-        for r in rows {
-            let facts = JobFacts {
-                job_id: r.get(0),
-                route: r.get(1),
-                action: r.get(2),
-                org_id: r.get(3),
-                notification_id: r.get(4),
-                record_id: r.get(5),
-                subject_key: r.get(6),
-                stored_at_ms: r.get(7),
-                received_at_ms: r.get(8),
-            };
-            let attempts = client
+        let mut entries: Vec<Entry> = client
+            .query(&sql, &params)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| Entry {
+                facts: JobFacts {
+                    job_id: r.get(0),
+                    route: r.get(1),
+                    action: r.get(2),
+                    org_id: r.get(3),
+                    notification_id: r.get(4),
+                    record_id: r.get(5),
+                    subject_key: r.get(6),
+                    stored_at_ms: r.get(7),
+                    received_at_ms: r.get(8),
+                },
+                last_outcome: r.get(9),
+                last_outcome_at_ms: r.get(10),
+                last_status: r.get::<_, Option<i32>>(11).map(|s| s as u16),
+                attempts: Vec::new(),
+                outcomes: Vec::new(),
+                payload: None,
+            })
+            .collect();
+        if !q.history {
+            return Ok(entries);
+        }
+        for e in &mut entries {
+            let id = &e.facts.job_id;
+            e.attempts = client
                 .query(
                     "SELECT attempt, started_at, duration_ms, status, error_class, outcome, response
                      FROM ledger_attempts WHERE job_id = $1 ORDER BY started_at, attempt",
-                    &[&facts.job_id],
+                    &[id],
                 )
                 .await
                 .map_err(db)?
@@ -240,65 +239,61 @@ impl PgLedger {
                     response: a.get(6),
                 })
                 .collect();
-            let mut outcomes: Vec<FinalOutcome> = Vec::new();
-            for o in client
-                .query(
-                    "SELECT outcome, reason, at FROM ledger_outcomes WHERE job_id = $1 ORDER BY at, seq",
-                    &[&facts.job_id],
-                )
-                .await
-                .map_err(db)?
-            {
-                let o = FinalOutcome {
-                    outcome: o.get(0),
-                    reason: o.get(1),
-                    at_ms: o.get(2),
-                    kept_payload: None,
-                };
-                // Recorded twice across a crash before the ack: show it once.
-                if outcomes
-                    .last()
-                    .is_some_and(|l| l.outcome == o.outcome && l.reason == o.reason)
-                {
-                    continue;
-                }
-                outcomes.push(o);
-            }
+            e.outcomes = super::dedup_outcomes(
+                client
+                    .query(
+                        "SELECT outcome, reason, at FROM ledger_outcomes WHERE job_id = $1 ORDER BY at, seq",
+                        &[id],
+                    )
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|o| FinalOutcome {
+                        outcome: o.get(0),
+                        reason: o.get(1),
+                        at_ms: o.get(2),
+                        kept_payload: None,
+                    })
+                    .collect(),
+            );
             let payload: Option<String> = client
                 .query_opt(
                     "SELECT payload FROM ledger_payloads WHERE job_id = $1 AND expires_at > $2",
-                    &[&facts.job_id, &crate::queue::now_ms()],
+                    &[id, &crate::queue::now_ms()],
                 )
                 .await
                 .map_err(db)?
                 .map(|r| r.get(0));
-            entries.push(Entry {
-                facts,
-                attempts,
-                outcomes,
-                payload: payload.and_then(|p| serde_json::from_str(&p).ok()),
-            });
+            e.payload = payload.and_then(|p| serde_json::from_str(&p).ok());
         }
         Ok(entries)
     }
 
-    /// Retention: forget entries stored before `before_ms`.
+    /// Retention: forget entries stored before `before_ms`, a bounded batch per transaction;
+    /// also drops expired kept payloads.
     pub async fn purge_before(&self, before_ms: i64) -> Result<u64, QueueError> {
         let client = self.reader();
-        let n = client
-            .execute(
-                "DELETE FROM ledger_jobs WHERE stored_at < $1",
-                &[&before_ms],
-            )
-            .await
-            .map_err(db)?;
-        client
-            .batch_execute(
-                "DELETE FROM ledger_attempts a WHERE NOT EXISTS (SELECT 1 FROM ledger_jobs j WHERE j.job_id = a.job_id);
-                 DELETE FROM ledger_outcomes o WHERE NOT EXISTS (SELECT 1 FROM ledger_jobs j WHERE j.job_id = o.job_id);",
-            )
-            .await
-            .map_err(db)?;
+        let mut total = 0;
+        loop {
+            let n = client
+                .execute(
+                    "WITH gone AS (
+                         DELETE FROM ledger_jobs WHERE job_id IN (
+                             SELECT job_id FROM ledger_jobs WHERE stored_at < $1 ORDER BY stored_at LIMIT $2)
+                         RETURNING job_id),
+                     a AS (DELETE FROM ledger_attempts WHERE job_id IN (SELECT job_id FROM gone)),
+                     o AS (DELETE FROM ledger_outcomes WHERE job_id IN (SELECT job_id FROM gone)),
+                     p AS (DELETE FROM ledger_payloads WHERE job_id IN (SELECT job_id FROM gone))
+                     SELECT 1 FROM gone",
+                    &[&before_ms, &(super::PURGE_BATCH as i64)],
+                )
+                .await
+                .map_err(db)?;
+            total += n;
+            if n < super::PURGE_BATCH as u64 {
+                break;
+            }
+        }
         client
             .execute(
                 "DELETE FROM ledger_payloads WHERE expires_at <= $1",
@@ -306,7 +301,17 @@ impl PgLedger {
             )
             .await
             .map_err(db)?;
-        Ok(n)
+        Ok(total)
+    }
+
+    /// When the oldest entry was stored (ms since the epoch), if there is one.
+    pub async fn oldest_ms(&self) -> Result<Option<i64>, QueueError> {
+        let row = self
+            .reader()
+            .query_one("SELECT min(stored_at) FROM ledger_jobs", &[])
+            .await
+            .map_err(db)?;
+        Ok(row.get(0))
     }
 }
 
@@ -390,6 +395,13 @@ async fn write_one_batch(
                         &[&f.job_id, &i64::from(a.attempt), &a.started_at_ms, &a.duration_ms, &a.status.map(i32::from), &a.error_class, &a.outcome, &a.response],
                     )
                     .await?;
+                    if let Some(status) = a.status {
+                        tx.execute(
+                            "UPDATE ledger_jobs SET last_status = $2 WHERE job_id = $1",
+                            &[&f.job_id, &i32::from(status)],
+                        )
+                        .await?;
+                    }
                 }
                 if let Some(o) = outcome {
                     tx.execute(
@@ -397,6 +409,7 @@ async fn write_one_batch(
                         &[&f.job_id, &o.outcome, &o.reason, &o.at_ms],
                     )
                     .await?;
+                    set_last_outcome(&tx, &f.job_id, &o.outcome, o.at_ms).await?;
                     if let Some(kept) = &o.kept_payload {
                         tx.execute(
                             "INSERT INTO ledger_payloads (job_id, payload, expires_at) VALUES ($1, $2, $3)
@@ -413,8 +426,25 @@ async fn write_one_batch(
                     &[job_id, outcome, at],
                 )
                 .await?;
+                set_last_outcome(&tx, job_id, outcome, *at).await?;
             }
         }
     }
     tx.commit().await
+}
+
+/// Keep the job's summary on its latest outcome (an older one arriving late changes nothing).
+async fn set_last_outcome(
+    tx: &tokio_postgres::Transaction<'_>,
+    job_id: &str,
+    outcome: &str,
+    at: i64,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE ledger_jobs SET last_outcome = $2, last_outcome_at = $3
+         WHERE job_id = $1 AND coalesce(last_outcome_at, 0) <= $3",
+        &[&job_id, &outcome, &at],
+    )
+    .await?;
+    Ok(())
 }

@@ -431,7 +431,7 @@ impl Queue {
     /// RabbitMQ backend in PostgreSQL, when `ledger.url` is set).
     pub fn keeps_ledger(&self) -> bool {
         match self {
-            Queue::Embedded(_) => true,
+            Queue::Embedded(q) => q.keeps_ledger(),
             Queue::Rabbit(q) => q.ledger().is_some(),
         }
     }
@@ -445,6 +445,7 @@ impl Queue {
         outcome: Option<crate::ledger::FinalOutcome>,
     ) -> Result<(), QueueError> {
         match self {
+            Queue::Embedded(q) if !q.keeps_ledger() => Ok(()),
             Queue::Embedded(q) => q.ledger_record(facts, attempt, outcome).await,
             Queue::Rabbit(q) => match q.ledger() {
                 Some(l) => l.record(facts, attempt, outcome).await,
@@ -457,14 +458,27 @@ impl Queue {
         &self,
         q: crate::ledger::LedgerQuery,
     ) -> Result<Vec<crate::ledger::Entry>, QueueError> {
+        if !self.keeps_ledger() {
+            return Err(QueueError::NotReady(NO_LEDGER.into()));
+        }
         match self {
             Queue::Embedded(s) => s.ledger_query(q).await,
             Queue::Rabbit(r) => match r.ledger() {
                 Some(l) => l.query(q).await,
-                None => Err(QueueError::NotReady(
-                    "no delivery ledger: the RabbitMQ backend keeps it in PostgreSQL; set ledger.url".into(),
-                )),
+                None => Err(QueueError::NotReady(NO_LEDGER.into())),
             },
+        }
+    }
+
+    /// When the oldest ledger entry was stored, if the ledger is kept and holds any.
+    pub async fn ledger_oldest_ms(&self) -> Result<Option<i64>, QueueError> {
+        match self {
+            Queue::Embedded(q) if q.keeps_ledger() => q.ledger_oldest_ms().await,
+            Queue::Rabbit(q) => match q.ledger() {
+                Some(l) => l.oldest_ms().await,
+                None => Ok(None),
+            },
+            Queue::Embedded(_) => Ok(None),
         }
     }
 
@@ -499,6 +513,9 @@ impl Queue {
         }
     }
 }
+
+/// Why a ledger question has no answer here.
+pub const NO_LEDGER: &str = "no delivery ledger is kept: it is off (ledger.enabled = false), or this RabbitMQ relay has no ledger.url (PostgreSQL)";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -844,7 +844,22 @@ impl RabbitQueue {
             ..Meta::default()
         };
         self.publish(session, &self.inner.names.work, &job.id, &body, &meta)
-            .await
+            .await?;
+        // Confirmed: the ledger learns of the job now, without the ack waiting for it.
+        if let Some(ledger) = self.ledger() {
+            ledger.stored(crate::ledger::JobFacts {
+                job_id: job.id.clone(),
+                route: job.route.clone(),
+                action: job.action.as_str().to_owned(),
+                org_id: job.org_id.clone(),
+                notification_id: job.notification_id.clone(),
+                record_id: job.record_id.clone(),
+                subject_key: None,
+                received_at_ms: meta.received_at_ms.unwrap_or(meta.first_seen_ms),
+                stored_at_ms: meta.first_seen_ms,
+            });
+        }
+        Ok(())
     }
 
     /// `x-ready-at`: when the message will be ready in the work queue: now when published

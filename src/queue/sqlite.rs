@@ -64,7 +64,10 @@ CREATE TABLE IF NOT EXISTS ledger_jobs (
     record_id       TEXT,
     subject_key     TEXT,
     received_at     INTEGER NOT NULL,
-    stored_at       INTEGER NOT NULL
+    stored_at       INTEGER NOT NULL,
+    last_outcome    TEXT,
+    last_outcome_at INTEGER,
+    last_status     INTEGER
 );
 CREATE INDEX IF NOT EXISTS ledger_by_record ON ledger_jobs (record_id);
 CREATE INDEX IF NOT EXISTS ledger_by_notification ON ledger_jobs (notification_id);
@@ -95,6 +98,7 @@ CREATE TABLE IF NOT EXISTS ledger_payloads (
     payload    TEXT NOT NULL,
     expires_at INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS ledger_payloads_expiry ON ledger_payloads (expires_at);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 ";
 
@@ -115,6 +119,8 @@ struct Inner {
     path: PathBuf,
     /// When an enqueue last failed (disk full, I/O error); cleared by the next success.
     last_enqueue_failure: Mutex<Option<std::time::Instant>>,
+    /// Whether the delivery ledger is kept (`ledger.enabled`).
+    ledger: std::sync::atomic::AtomicBool,
 }
 
 /// How long a failed enqueue keeps readiness down unless an enqueue succeeds first.
@@ -154,6 +160,22 @@ impl SqliteQueue {
         if has_received == 0 {
             writer_conn.execute_batch("ALTER TABLE jobs ADD COLUMN received_at INTEGER")?;
         }
+        // Ledgers from before the summary columns: add them (older entries read as pending).
+        for (col, ty) in [
+            ("last_outcome", "TEXT"),
+            ("last_outcome_at", "INTEGER"),
+            ("last_status", "INTEGER"),
+        ] {
+            let has: i64 = writer_conn.query_row(
+                "SELECT count(*) FROM pragma_table_info('ledger_jobs') WHERE name = ?1",
+                [col],
+                |r| r.get(0),
+            )?;
+            if has == 0 {
+                writer_conn
+                    .execute_batch(&format!("ALTER TABLE ledger_jobs ADD COLUMN {col} {ty}"))?;
+            }
+        }
         let reader = open_connection(path)?;
         let (tx, rx) = mpsc::channel::<Work>();
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -171,8 +193,20 @@ impl SqliteQueue {
                 dedupe_ttl_ms: dedupe_ttl.as_millis() as i64,
                 path: path.to_owned(),
                 last_enqueue_failure: Mutex::new(None),
+                ledger: std::sync::atomic::AtomicBool::new(true),
             }),
         })
+    }
+
+    /// Keep the delivery ledger or not (`ledger.enabled`; on by default).
+    pub fn set_ledger_enabled(&self, on: bool) {
+        self.inner
+            .ledger
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn keeps_ledger(&self) -> bool {
+        self.inner.ledger.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Transactions committed since the queue was opened.
@@ -260,6 +294,7 @@ impl SqliteQueue {
 
     async fn enqueue_inner(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, QueueError> {
         let ttl = self.inner.dedupe_ttl_ms;
+        let ledger = self.keeps_ledger();
         let outcomes = self
             .write(move |conn| {
                 let now = now_ms();
@@ -299,6 +334,24 @@ impl SqliteQueue {
                         now,
                         if job.received_at_ms > 0 { job.received_at_ms } else { now }
                     ])?;
+                    // The ledger knows the job from the moment it is stored, in the same
+                    // transaction (no second fsync on the ack path).
+                    if ledger {
+                        conn.prepare_cached(
+                            "INSERT OR IGNORE INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, stored_at, received_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        )?
+                        .execute(params![
+                            job.id,
+                            job.route,
+                            job.action.as_str(),
+                            job.org_id,
+                            job.notification_id,
+                            job.record_id,
+                            now,
+                            if job.received_at_ms > 0 { job.received_at_ms } else { now }
+                        ])?;
+                    }
                     outcomes.push(EnqueueOutcome::Stored);
                 }
                 Ok(outcomes)
@@ -618,6 +671,7 @@ impl SqliteQueue {
         filter: ParkedFilter,
         limit: Option<usize>,
     ) -> Result<u64, QueueError> {
+        let ledger = self.keeps_ledger();
         let n = self
             .write(move |conn| {
                 let (clause, mut args) = filter_sql(&filter);
@@ -626,15 +680,18 @@ impl SqliteQueue {
                 args.push(SqlValue::Integer(limit.map(|l| l as i64).unwrap_or(-1)));
                 // Attempts and the age clock restart; the previous reason is kept in `history`.
                 // The ledger notes each replay, in the same transaction.
-                conn.execute(
-                    &format!(
-                        "INSERT INTO ledger_outcomes (job_id, outcome, reason, at)
-                         SELECT id, 'replayed', NULL, ?{now_arg} FROM jobs
-                         WHERE id IN (SELECT id FROM jobs WHERE {clause} ORDER BY parked_at, id LIMIT ?{})",
-                        now_arg + 1
-                    ),
-                    rusqlite::params_from_iter(args.clone()),
-                )?;
+                if ledger {
+                    note_outcome(
+                        conn,
+                        "replayed",
+                        &format!(
+                            "SELECT id FROM jobs WHERE {clause} ORDER BY parked_at, id LIMIT ?{}",
+                            now_arg + 1
+                        ),
+                        now_arg,
+                        args.clone(),
+                    )?;
+                }
                 let sql = format!(
                     "UPDATE jobs SET state = 'queued', attempts = 0, available_at = ?{now_arg}, age_from = ?{now_arg},
                                      lease_until = 0, replays = replays + 1,
@@ -653,19 +710,22 @@ impl SqliteQueue {
     }
 
     pub async fn purge_parked(&self, filter: ParkedFilter) -> Result<u64, QueueError> {
+        let ledger = self.keeps_ledger();
         self.write(move |conn| {
             let (clause, args) = filter_sql(&filter);
             // The ledger notes each purge, in the same transaction.
-            let at = args.len() + 1;
-            let mut noted = args.clone();
-            noted.push(SqlValue::Integer(now_ms()));
-            conn.execute(
-                &format!(
-                    "INSERT INTO ledger_outcomes (job_id, outcome, reason, at)
-                     SELECT id, 'purged', NULL, ?{at} FROM jobs WHERE {clause}"
-                ),
-                rusqlite::params_from_iter(noted),
-            )?;
+            if ledger {
+                let at = args.len() + 1;
+                let mut noted = args.clone();
+                noted.push(SqlValue::Integer(now_ms()));
+                note_outcome(
+                    conn,
+                    "purged",
+                    &format!("SELECT id FROM jobs WHERE {clause}"),
+                    at,
+                    noted,
+                )?;
+            }
             Ok(conn.execute(
                 &format!("DELETE FROM jobs WHERE {clause}"),
                 rusqlite::params_from_iter(args),
@@ -714,12 +774,21 @@ impl SqliteQueue {
                     a.outcome,
                     a.response
                 ])?;
+                if a.status.is_some() {
+                    conn.prepare_cached("UPDATE ledger_jobs SET last_status = ?2 WHERE job_id = ?1")?
+                        .execute(params![facts.job_id, a.status])?;
+                }
             }
             if let Some(o) = outcome {
                 conn.prepare_cached(
                     "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES (?1, ?2, ?3, ?4)",
                 )?
                 .execute(params![facts.job_id, o.outcome, o.reason, o.at_ms])?;
+                conn.prepare_cached(
+                    "UPDATE ledger_jobs SET last_outcome = ?2, last_outcome_at = ?3
+                     WHERE job_id = ?1 AND coalesce(last_outcome_at, 0) <= ?3",
+                )?
+                .execute(params![facts.job_id, o.outcome, o.at_ms])?;
                 if let Some(kept) = o.kept_payload {
                     conn.prepare_cached(
                         "INSERT OR REPLACE INTO ledger_payloads (job_id, payload, expires_at) VALUES (?1, ?2, ?3)",
@@ -737,57 +806,20 @@ impl SqliteQueue {
         &self,
         q: crate::ledger::LedgerQuery,
     ) -> Result<Vec<crate::ledger::Entry>, QueueError> {
-        use crate::ledger::{Attempt, Entry, FinalOutcome, JobFacts};
+        use crate::ledger::{Attempt, FinalOutcome, SqlArg};
         self.read(move |conn| {
-            let mut clause = vec!["1 = 1".to_owned()];
-            let mut args: Vec<SqlValue> = Vec::new();
-            let mut eq = |col: &str, v: &Option<String>| {
-                if let Some(v) = v {
-                    args.push(SqlValue::Text(v.clone()));
-                    clause.push(format!("{col} = ?{}", args.len()));
-                }
-            };
-            eq("job_id", &q.job_id);
-            eq("record_id", &q.record_id);
-            eq("notification_id", &q.notification_id);
-            eq("subject_key", &q.subject_key);
-            eq("route", &q.route);
-            if let Some(t) = q.since_ms {
-                args.push(SqlValue::Integer(t));
-                clause.push(format!("stored_at >= ?{}", args.len()));
-            }
-            if let Some(t) = q.until_ms {
-                args.push(SqlValue::Integer(t));
-                clause.push(format!("stored_at < ?{}", args.len()));
-            }
-            if q.incomplete {
-                clause.push(
-                    "coalesce((SELECT outcome FROM ledger_outcomes o WHERE o.job_id = ledger_jobs.job_id ORDER BY at DESC, rowid DESC LIMIT 1), '') NOT IN ('delivered', 'user_not_found', 'purged')".into(),
-                );
-            }
-            args.push(SqlValue::Integer(q.limit.clamp(1, 1000) as i64));
-            let sql = format!(
-                "SELECT job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at
-                 FROM ledger_jobs WHERE {} ORDER BY stored_at DESC, job_id LIMIT ?{}",
-                clause.join(" AND "),
-                args.len()
-            );
-            let mut stmt = conn.prepare(&sql)?;
-            let facts: Vec<JobFacts> = stmt
-                .query_map(rusqlite::params_from_iter(args), |r| {
-                    Ok(JobFacts {
-                        job_id: r.get(0)?,
-                        route: r.get(1)?,
-                        action: r.get(2)?,
-                        org_id: r.get(3)?,
-                        notification_id: r.get(4)?,
-                        record_id: r.get(5)?,
-                        subject_key: r.get(6)?,
-                        stored_at_ms: r.get(7)?,
-                        received_at_ms: r.get(8)?,
-                    })
-                })?
+            let (sql, args) = crate::ledger::select_sql(&q, |n| format!("?{n}"));
+            let args = args.into_iter().map(|a| match a {
+                SqlArg::Text(t) => SqlValue::Text(t),
+                SqlArg::Int(i) => SqlValue::Integer(i),
+            });
+            let mut entries: Vec<crate::ledger::Entry> = conn
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(args), ledger_entry)?
                 .collect::<rusqlite::Result<_>>()?;
+            if !q.history {
+                return Ok(entries);
+            }
             let mut attempts_stmt = conn.prepare_cached(
                 "SELECT attempt, started_at, duration_ms, status, error_class, outcome, response
                  FROM ledger_attempts WHERE job_id = ?1 ORDER BY started_at, attempt",
@@ -795,10 +827,10 @@ impl SqliteQueue {
             let mut outcomes_stmt = conn.prepare_cached(
                 "SELECT outcome, reason, at FROM ledger_outcomes WHERE job_id = ?1 ORDER BY at, rowid",
             )?;
-            let mut entries = Vec::new();
-            for f in facts {
-                let attempts = attempts_stmt
-                    .query_map([&f.job_id], |r| {
+            for e in &mut entries {
+                let id = &e.facts.job_id;
+                e.attempts = attempts_stmt
+                    .query_map([id], |r| {
                         Ok(Attempt {
                             attempt: r.get(0)?,
                             started_at_ms: r.get(1)?,
@@ -810,59 +842,72 @@ impl SqliteQueue {
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
-                let mut outcomes: Vec<FinalOutcome> = Vec::new();
-                for o in outcomes_stmt.query_map([&f.job_id], |r| {
-                    Ok(FinalOutcome {
-                        outcome: r.get(0)?,
-                        reason: r.get(1)?,
-                        at_ms: r.get(2)?,
-                        kept_payload: None,
-                    })
-                })? {
-                    let o = o?;
-                    // A crash between recording and acking records an outcome twice: show one.
-                    if outcomes.last().is_some_and(|l| l.outcome == o.outcome && l.reason == o.reason) {
-                        continue;
-                    }
-                    outcomes.push(o);
-                }
+                e.outcomes = crate::ledger::dedup_outcomes(
+                    outcomes_stmt
+                        .query_map([id], |r| {
+                            Ok(FinalOutcome {
+                                outcome: r.get(0)?,
+                                reason: r.get(1)?,
+                                at_ms: r.get(2)?,
+                                kept_payload: None,
+                            })
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                );
                 let payload: Option<String> = conn
                     .prepare_cached("SELECT payload FROM ledger_payloads WHERE job_id = ?1 AND expires_at > ?2")?
-                    .query_row(params![f.job_id, now_ms()], |r| r.get(0))
+                    .query_row(params![id, now_ms()], |r| r.get(0))
                     .optional()?;
-                entries.push(Entry {
-                    facts: f,
-                    attempts,
-                    outcomes,
-                    payload: payload.and_then(|p| serde_json::from_str(&p).ok()),
-                });
+                e.payload = payload.and_then(|p| serde_json::from_str(&p).ok());
             }
             Ok(entries)
         })
         .await
     }
 
-    /// Forget ledger entries stored before `before_ms` (retention), and fold the WAL back
-    /// into the file so deleted rows do not linger there either.
+    /// Retention: forget ledger entries stored before `before_ms`, a bounded batch per write
+    /// transaction so enqueues are never held up for long; also drops expired kept payloads.
     pub async fn ledger_purge_before(&self, before_ms: i64) -> Result<u64, QueueError> {
-        self.write(move |conn| {
-            let n = conn.execute(
-                "DELETE FROM ledger_jobs WHERE stored_at < ?1",
-                params![before_ms],
-            )?;
-            conn.execute(
-                "DELETE FROM ledger_attempts WHERE job_id NOT IN (SELECT job_id FROM ledger_jobs)",
-                [],
-            )?;
-            conn.execute(
-                "DELETE FROM ledger_outcomes WHERE job_id NOT IN (SELECT job_id FROM ledger_jobs)",
-                [],
-            )?;
-            conn.execute(
-                "DELETE FROM ledger_payloads WHERE expires_at <= ?1 OR job_id NOT IN (SELECT job_id FROM ledger_jobs)",
-                params![now_ms()],
-            )?;
-            Ok(n as u64)
+        let mut total = 0;
+        loop {
+            let n = self
+                .write(move |conn| {
+                    let batch = crate::ledger::PURGE_BATCH as i64;
+                    conn.execute(
+                        "CREATE TEMP TABLE IF NOT EXISTS ledger_gone (job_id TEXT PRIMARY KEY)",
+                        [],
+                    )?;
+                    conn.execute("DELETE FROM temp.ledger_gone", [])?;
+                    let n = conn.execute(
+                        "INSERT INTO temp.ledger_gone SELECT job_id FROM ledger_jobs WHERE stored_at < ?1 ORDER BY stored_at LIMIT ?2",
+                        params![before_ms, batch],
+                    )?;
+                    for table in ["ledger_attempts", "ledger_outcomes", "ledger_payloads", "ledger_jobs"] {
+                        conn.execute(
+                            &format!("DELETE FROM {table} WHERE job_id IN (SELECT job_id FROM temp.ledger_gone)"),
+                            [],
+                        )?;
+                    }
+                    if n == 0 {
+                        conn.execute(
+                            "DELETE FROM ledger_payloads WHERE expires_at <= ?1",
+                            params![now_ms()],
+                        )?;
+                    }
+                    Ok(n as u64)
+                })
+                .await?;
+            total += n;
+            if n < crate::ledger::PURGE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// When the oldest ledger entry was stored (ms since the epoch), if there is one.
+    pub async fn ledger_oldest_ms(&self) -> Result<Option<i64>, QueueError> {
+        self.read(|conn| {
+            Ok(conn.query_row("SELECT min(stored_at) FROM ledger_jobs", [], |r| r.get(0))?)
         })
         .await
     }
@@ -1160,6 +1205,54 @@ fn column_error_kind(e: &rusqlite::Error) -> String {
         rusqlite::Error::IntegralValueOutOfRange(i, _) => format!("column {i} is out of range"),
         _ => "unreadable row".into(),
     }
+}
+
+/// One ledger summary row ([`crate::ledger::SUMMARY_COLUMNS`]).
+fn ledger_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::ledger::Entry> {
+    Ok(crate::ledger::Entry {
+        facts: crate::ledger::JobFacts {
+            job_id: r.get(0)?,
+            route: r.get(1)?,
+            action: r.get(2)?,
+            org_id: r.get(3)?,
+            notification_id: r.get(4)?,
+            record_id: r.get(5)?,
+            subject_key: r.get(6)?,
+            stored_at_ms: r.get(7)?,
+            received_at_ms: r.get(8)?,
+        },
+        last_outcome: r.get(9)?,
+        last_outcome_at_ms: r.get(10)?,
+        last_status: r.get(11)?,
+        attempts: Vec::new(),
+        outcomes: Vec::new(),
+        payload: None,
+    })
+}
+
+/// Note `outcome` at parameter `at` for every job `ids_sql` selects (replay, purge), in the
+/// caller's transaction.
+fn note_outcome(
+    conn: &Connection,
+    outcome: &str,
+    ids_sql: &str,
+    at: usize,
+    args: Vec<SqlValue>,
+) -> Result<(), QueueError> {
+    conn.execute(
+        &format!(
+            "INSERT INTO ledger_outcomes (job_id, outcome, reason, at)
+             SELECT id, '{outcome}', NULL, ?{at} FROM jobs WHERE id IN ({ids_sql})"
+        ),
+        rusqlite::params_from_iter(args.clone()),
+    )?;
+    conn.execute(
+        &format!(
+            "UPDATE ledger_jobs SET last_outcome = '{outcome}', last_outcome_at = ?{at} WHERE job_id IN ({ids_sql})"
+        ),
+        rusqlite::params_from_iter(args),
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -33,9 +33,9 @@ async fn get(app: &TestApp, path: &str) -> Value {
 async fn by_subject(app: &TestApp, email: &str) -> Value {
     let res = app
         .client
-        .post(format!("{}/admin/ledger/subject", app.address))
+        .post(format!("{}/admin/jobs/search", app.address))
         .bearer_auth(ADMIN)
-        .json(&json!({ "email": email }))
+        .json(&json!({ "email": email, "history": true }))
         .send()
         .await
         .unwrap();
@@ -66,7 +66,7 @@ async fn an_erasure_is_proven_by_subject_key_and_no_personal_data_stays_in_the_q
 
     // Assert: the erasure is answered from the e-mail (any case), with Centercode's status.
     let entries = by_subject(&app, " Marta.Kowalska@EXAMPLE.org").await;
-    let entries = entries["entries"].as_array().unwrap();
+    let entries = entries["jobs"].as_array().unwrap();
     assert_eq!(entries.len(), 1, "{entries:?}");
     let erasure = &entries[0];
     assert_eq!(erasure["route"], "gdpr");
@@ -74,23 +74,30 @@ async fn an_erasure_is_proven_by_subject_key_and_no_personal_data_stays_in_the_q
     assert_eq!(erasure["notification_id"], "04l8d0000100001AAA");
     assert_eq!(erasure["attempts"][0]["status"], 200);
     assert_eq!(outcomes(erasure), vec!["delivered"]);
-    assert!(erasure["stored_at"].is_string() && erasure["received_at"].is_string());
+    assert_eq!(erasure["outcome"], "delivered");
+    assert_eq!(erasure["state"], "done");
+    assert_eq!(erasure["centercode_status"], 200);
+    // RFC 3339 in UTC with a fixed width: text order is time order.
     let (received, stored) = (
-        erasure["received_at_ms"].as_i64().unwrap(),
-        erasure["stored_at_ms"].as_i64().unwrap(),
+        erasure["received_at"].as_str().unwrap(),
+        erasure["stored_at"].as_str().unwrap(),
     );
     assert!(
-        received > 0 && received <= stored && stored - received < 10_000,
+        received.starts_with("20") && received <= stored,
         "received {received}, stored {stored}"
     );
     assert!(erasure["subject_key"].as_str().unwrap().len() == 64);
     assert_eq!(
-        by_subject(&app, "nobody@example.org").await["entries"],
+        by_subject(&app, "nobody@example.org").await["jobs"],
         json!([])
     );
     // By record id, the feedback's fate.
-    let fb = get(&app, "/admin/ledger?record_id=a0B8d00000AbCdEEAV").await;
-    assert_eq!(outcomes(&fb["entries"][0]), vec!["delivered"]);
+    let fb = get(
+        &app,
+        "/admin/jobs?record_id=a0B8d00000AbCdEEAV&history=true",
+    )
+    .await;
+    assert_eq!(outcomes(&fb["jobs"][0]), vec!["delivered"]);
 
     // No e-mail and no field value left anywhere in the file or its WAL once compacted.
     app.queue.compact().await.unwrap();
@@ -131,8 +138,9 @@ async fn a_parked_then_replayed_job_shows_each_step_and_incomplete_jobs_are_list
         matches!(&parked[..], [Outcome::Parked { .. }]),
         "{parked:?}"
     );
-    let open = get(&app, "/admin/ledger?incomplete=true").await;
-    let entry = &open["entries"][0];
+    let open = get(&app, "/admin/jobs?undelivered=true&history=true").await;
+    let entry = &open["jobs"][0];
+    assert_eq!(entry["state"], "parked");
     assert_eq!(outcomes(entry), vec!["parked"]);
     let response = entry["attempts"][0]["response"].as_str().unwrap();
     assert!(response.contains("bad request"), "{response}");
@@ -151,12 +159,12 @@ async fn a_parked_then_replayed_job_shows_each_step_and_incomplete_jobs_are_list
         .unwrap();
     assert_eq!(replay.status(), 200);
     app.deliver_until_settled().await;
-    let done = get(&app, "/admin/ledger?route=gdpr").await;
-    let entry = &done["entries"][0];
+    let done = get(&app, "/admin/jobs?route=gdpr&history=true").await;
+    let entry = &done["jobs"][0];
     assert_eq!(outcomes(entry), vec!["parked", "replayed", "delivered"]);
     assert_eq!(entry["attempts"].as_array().unwrap().len(), 2);
     assert_eq!(
-        get(&app, "/admin/ledger?incomplete=true").await["entries"],
+        get(&app, "/admin/jobs?undelivered=true").await["jobs"],
         json!([])
     );
 }
@@ -186,7 +194,7 @@ async fn on_rabbitmq_the_ledger_lives_in_postgresql_and_holds_no_personal_data()
 
     // Assert: the erasure answered from PostgreSQL by subject key.
     let entries = by_subject(&app, "marta.kowalska@example.org").await;
-    let erasure = &entries["entries"][0];
+    let erasure = &entries["jobs"][0];
     assert_eq!(erasure["record_id"], "0038d0000000041AAA");
     assert_eq!(outcomes(erasure), vec!["delivered"]);
     assert_eq!(erasure["attempts"][0]["status"], 200);
@@ -236,13 +244,15 @@ async fn on_rabbitmq_the_ledger_lives_in_postgresql_and_holds_no_personal_data()
     .await;
 }
 
-/// `relay ledger …` with `input` on standard input; (exit code, stdout).
-async fn relay_ledger(app: &TestApp, args: &[&str], input: &str) -> (i32, String) {
+/// `relay {args}` against the app, with `input` on standard input and the test's subject
+/// key in the environment (as an operator's shell on the relay's host has it);
+/// (exit code, stdout, stderr).
+async fn relay(app: &TestApp, args: &[&str], input: &str) -> (i32, String, String) {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-        .arg("ledger")
         .args(args)
         .args(["--url", &app.address, "--token", ADMIN])
+        .env("RELAY__LEDGER__SUBJECT_KEY", SUBJECT_KEY)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -255,11 +265,12 @@ async fn relay_ledger(app: &TestApp, args: &[&str], input: &str) -> (i32, String
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
 #[tokio::test]
-async fn the_ledger_command_traces_and_proves_an_erasure_also_with_a_key_from_before_a_rotation() {
+async fn relay_trace_follows_a_record_a_notification_a_job_and_an_email_hashed_locally() {
     let app = spawn().await;
     app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
         .await;
@@ -269,41 +280,431 @@ async fn the_ledger_command_traces_and_proves_an_erasure_also_with_a_key_from_be
     std::fs::write(&current, format!("{SUBJECT_KEY}\n")).unwrap();
     std::fs::write(&other, "a-key-that-recorded-nothing").unwrap();
 
-    // The e-mail comes on standard input, hashed by the relay with its current key.
-    let (code, out) = relay_ledger(&app, &["erasure"], "marta.kowalska@example.org\n").await;
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("0038d0000000041AAA") && out.contains("-> delivered"),
-        "{out}"
-    );
-    // Hashed here with the key of the file (the key in force when the entry was recorded).
-    let key = current.to_str().unwrap();
-    let (code, out) = relay_ledger(
+    // By record id: the whole timeline, in order.
+    let (code, out, err) = relay(&app, &["trace", "--record-id", "0038d0000000041AAA"], "").await;
+    assert_eq!(code, 0, "{out}{err}");
+    let order: Vec<usize> = [
+        "received",
+        "stored",
+        "attempt 1: Centercode 200 -> done",
+        "delivered",
+    ]
+    .iter()
+    .map(|step| {
+        out.find(step)
+            .unwrap_or_else(|| panic!("no `{step}` in {out}"))
+    })
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    // By notification id, and by job id (as JSON for scripts).
+    let (code, out, _) = relay(
         &app,
-        &["erasure", "--key-file", key],
-        "marta.kowalska@example.org",
+        &["trace", "--notification-id", "04l8d0000100001AAA", "--json"],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0);
+    let jobs: Value = serde_json::from_str(&out).unwrap();
+    let job_id = jobs[0]["id"].as_str().unwrap().to_owned();
+    let (code, out, _) = relay(&app, &["trace", "--job", &job_id, "--json"], "").await;
+    assert_eq!(code, 0);
+    let one: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(one[0]["record_id"], "0038d0000000041AAA");
+
+    // By e-mail: hashed in the CLI with the configured key, with a key file, from stdin.
+    let (code, out, _) = relay(
+        &app,
+        &["trace", "--email", "Marta.Kowalska@example.org"],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0038d0000000041AAA"), "{out}");
+    let key = current.to_str().unwrap();
+    let (code, out, _) = relay(
+        &app,
+        &["trace", "--email", "-", "--key-file", key],
+        "marta.kowalska@example.org\n",
     )
     .await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("0038d0000000041AAA"), "{out}");
     let key = other.to_str().unwrap();
-    let (code, _) = relay_ledger(
+    let (code, _, err) = relay(
         &app,
-        &["erasure", "--key-file", key],
-        "marta.kowalska@example.org",
+        &[
+            "trace",
+            "--email",
+            "marta.kowalska@example.org",
+            "--key-file",
+            key,
+        ],
+        "",
     )
     .await;
     assert_eq!(code, 3, "another key finds nothing");
-    let (code, _) = relay_ledger(&app, &["erasure"], "").await;
-    assert_eq!(code, 2, "no e-mail on standard input");
+    assert!(err.contains("nothing recorded for"), "{err}");
+    assert!(!err.contains("marta"), "the e-mail is not echoed: {err}");
 
-    let (code, out) = relay_ledger(&app, &["trace", "--record-id", "0038d0000000041AAA"], "").await;
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("attempt 1  done  status 200"), "{out}");
-    let (code, _) = relay_ledger(&app, &["trace", "--record-id", "003000000000000AAA"], "").await;
+    // Unknown ids: said plainly, exit code 3.
+    let (code, _, err) = relay(&app, &["trace", "--record-id", "003000000000000AAA"], "").await;
+    assert_eq!(code, 3);
+    assert!(
+        err.contains("nothing recorded for record 003000000000000AAA"),
+        "{err}"
+    );
+    let (code, _, err) = relay(&app, &["trace", "--job", "no-such-job"], "").await;
+    assert_eq!(code, 3);
+    assert!(
+        err.contains("nothing recorded for job no-such-job"),
+        "{err}"
+    );
+    let (code, _, _) = relay(&app, &["trace", "--email", "not-an-address"], "").await;
+    assert_eq!(code, 2);
+}
+
+#[tokio::test]
+async fn the_undelivered_list_names_parked_and_held_jobs_and_not_the_delivered_ones() {
+    let app = spawn().await;
+    // One delivered, one parked (400), one held behind a paused route.
+    app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+        .await;
+    app.deliver_until_settled().await;
+    app.centercode.push_fault(Fault {
+        status: 400,
+        ..Fault::default()
+    });
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    app.deliver_until_settled().await;
+    let pause = app
+        .client
+        .post(format!("{}/admin/routes/feedback/pause", app.address))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pause.status(), 200);
+    let held = fixture("om_feedback_custom_object.xml");
+    let held = String::from_utf8(held)
+        .unwrap()
+        .replace("04l8d0000100030AAA", "04l8d0000100039AAA");
+    assert_eq!(
+        app.post_outbound("feedback", held.into_bytes())
+            .await
+            .status(),
+        200
+    );
+
+    let (code, out, err) = relay(&app, &["ledger", "undelivered", "--json"], "").await;
+    assert_eq!(code, 0, "{err}");
+    let jobs: Value = serde_json::from_str(&out).unwrap();
+    let mut states: Vec<(String, String)> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["route"].as_str().unwrap().into(),
+                j["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    states.sort();
+    assert_eq!(
+        states,
+        vec![
+            ("feedback".into(), "held".into()),
+            ("gdpr".into(), "parked".into())
+        ],
+        "{out}"
+    );
+    let (code, out, _) = relay(&app, &["ledger", "undelivered"], "").await;
+    assert_eq!(code, 0);
+    assert!(out.contains("parked") && out.contains("held"), "{out}");
+    // Only what was stored since: nothing in the last second of a minute from now.
+    let future = (std::time::SystemTime::now() + std::time::Duration::from_secs(60))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let (_, out, _) = relay(
+        &app,
+        &["ledger", "undelivered", "--since", &future, "--json"],
+        "",
+    )
+    .await;
+    assert_eq!(out.trim(), "[]");
+}
+
+#[tokio::test]
+async fn the_erasure_export_streams_one_row_per_request_as_csv_or_json_across_pages() {
+    use sf_centercode_relay::admin::rfc3339;
+    use sf_centercode_relay::ledger::{Attempt, FinalOutcome, JobFacts};
+    let app = spawn().await;
+    // More rows than one page of the export (1,000), written straight to the ledger, an hour
+    // ago (within retention: the relay's housekeeping would forget older ones).
+    let rows = 1_205;
+    let base = (sf_centercode_relay::queue::now_ms() / 1000 - 3600) * 1000;
+    let writes = (0..rows).map(|n| {
+        let queue = app.queue.clone();
+        async move {
+            let facts = JobFacts {
+                job_id: format!("job-{n:05}"),
+                route: "gdpr".into(),
+                action: if n % 5 == 0 {
+                    "create_feedback"
+                } else {
+                    "remove_user"
+                }
+                .into(),
+                org_id: Some("00D000000000001AAA".into()),
+                notification_id: Some(format!("04l{n:015}")),
+                record_id: Some(format!("003{n:015}")),
+                subject_key: Some(format!("{n:064x}")),
+                received_at_ms: base + n,
+                stored_at_ms: base + n,
+            };
+            let attempt = Attempt {
+                attempt: 1,
+                started_at_ms: facts.stored_at_ms + 5,
+                duration_ms: 3,
+                status: Some(if n % 2 == 0 { 200 } else { 404 }),
+                error_class: None,
+                outcome: if n % 2 == 0 { "done" } else { "user_not_found" }.into(),
+                response: None,
+            };
+            let outcome = FinalOutcome {
+                outcome: if n % 2 == 0 {
+                    "delivered"
+                } else {
+                    "user_not_found"
+                }
+                .into(),
+                reason: None,
+                at_ms: facts.stored_at_ms + 10,
+                kept_payload: None,
+            };
+            queue
+                .ledger_record(facts, Some(attempt), Some(outcome))
+                .await
+                .unwrap();
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    let erasures = (0..rows).filter(|n| n % 5 != 0).count();
+
+    let since = (base / 1000 - 1).to_string();
+    let (code, csv, err) = relay(
+        &app,
+        &[
+            "ledger",
+            "export",
+            "--action",
+            "remove_user",
+            "--since",
+            &since,
+            "--format",
+            "csv",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "job_id,route,action,notification_id,record_id,subject_key,received_at,stored_at,completed_at,outcome,centercode_status");
+    assert_eq!(lines.len(), erasures + 1, "one row per erasure request");
+    let ids: std::collections::HashSet<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(ids.len(), erasures, "no row twice across pages");
+    let row = lines.iter().find(|l| l.starts_with("job-00001,")).unwrap();
+    assert_eq!(
+        *row,
+        format!(
+            "job-00001,gdpr,remove_user,04l000000000000001,003000000000000001,{:064x},{at},{at},{done},user_not_found,404",
+            1,
+            at = rfc3339(base + 1),
+            done = rfc3339(base + 11)
+        )
+    );
+
+    let (code, json, _) = relay(
+        &app,
+        &[
+            "ledger",
+            "export",
+            "--action",
+            "remove_user",
+            "--until",
+            &(base / 1000).to_string(),
+            "--format",
+            "json",
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(code, 0);
+    let all: Value = serde_json::from_str(&json).expect("one JSON array");
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        0,
+        "nothing stored before --until"
+    );
+    let (_, json, _) = relay(
+        &app,
+        &[
+            "ledger",
+            "export",
+            "--action",
+            "remove_user",
+            "--format",
+            "json",
+        ],
+        "",
+    )
+    .await;
+    let all: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("{e}: {}", &json[..json.len().min(3000)]));
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), erasures, "{}", &json[..json.len().min(3000)]);
+    assert!(all
+        .iter()
+        .all(|r| r["action"] == "remove_user" && r["completed_at"].is_string()));
+}
+
+#[tokio::test]
+async fn a_kept_payload_can_be_resent_once_and_anything_else_is_refused_with_the_reason() {
+    let app = spawn_app_with(|s| {
+        s.admin.token = Some(ADMIN.to_owned().into());
+        let feedback = s.routes.iter_mut().find(|r| r.name == "feedback").unwrap();
+        feedback.keep_payload_days = 2;
+    })
+    .await;
+    app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+        .await;
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    app.deliver_until_settled().await;
+    let id_of = |v: &Value| v["jobs"][0]["id"].as_str().unwrap().to_owned();
+    let feedback = id_of(&get(&app, "/admin/jobs?route=feedback").await);
+    let removal = id_of(&get(&app, "/admin/jobs?route=gdpr").await);
+    assert_eq!(app.centercode.feedback().len(), 1);
+
+    let (code, out, err) = relay(&app, &["jobs", "resend", &feedback], "").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("resent as job"), "{out}");
+    app.deliver_until_settled().await;
+    assert_eq!(
+        app.centercode.feedback().len(),
+        2,
+        "the ticket reached Centercode again"
+    );
+    let old = get(&app, &format!("/admin/jobs/{feedback}")).await;
+    assert_eq!(old["outcome"], "resent");
+    let reason = old["outcomes"][1]["reason"].as_str().unwrap().to_owned();
+    let new_id = reason.strip_prefix("as job ").unwrap();
+    let new = get(&app, &format!("/admin/jobs/{new_id}")).await;
+    assert_eq!(
+        (new["outcome"].as_str(), new["record_id"].as_str()),
+        (Some("delivered"), Some("a0B8d00000AbCdEEAV"))
+    );
+
+    // A removal keeps no payload: refused, saying why.
+    let (code, _, err) = relay(&app, &["jobs", "resend", &removal], "").await;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("payload is not kept") && err.contains("keep_payload_days"),
+        "{err}"
+    );
+    // A parked job is replayed, not resent.
+    app.centercode.push_fault(Fault {
+        status: 400,
+        ..Fault::default()
+    });
+    let again = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
+        .unwrap()
+        .replace("04l8d0000100001AAA", "04l8d0000100007AAA");
+    app.post_outbound("gdpr", again.into_bytes()).await;
+    app.deliver_until_settled().await;
+    let parked = id_of(&get(&app, "/admin/jobs?outcome=parked").await);
+    let (code, _, err) = relay(&app, &["jobs", "resend", &parked], "").await;
+    assert_eq!(code, 2);
+    assert!(err.contains("parked") && err.contains("replay"), "{err}");
+    let (code, _, _) = relay(&app, &["jobs", "resend", "no-such-job"], "").await;
     assert_eq!(code, 3);
 }
 
+#[tokio::test]
+async fn with_the_ledger_off_nothing_is_recorded_and_trace_says_so() {
+    let app = spawn_app_with(|s| {
+        s.admin.token = Some(ADMIN.to_owned().into());
+        s.ledger.enabled = false;
+    })
+    .await;
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    assert_eq!(app.deliver_until_settled().await.len(), 1);
+    let (code, _, err) = relay(&app, &["trace", "--record-id", "0038d0000000041AAA"], "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("ledger.enabled = false"), "{err}");
+    let rows: i64 = rusqlite::Connection::open(&app.settings.queue.path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM ledger_jobs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+    assert!(
+        !sf_centercode_relay::ledger::generated_key_file(&app.settings).exists(),
+        "no key generated for a ledger that is off"
+    );
+}
+
+#[tokio::test]
+async fn a_development_relay_generates_its_subject_key_once_beside_the_queue_file_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let app = spawn_app_with(|s| s.admin.token = Some(ADMIN.to_owned().into())).await;
+    let file = sf_centercode_relay::ledger::generated_key_file(&app.settings);
+    let key = std::fs::read_to_string(&file).unwrap();
+    assert!(key.trim().len() >= 32, "{key}");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    app.deliver_until_settled().await;
+    let res = app
+        .client
+        .post(format!("{}/admin/jobs/search", app.address))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "email": "marta.kowalska@example.org" }))
+        .send()
+        .await
+        .unwrap();
+    let found: Value = res.json().await.unwrap();
+    assert_eq!(found["jobs"][0]["record_id"], "0038d0000000041AAA");
+    // The same key on the next start (entries stay findable), and the CLI finds it too.
+    use secrecy::ExposeSecret;
+    let mut settings = (*app.settings).clone();
+    settings.ledger.subject_key = String::new().into();
+    sf_centercode_relay::ledger::ensure_subject_key(&mut settings).unwrap();
+    assert_eq!(settings.ledger.subject_key.expose_secret(), key.trim());
+    // Both ledger metrics are exported.
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_ledger_write_seconds_count"),
+        "{metrics}"
+    );
+}
 #[tokio::test]
 async fn a_route_that_keeps_payloads_keeps_them_only_until_they_expire() {
     let app = spawn_app_with(|s| {
@@ -317,16 +718,21 @@ async fn a_route_that_keeps_payloads_keeps_them_only_until_they_expire() {
     app.post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
         .await;
     app.deliver_until_settled().await;
-    let fb = get(&app, "/admin/ledger?route=feedback").await;
-    let payload = fb["entries"][0]["payload"].to_string();
-    assert!(
-        payload.contains("Folder rename reverted after sync"),
-        "{payload}"
-    );
-    let removal = get(&app, "/admin/ledger?route=gdpr").await;
+    let id_of = |v: &Value| v["jobs"][0]["id"].as_str().unwrap().to_owned();
+    let fb = id_of(&get(&app, "/admin/jobs?route=feedback").await);
     assert_eq!(
-        removal["entries"][0]["payload"],
-        Value::Null,
+        get(&app, &format!("/admin/jobs/{fb}")).await["payload_kept"],
+        true
+    );
+    let kept: String = rusqlite::Connection::open(&app.settings.queue.path)
+        .unwrap()
+        .query_row("SELECT payload FROM ledger_payloads", [], |r| r.get(0))
+        .unwrap();
+    assert!(kept.contains("Folder rename reverted after sync"), "{kept}");
+    let removal = id_of(&get(&app, "/admin/jobs?route=gdpr").await);
+    assert_eq!(
+        get(&app, &format!("/admin/jobs/{removal}")).await["payload_kept"],
+        false,
         "removals keep nothing"
     );
 
@@ -337,8 +743,10 @@ async fn a_route_that_keeps_payloads_keeps_them_only_until_they_expire() {
         .execute("UPDATE ledger_payloads SET expires_at = 1", [])
         .unwrap();
     app.queue.ledger_purge_before(0).await.unwrap();
-    let fb = get(&app, "/admin/ledger?route=feedback").await;
-    assert_eq!(fb["entries"][0]["payload"], Value::Null);
+    assert_eq!(
+        get(&app, &format!("/admin/jobs/{fb}")).await["payload_kept"],
+        false
+    );
     let mut bytes = std::fs::read(&db).unwrap();
     bytes.extend(std::fs::read(db.with_extension("db-wal")).unwrap_or_default());
     let needle = b"Folder rename reverted after sync";
