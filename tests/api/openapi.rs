@@ -21,8 +21,14 @@ const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
 /// The files that register the relay's routes (`configure`, `configure_ops`,
-/// `admin::configure`); a route registered anywhere else in `src/` fails the test.
-const ROUTE_FILES: [&str; 2] = ["src/inbound/mod.rs", "src/admin.rs"];
+/// `admin::configure`, `jobs::configure`), each with the prefix of the scope it is handed
+/// (`jobs::configure(web::scope("/admin"))`); a route registered anywhere else in `src/` fails
+/// the test.
+const ROUTE_FILES: [(&str, &str); 3] = [
+    ("src/inbound/mod.rs", ""),
+    ("src/admin.rs", ""),
+    ("src/admin/jobs.rs", "/admin"),
+];
 
 fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -53,7 +59,7 @@ fn documented(doc: &Value) -> BTreeSet<(String, String)> {
 /// The (METHOD, path) pairs a source file registers with actix: `web::scope("/p")` prefixes
 /// the `.route("/q", web::get()…)` calls after it, and `web::resource("/r")` names the path of
 /// the `.route(web::post()…)` calls after it. Comment lines are skipped.
-fn routes_in(source: &str) -> Vec<(String, String)> {
+fn routes_in(source: &str, scope: &str) -> Vec<(String, String)> {
     let text: String = source
         .lines()
         .filter(|line| !line.trim_start().starts_with("//"))
@@ -71,7 +77,7 @@ fn routes_in(source: &str) -> Vec<(String, String)> {
         ".route(\"",
         ".route(web::",
     ];
-    let (mut prefix, mut resource, mut found) = (String::new(), None, Vec::new());
+    let (mut prefix, mut resource, mut found) = (scope.to_owned(), None, Vec::new());
     let mut rest = text.as_str();
     while let Some((at, pattern)) = patterns
         .iter()
@@ -112,9 +118,14 @@ fn rust_files(dir: &Path, files: &mut Vec<PathBuf>) {
 #[test]
 fn every_registered_route_is_documented_and_every_documented_operation_is_registered() {
     let read = |f: &str| std::fs::read_to_string(repo_file(f)).unwrap();
+    // The scope `src/admin/jobs.rs` is handed, as ROUTE_FILES says.
+    assert!(
+        read("src/admin.rs").contains("jobs::configure(web::scope(\"/admin\"))"),
+        "src/admin.rs no longer hands /admin to jobs::configure: fix ROUTE_FILES"
+    );
     let registered: BTreeSet<(String, String)> = ROUTE_FILES
         .iter()
-        .flat_map(|f| routes_in(&read(f)))
+        .flat_map(|(f, scope)| routes_in(&read(f), scope))
         .collect();
     for (method, path) in [
         ("POST", "/salesforce/outbound/{route}/{token}"),
@@ -122,6 +133,7 @@ fn every_registered_route_is_documented_and_every_documented_operation_is_regist
         ("GET", "/health/live"),
         ("DELETE", "/admin/parked"),
         ("GET", "/admin/openapi.json"),
+        ("POST", "/admin/jobs/{id}/resend"),
     ] {
         assert!(
             registered.contains(&(method.to_owned(), path.to_owned())),
@@ -143,8 +155,8 @@ fn every_registered_route_is_documented_and_every_documented_operation_is_regist
     rust_files(&repo_file("src"), &mut files);
     for file in files {
         let name = file.strip_prefix(repo_file("")).unwrap().to_string_lossy();
-        if !ROUTE_FILES.contains(&name.as_ref()) {
-            let routes = routes_in(&std::fs::read_to_string(&file).unwrap());
+        if !ROUTE_FILES.iter().any(|(f, _)| *f == name) {
+            let routes = routes_in(&std::fs::read_to_string(&file).unwrap(), "");
             assert!(
                 routes.is_empty(),
                 "{name} registers {routes:?}: add it to ROUTE_FILES and document them"
@@ -239,6 +251,10 @@ async fn spawn_contract_app() -> TestApp {
     spawn_app_with(|s| {
         s.admin.token = Some(TOKEN.to_owned().into());
         s.ledger.subject_key = "openapi-subject-key".to_owned().into();
+        let feedback = s.routes.iter_mut().find(|r| r.name == "feedback");
+        feedback
+            .expect("the test settings have this route")
+            .keep_payload_days = 2;
         let route = s.routes.iter_mut().find(|r| r.name == TOKEN_ROUTE);
         route.expect("the test settings have this route").path_token =
             Some(PATH_TOKEN.to_owned().into());
@@ -441,10 +457,11 @@ async fn exercise_ops_and_outbound(c: &mut Contract, app: &TestApp) {
     let metrics = c.send(base, "GET", "/metrics", "/metrics", &[], None).await;
     assert!(metrics.text.contains("relay_ready 1"), "{}", metrics.text);
 
-    // Centercode refuses the next deliveries: every job of the outbound paths parks.
+    // Centercode refuses the next three deliveries: the three jobs of the outbound paths park
+    // (later deliveries go through).
     app.centercode.push_fault(Fault {
         status: 400,
-        times: 10,
+        times: 3,
         ..Fault::default()
     });
     let outbound = "/salesforce/outbound/{route}";
@@ -488,6 +505,16 @@ async fn exercise_ops_and_outbound(c: &mut Contract, app: &TestApp) {
     assert_eq!(error_code(&refused), (401, "unauthorized"));
 }
 
+/// Follow the `next_cursor` of `target`'s first page (one job a page): the next page starts
+/// with another job.
+async fn second_page(c: &mut Contract, app: &TestApp, template: &str, target: &str) {
+    let page = c.admin(app, "GET", template, target, None).await.json;
+    let cursor = page["next_cursor"].as_str().expect("a next page");
+    let next = format!("{target}&cursor={cursor}");
+    let next = c.admin(app, "GET", template, &next, None).await.json;
+    assert_ne!(next["jobs"][0]["id"], page["jobs"][0]["id"]);
+}
+
 /// List, show, replay and purge parked jobs (three parked by `exercise_ops_and_outbound`).
 async fn exercise_parked(c: &mut Contract, app: &TestApp) {
     let list = "/admin/parked";
@@ -501,15 +528,7 @@ async fn exercise_parked(c: &mut Contract, app: &TestApp) {
         .collect();
     assert_eq!(gdpr.len(), 2);
 
-    let page = c.admin(app, "GET", list, "/admin/parked?route=gdpr&limit=1", None);
-    let page = page.await.json;
-    let cursor = page["next_cursor"]
-        .as_str()
-        .expect("a next page")
-        .to_owned();
-    let target = format!("/admin/parked?route=gdpr&limit=1&cursor={cursor}");
-    let next = c.admin(app, "GET", list, &target, None).await.json;
-    assert_ne!(next["jobs"][0]["id"], page["jobs"][0]["id"]);
+    second_page(c, app, list, "/admin/parked?route=gdpr&limit=1").await;
     let target = "/admin/parked?action=remove_user&org_id=00D8d000001AbCdEAK&since=0&until=4102444800&reason=400&record_id=003&all=true";
     c.admin(app, "GET", list, target, None).await;
     let target = format!("/admin/parked?ids={},ghost-id", gdpr[0]);
@@ -594,25 +613,213 @@ async fn exercise_routes(c: &mut Contract, app: &TestApp) {
     assert_eq!(error_code(&unknown.await), (404, "unknown_route"));
 }
 
-/// The ledger, after the deliveries and parks of the steps before.
-async fn exercise_ledger(c: &mut Contract, app: &TestApp) {
-    let ledger = "/admin/ledger";
+/// The CSV header of `GET /admin/jobs/export`.
+const EXPORT_HEADER: &str = "job_id,route,action,notification_id,record_id,subject_key,received_at,stored_at,completed_at,outcome,centercode_status";
+
+/// List, search, show and resend the ledger's jobs: those of the parks, replay and purge of
+/// the steps before, plus one feedback delivered here on a route that keeps payloads (so it
+/// can be resent).
+async fn exercise_jobs(c: &mut Contract, app: &TestApp) {
+    let feedback = app
+        .post_outbound("feedback", fixture("om_feedback_custom_object.xml"))
+        .await;
+    assert_eq!(feedback.status(), 200);
+    // The feedback and the replayed removal are delivered; the case feedback stays parked.
+    app.deliver_until_settled().await;
+
+    let list = "/admin/jobs";
     let all = c
-        .admin(app, "GET", ledger, "/admin/ledger?limit=50", None)
-        .await
-        .json;
-    assert!(!all["entries"].as_array().unwrap().is_empty(), "{all}");
-    let open = c.admin(app, "GET", ledger, "/admin/ledger?incomplete=true", None);
-    assert!(open.await.json["entries"].is_array());
-    let subject = "/admin/ledger/subject";
+        .admin(app, "GET", list, "/admin/jobs?limit=50", None)
+        .await;
+    let jobs = all.json["jobs"].as_array().unwrap().clone();
+    assert_eq!((jobs.len(), &all.json["next_cursor"]), (4, &Value::Null));
+    let id_where = |route: &str, state: &str| {
+        let job = jobs
+            .iter()
+            .find(|j| j["route"] == route && j["state"] == state);
+        let job = job.unwrap_or_else(|| panic!("no {state} job of {route}: {jobs:?}"));
+        job["id"].as_str().unwrap().to_owned()
+    };
+    let delivered_feedback = id_where("feedback", "done");
+    let delivered_removal = id_where("gdpr", "done");
+    let parked = id_where(TOKEN_ROUTE, "parked");
+    id_where("gdpr", "purged");
+    assert!(jobs.iter().all(|j| j.get("attempts").is_none()), "{jobs:?}");
+
+    let open = c.admin(app, "GET", list, "/admin/jobs?undelivered=true", None);
+    let open = open.await.json;
+    assert_eq!(open["jobs"].as_array().unwrap().len(), 1, "{open}");
+    assert_eq!(open["jobs"][0]["id"], parked.as_str());
+    second_page(c, app, list, "/admin/jobs?route=gdpr&limit=1").await;
+    let notification = jobs.iter().find(|j| j["id"] == delivered_removal.as_str());
+    let notification = notification.unwrap()["notification_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let target = format!("/admin/jobs?record_id=0038d0000000041AAA&notification_id={notification}&route=gdpr&action=remove_user&outcome=delivered&since=0&until=4102444800&undelivered=false&history=true&limit=5");
+    let one = c.admin(app, "GET", list, &target, None).await.json;
+    assert_eq!(one["jobs"][0]["id"], delivered_removal.as_str(), "{one}");
+    let outcomes = &one["jobs"][0]["outcomes"];
+    let names: Vec<&str> = outcomes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["parked", "replayed", "delivered"]);
+    let pending = c.admin(app, "GET", list, "/admin/jobs?outcome=pending", None);
+    assert_eq!(pending.await.json["jobs"], json!([]));
+
+    // By e-mail, in the body only; then by the subject key it was hashed into.
+    let search = "/admin/jobs/search";
+    let body = json!({"email": "Marta.Kowalska@example.org", "history": true});
+    let found = c.admin(app, "POST", search, search, Some(body)).await.json;
+    let found = found["jobs"].as_array().unwrap().clone();
+    assert_eq!(found.len(), 2, "both removals: {found:?}");
+    let key = found[0]["subject_key"].as_str().unwrap().to_owned();
+    assert_eq!(key.len(), 64);
+    let target = format!("/admin/jobs?subject_key={key}");
+    let by_key = c.admin(app, "GET", list, &target, None).await.json;
+    assert_eq!(by_key["jobs"].as_array().unwrap().len(), 2);
     let body = json!({"email": "nobody@example.org"});
-    let found = c
-        .admin(app, "POST", subject, subject, Some(body))
-        .await
-        .json;
-    assert_eq!(found, json!({"entries": []}));
-    let bad = c.admin(app, "GET", ledger, "/admin/ledger?since=yesterday", None);
+    let nobody = c.admin(app, "POST", search, search, Some(body)).await.json;
+    assert_eq!(nobody, json!({"jobs": [], "next_cursor": null}));
+    let body = json!({"subject_key": key, "record_id": "0038d0000000041AAA",
+        "notification_id": notification, "route": "gdpr", "action": "remove_user",
+        "outcome": "delivered", "since": 0, "until": 4_102_444_800_i64, "undelivered": false,
+        "history": false, "limit": 10});
+    let filtered = c.admin(app, "POST", search, search, Some(body)).await.json;
+    assert_eq!(filtered["jobs"][0]["id"], delivered_removal.as_str());
+    let body = json!({"email": "not-an-address"});
+    let bad = c.admin(app, "POST", search, search, Some(body)).await;
+    assert_eq!(error_code(&bad), (400, "bad_body"));
+    let body = json!({"route": "gdpr"});
+    let unfiltered = c.admin(app, "POST", search, search, Some(body)).await;
+    assert_eq!(error_code(&unfiltered), (400, "bad_body"));
+
+    let show = "/admin/jobs/{id}";
+    let target = format!("/admin/jobs/{delivered_feedback}");
+    let shown = c.admin(app, "GET", show, &target, None).await.json;
+    assert_eq!(
+        (&shown["payload_kept"], &shown["outcome"]),
+        (&json!(true), &json!("delivered"))
+    );
+    assert_eq!(shown["attempts"][0]["status"], 200, "{shown}");
+    let missing = c
+        .admin(app, "GET", show, "/admin/jobs/ghost-id", None)
+        .await;
+    assert_eq!(error_code(&missing), (404, "not_found"));
+
+    // Resend: the kept feedback once; a job not completed, or without a payload, refused.
+    let resend = "/admin/jobs/{id}/resend";
+    let target = format!("/admin/jobs/{delivered_feedback}/resend");
+    let resent = c.admin(app, "POST", resend, &target, None).await;
+    assert_eq!(resent.status, 202, "{}", resent.text);
+    assert_eq!(resent.json["resent_from"], delivered_feedback.as_str());
+    let new_id = resent.json["job_id"].as_str().unwrap().to_owned();
+    let target = format!("/admin/jobs/{delivered_feedback}");
+    let old = c.admin(app, "GET", show, &target, None).await.json;
+    assert_eq!(
+        (&old["outcome"], &old["state"]),
+        (&json!("resent"), &json!("resent"))
+    );
+    for (id, code) in [
+        (parked.as_str(), "not_completed"),
+        (new_id.as_str(), "not_completed"),
+        (delivered_removal.as_str(), "payload_not_kept"),
+    ] {
+        let target = format!("/admin/jobs/{id}/resend");
+        let refused = c.admin(app, "POST", resend, &target, None).await;
+        assert_eq!(error_code(&refused), (409, code), "{}", refused.text);
+    }
+    let ghost = c.admin(app, "POST", resend, "/admin/jobs/ghost-id/resend", None);
+    assert_eq!(error_code(&ghost.await), (404, "not_found"));
+}
+
+/// The export of the five jobs `exercise_jobs` leaves (as CSV, the default, and as JSON), and
+/// the refusals of every `/admin/jobs` operation.
+async fn exercise_job_export_and_refusals(c: &mut Contract, app: &TestApp) {
+    let export = "/admin/jobs/export";
+    let csv = c.admin(app, "GET", export, export, None).await.text;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!((lines[0], lines.len()), (EXPORT_HEADER, 1 + 5), "{csv}");
+    let target =
+        "/admin/jobs/export?action=remove_user&route=gdpr&since=0&until=4102444800&format=json";
+    let rows = c.admin(app, "GET", export, target, None).await.json;
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r["completed_at"].is_string()),
+        "{rows:?}"
+    );
+    let csv = c.admin(app, "GET", export, "/admin/jobs/export?format=csv", None);
+    assert!(csv.await.text.starts_with(EXPORT_HEADER));
+
+    let list = "/admin/jobs";
+    for target in [
+        "/admin/jobs?outcome=nonsense",
+        "/admin/jobs?since=yesterday",
+        "/admin/jobs?cursor=not-a-cursor",
+        "/admin/jobs?limit=lots",
+    ] {
+        let bad = c.admin(app, "GET", list, target, None).await;
+        assert_eq!(error_code(&bad), (400, "bad_query"), "{target}");
+    }
+    let bad = c.admin(app, "GET", export, "/admin/jobs/export?format=xml", None);
     assert_eq!(error_code(&bad.await), (400, "bad_query"));
+    let bad = c.admin(
+        app,
+        "GET",
+        export,
+        "/admin/jobs/export?since=yesterday",
+        None,
+    );
+    assert_eq!(error_code(&bad.await), (400, "bad_query"));
+    for (method, template, target) in [
+        ("GET", list, list),
+        ("POST", "/admin/jobs/search", "/admin/jobs/search"),
+        ("GET", "/admin/jobs/{id}", "/admin/jobs/ghost-id"),
+        (
+            "POST",
+            "/admin/jobs/{id}/resend",
+            "/admin/jobs/ghost-id/resend",
+        ),
+        ("GET", export, export),
+    ] {
+        let refused = c
+            .send(&app.address, method, template, target, &[], None)
+            .await;
+        assert_eq!(
+            error_code(&refused),
+            (401, "unauthorized"),
+            "{method} {target}"
+        );
+    }
+}
+
+/// With the ledger off, every `/admin/jobs` operation answers 501 `no_ledger`.
+async fn exercise_jobs_without_a_ledger(c: &mut Contract) {
+    let app = spawn_app_with(|s| {
+        s.admin.token = Some(TOKEN.to_owned().into());
+        s.ledger.enabled = false;
+    })
+    .await;
+    let body = Some(json!({"email": "marta.kowalska@example.org"}));
+    for (method, template, target, body) in [
+        ("GET", "/admin/jobs", "/admin/jobs", None),
+        ("POST", "/admin/jobs/search", "/admin/jobs/search", body),
+        ("GET", "/admin/jobs/{id}", "/admin/jobs/ghost-id", None),
+        (
+            "POST",
+            "/admin/jobs/{id}/resend",
+            "/admin/jobs/ghost-id/resend",
+            None,
+        ),
+        ("GET", "/admin/jobs/export", "/admin/jobs/export", None),
+    ] {
+        let off = c.admin(&app, method, template, target, body).await;
+        assert_eq!(error_code(&off), (501, "no_ledger"), "{method} {target}");
+    }
 }
 
 /// One callout to `route`.
@@ -662,7 +869,9 @@ async fn every_documented_operation_answers_as_documented() {
     exercise_ops_and_outbound(&mut c, &app).await;
     exercise_parked(&mut c, &app).await;
     exercise_routes(&mut c, &app).await;
-    exercise_ledger(&mut c, &app).await;
+    exercise_jobs(&mut c, &app).await;
+    exercise_job_export_and_refusals(&mut c, &app).await;
+    exercise_jobs_without_a_ledger(&mut c).await;
     exercise_callouts(&mut c, &app).await;
     // The admin API turned off: every admin path answers 404 `admin_disabled`.
     let off = spawn_app().await;
@@ -677,7 +886,7 @@ async fn every_documented_operation_answers_as_documented() {
         never.is_empty(),
         "documented but never exercised: {never:?}"
     );
-    assert!(c.answered.len() >= 14, "{:?}", c.answered);
+    assert!(c.answered.len() >= 19, "{:?}", c.answered);
 }
 
 #[tokio::test]
