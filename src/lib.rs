@@ -26,7 +26,8 @@
 //! - [`retry`]: retry schedule, jitter and `Retry-After`.
 //! - [`worker`]: lease, deliver, ack / retry / park.
 //! - [`startup`]: wiring and shutdown. [`telemetry`]: logging. [`metrics`]: Prometheus.
-//! - [`admin`]: the admin API (parked jobs, replay, pause, the ledger's jobs); [`control`]:
+//! - [`admin`]: the admin API (parked jobs, replay, pause, the ledger's jobs); [`console`]:
+//!   the same in the browser at `/console`; [`control`]:
 //!   this process's paused routes and circuit breakers; [`shared_control`]: pause state
 //!   shared by every process.
 //! - [`ledger`]: the delivery ledger (SQLite or PostgreSQL): every job's attempts and
@@ -37,6 +38,7 @@ pub mod admin;
 pub mod admin_cli;
 pub mod centercode;
 pub mod cli;
+pub mod console;
 pub mod control;
 #[cfg(feature = "demo")]
 pub mod demo;

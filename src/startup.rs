@@ -253,6 +253,7 @@ impl Application {
             probes: Arc::new(inbound::health::ProbeCache::new(Duration::from_millis(
                 self.settings.server.probe_cache_ms,
             ))),
+            console: Arc::new(crate::console::Console::new()),
         });
         let server_settings = &self.settings.server;
         let workers = match server_settings.workers {
@@ -321,6 +322,10 @@ impl Application {
             self.settings.queue.depth_warning,
             stop.clone(),
         ));
+        let console_sampler = tokio::spawn(crate::console::sample_until_stopped(
+            state.get_ref().clone(),
+            stop.clone(),
+        ));
         // Every role, gateways included: the dedupe keys are written by gateways.
         let housekeeping = tokio::spawn(housekeeping(
             self.queue.clone(),
@@ -330,6 +335,7 @@ impl Application {
         ));
         stop.cancelled().await;
         monitor.abort();
+        console_sampler.abort();
         housekeeping.abort();
         control_task.abort();
         tracing::info!("stopping: no new requests; finishing in-flight work");

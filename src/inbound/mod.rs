@@ -30,6 +30,8 @@ pub struct AppState {
     pub networks: Arc<Networks>,
     /// Recent queue readings shared by `/metrics` and `/health/ready`.
     pub probes: Arc<health::ProbeCache>,
+    /// The console's samples and logged-out sessions.
+    pub console: Arc<crate::console::Console>,
 }
 
 /// `server.trusted_proxies` and each route's `allowed_ips`, parsed.
@@ -108,6 +110,7 @@ pub fn configure_ops(cfg: &mut web::ServiceConfig) {
     configure_health(cfg);
     cfg.route("/metrics", web::get().to(health::metrics))
         .configure(crate::admin::configure)
+        .configure(crate::console::configure)
         .default_service(web::to(not_found));
 }
 
