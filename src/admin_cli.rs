@@ -195,6 +195,12 @@ fn parse_time_at(s: &str, now: i64) -> Result<i64, String> {
 /// Unix seconds of an RFC 3339 date-time (`2026-12-01T10:00:00Z`, `…T10:00:00.250+02:00`).
 /// `Err(None)` when `s` does not have the shape; `Err(Some(why))` when a part is out of range.
 fn parse_rfc3339(s: &str) -> Result<i64, Option<String>> {
+    parse_rfc3339_ms(s).map(|ms| ms.div_euclid(1000))
+}
+
+/// Milliseconds since the epoch of an RFC 3339 date-time (fractions beyond milliseconds
+/// dropped); errors as [`parse_rfc3339`]. Salesforce's `SystemModstamp` has this shape.
+pub fn parse_rfc3339_ms(s: &str) -> Result<i64, Option<String>> {
     let b = s.as_bytes();
     let num = |range: std::ops::Range<usize>| -> Result<i64, Option<String>> {
         let part = b.get(range).ok_or(None)?;
@@ -222,11 +228,18 @@ fn parse_rfc3339(s: &str) -> Result<i64, Option<String>> {
     at(16, b":")?;
     let second = num(17..19)?;
     let mut i = 19;
+    let mut millis = 0;
     if b.get(i) == Some(&b'.') {
         let fraction = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
         if fraction == 0 {
             return Err(None);
         }
+        millis = (0..3).fold(0, |n, k| {
+            n * 10
+                + b.get(i + 1 + k)
+                    .filter(|_| k < fraction)
+                    .map_or(0, |d| i64::from(d - b'0'))
+        });
         i += 1 + fraction;
     }
     let offset = match b.get(i) {
@@ -254,7 +267,11 @@ fn parse_rfc3339(s: &str) -> Result<i64, Option<String>> {
     if hour > 23 || minute > 59 || second > 60 {
         return Err(Some("no such time of day".to_owned()));
     }
-    Ok(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset)
+    Ok(
+        (days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset)
+            * 1000
+            + millis,
+    )
 }
 
 fn days_in_month(year: i64, month: i64) -> i64 {
@@ -814,6 +831,7 @@ mod tests {
         while ms < 4_102_444_800_000 {
             let text = crate::admin::rfc3339(ms);
             assert_eq!(parse_time_at(&text, NOW), Ok(ms.div_euclid(1000)), "{text}");
+            assert_eq!(parse_rfc3339_ms(&text), Ok(ms), "{text}");
             ms += 3_600_000 * 37 + 123_457;
         }
     }

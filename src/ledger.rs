@@ -53,7 +53,8 @@ pub struct Attempt {
 /// How a job's life ended (or, for `replayed`, began again).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FinalOutcome {
-    /// `delivered`, `user_not_found`, `parked`, `replayed` or `purged`.
+    /// `delivered`, `user_not_found`, `parked`, `replayed`, `purged`, `resent` or
+    /// `superseded`.
     pub outcome: String,
     pub reason: Option<String>,
     pub at_ms: i64,
@@ -89,7 +90,13 @@ pub struct KeptPayload {
 
 /// Outcomes after which nothing more happens to a job (`resent`: a delivered job stored
 /// again as a new job, which has its own entry).
-pub const ENDING_OUTCOMES: [&str; 4] = ["delivered", "user_not_found", "purged", "resent"];
+pub const ENDING_OUTCOMES: [&str; 5] = [
+    "delivered",
+    "user_not_found",
+    "purged",
+    "resent",
+    "superseded",
+];
 
 /// Which entries to return, newest stored first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

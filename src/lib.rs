@@ -24,7 +24,8 @@
 //! - [`mapping`]: Salesforce fields → Centercode request.
 //! - [`centercode`]: the reqwest client.
 //! - [`retry`]: retry schedule, jitter and `Retry-After`.
-//! - [`worker`]: lease, deliver, ack / retry / park.
+//! - [`worker`]: lease, deliver, ack / retry / park; [`ordering`]: never an older version
+//!   of a record after a newer one.
 //! - [`startup`]: wiring and shutdown. [`telemetry`]: logging. [`metrics`]: Prometheus.
 //! - [`admin`]: the admin API (parked jobs, replay, pause, the ledger's jobs); [`console`]:
 //!   the same in the browser at `/console`; [`control`]:
@@ -49,6 +50,7 @@ pub mod ledger_cli;
 pub mod mapping;
 pub mod metrics;
 pub mod netaddr;
+pub mod ordering;
 pub mod queue;
 pub mod retry;
 pub mod settings;

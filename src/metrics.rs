@@ -67,7 +67,7 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "relay_deliveries_total",
         "counter",
-        "Delivery outcomes by route, action and outcome (done, user_not_found, retried, parked).",
+        "Delivery outcomes by route, action and outcome (done, user_not_found, retried, parked, held, superseded).",
     ),
     (
         "relay_centercode_responses_total",

@@ -605,6 +605,17 @@ pub struct RouteSettings {
     /// when the job completes), e.g. to resend feedback Centercode lost.
     #[serde(default)]
     pub keep_payload_days: u32,
+    /// The record's version, for per-record order (src/ordering.rs): a field of the
+    /// Outbound Message's sObject, or for callouts a JSON pointer (`/record/SystemModstamp`)
+    /// or top-level key. Default: `SystemModstamp`, else `LastModifiedDate`; a message
+    /// without one is versioned by the time it reached the relay.
+    #[serde(default)]
+    pub version_field: Option<String>,
+    /// Callouts: where the Salesforce record id is (JSON pointer or top-level key). Default:
+    /// a top-level `recordId`, `record_id` or `Id`. Jobs with a record id are delivered in
+    /// version order per record and can be traced by it.
+    #[serde(default)]
+    pub record_id_field: Option<String>,
     /// Production only: accept an outbound_message route with none of `path_token`,
     /// `allowed_ips` or mutual TLS (warned at start and shown on `/admin/routes`).
     #[serde(default)]

@@ -399,6 +399,9 @@ async fn housekeeping(
         // Ledger retention, then the WAL folded back and truncated: rows deleted since (the
         // payloads of delivered jobs) do not stay readable in it.
         let before = crate::queue::now_ms() - (ledger_retention_days * 86_400_000) as i64;
+        if let Err(e) = queue.order_forget_old().await {
+            tracing::warn!(error = %e, "could not forget old per-record order state");
+        }
         if queue.keeps_ledger() {
             if let Err(e) = queue.ledger_purge_before(before).await {
                 tracing::warn!(error = %e, "could not apply the ledger retention");

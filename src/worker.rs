@@ -20,6 +20,9 @@ use tracing::Instrument;
 /// `centercode.timeout_ms` by more than this).
 pub const LEASE_REFRESH_AFTER: Duration = Duration::from_millis(500);
 
+/// How long a job waits when another version of its record is being delivered.
+pub const RECORD_BUSY_DELAY: Duration = Duration::from_millis(200);
+
 /// What one call to Centercode was, for the ledger. No `Debug`: it holds the e-mail, which
 /// must not be printable by accident.
 pub struct CallRecord {
@@ -45,6 +48,12 @@ pub enum Outcome {
     Parked { reason: String, status: Option<u16> },
     /// Returned to the queue without spending an attempt (route paused or circuit open).
     Held { reason: String },
+    /// Not sent: a newer version of the same record was delivered already or is waiting
+    /// (see [`crate::ordering`]). Recorded and acked: accounted for, not lost.
+    Superseded { version: i64, newer: i64 },
+    /// Another version of the same record is being delivered right now: back shortly,
+    /// attempt not spent.
+    RecordBusy,
 }
 
 impl Outcome {
@@ -52,7 +61,10 @@ impl Outcome {
     pub fn ends_the_job(&self) -> bool {
         matches!(
             self,
-            Outcome::Delivered { .. } | Outcome::UserNotFound | Outcome::Parked { .. }
+            Outcome::Delivered { .. }
+                | Outcome::UserNotFound
+                | Outcome::Parked { .. }
+                | Outcome::Superseded { .. }
         )
     }
 }
@@ -233,8 +245,15 @@ impl Worker {
             Outcome::Delivered { .. } => ("done", Some("delivered"), None),
             Outcome::UserNotFound => ("user_not_found", Some("user_not_found"), None),
             Outcome::Retried { .. } => ("retry", None, None),
-            Outcome::Held { .. } => ("held", None, None),
+            Outcome::Held { .. } | Outcome::RecordBusy => ("held", None, None),
             Outcome::Parked { reason, .. } => ("parked", Some("parked"), Some(reason.clone())),
+            Outcome::Superseded { version, newer } => (
+                "superseded",
+                Some("superseded"),
+                Some(format!(
+                    "version {version} is older than {newer}, delivered or waiting"
+                )),
+            ),
         };
         let secret = self.settings.ledger.subject_key.expose_secret();
         let subject_key = call
@@ -338,7 +357,15 @@ impl Worker {
         );
         async move {
             let mut call = None;
-            let outcome = self.decide(&job, &mut call).await;
+            let order = self.settings.route(&job.route).and_then(|route| {
+                crate::ordering::record_key(&job.route, job.record_id.as_deref()).map(|key| {
+                    (key, crate::ordering::version_of(&job.job, route, job.received_at_ms))
+                })
+            });
+            let outcome = match &order {
+                None => self.decide(&job, &mut call).await,
+                Some((key, version)) => self.decide_in_order(&job, key, *version, &mut call).await,
+            };
             drop(call_slot);
             // The ledger first: a job leaves the queue only once its outcome is written there.
             if let Err(e) = self.write_ledger(&job, &outcome, call).await {
@@ -350,6 +377,11 @@ impl Worker {
             }
             let recorded = match &outcome {
                 Outcome::Delivered { .. } | Outcome::UserNotFound => self.queue.ack(&job).await,
+                Outcome::Superseded { version, newer } => {
+                    tracing::info!(version, newer, "job superseded by a newer version of its record; not sent");
+                    self.queue.ack(&job).await
+                }
+                Outcome::RecordBusy => self.queue.defer(&job, RECORD_BUSY_DELAY).await,
                 Outcome::Parked { reason, status } => {
                     tracing::warn!(reason = %reason, "job parked");
                     self.queue.park(&job, reason, *status).await
@@ -371,7 +403,8 @@ impl Worker {
                 Outcome::UserNotFound => "user_not_found",
                 Outcome::Retried { .. } => "retried",
                 Outcome::Parked { .. } => "parked",
-                Outcome::Held { .. } => "held",
+                Outcome::Held { .. } | Outcome::RecordBusy => "held",
+                Outcome::Superseded { .. } => "superseded",
             };
             self.metrics.inc(
                 "relay_deliveries_total",
@@ -387,6 +420,37 @@ impl Worker {
         }
         .instrument(span)
         .await
+    }
+
+    /// [`Worker::decide`] under the record's hold: only one version of a record in flight,
+    /// and never one older than a version delivered or waiting.
+    async fn decide_in_order(
+        &self,
+        job: &Leased,
+        key: &str,
+        version: i64,
+        call: &mut Option<CallRecord>,
+    ) -> Outcome {
+        use crate::ordering::Decision;
+        let hold = crate::ordering::hold_ms(&self.settings);
+        match self.queue.order_begin(key, version, hold).await {
+            Ok(Decision::Go) => {}
+            Ok(Decision::Superseded { newer }) => return Outcome::Superseded { version, newer },
+            Ok(Decision::Busy) => return Outcome::RecordBusy,
+            Err(e) => {
+                // Without the record's state the order cannot be kept: try again shortly.
+                tracing::warn!(error = %e, "could not read the record's order state; trying again shortly");
+                return Outcome::RecordBusy;
+            }
+        }
+        let outcome = self.decide(job, call).await;
+        let delivered = matches!(outcome, Outcome::Delivered { .. } | Outcome::UserNotFound);
+        if let Err(e) = self.queue.order_finish(key, version, delivered).await {
+            // The hold lapses by itself; a lost "delivered" only lets an older late copy
+            // through if one arrives before the next delivery of this record.
+            tracing::warn!(error = %e, "could not record the record's delivered version");
+        }
+        outcome
     }
 
     async fn decide(&self, job: &Leased, call: &mut Option<CallRecord>) -> Outcome {

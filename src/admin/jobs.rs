@@ -3,7 +3,7 @@
 //! An e-mail is only ever accepted in a request body (`POST /admin/jobs/search`), hashed at
 //! once into its subject key and forgotten.
 
-use super::{deny, error, parse_json_body, parse_query, queue_error, rfc3339};
+use super::{deny, error, parse_json_body, parse_query, queue_error, refuse, rfc3339, Refused};
 use crate::inbound::AppState;
 use crate::ledger::{Entry, FinalOutcome, LedgerCursor, LedgerQuery};
 use actix_web::http::StatusCode;
@@ -46,7 +46,8 @@ struct Filters {
     subject_key: Option<String>,
 }
 
-const OUTCOMES: [&str; 7] = [
+const OUTCOMES: [&str; 8] = [
+    "superseded",
     "delivered",
     "user_not_found",
     "parked",
@@ -57,10 +58,10 @@ const OUTCOMES: [&str; 7] = [
 ];
 
 impl Filters {
-    fn query(self) -> Result<LedgerQuery, HttpResponse> {
+    fn query(self) -> Result<LedgerQuery, Refused> {
         if let Some(o) = &self.outcome {
             if !OUTCOMES.contains(&o.as_str()) {
-                return Err(error(
+                return Err(refuse(
                     StatusCode::BAD_REQUEST,
                     "bad_query",
                     &format!("outcome: expected one of {}", OUTCOMES.join(", ")),
@@ -69,7 +70,7 @@ impl Filters {
         }
         let after = match &self.cursor {
             Some(c) => Some(LedgerCursor::parse(c).ok_or_else(|| {
-                error(
+                refuse(
                     StatusCode::BAD_REQUEST,
                     "bad_query",
                     "cursor: expected the next_cursor of an earlier page",
@@ -99,6 +100,7 @@ impl Filters {
 fn state_of(e: &Entry, state: &AppState) -> &'static str {
     match e.last_outcome.as_deref() {
         Some("delivered" | "user_not_found") => "done",
+        Some("superseded") => "superseded",
         Some("purged") => "purged",
         Some("resent") => "resent",
         Some("parked") => "parked",
@@ -186,7 +188,7 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     };
     match filters.query() {
         Ok(q) => answer(&state, q).await,
-        Err(refused) => refused,
+        Err(refused) => *refused,
     }
 }
 
@@ -277,11 +279,11 @@ async fn search(
     }
     match filters.query() {
         Ok(q) => answer(&state, q).await,
-        Err(refused) => refused,
+        Err(refused) => *refused,
     }
 }
 
-async fn one(state: &AppState, id: &str) -> Result<Entry, HttpResponse> {
+async fn one(state: &AppState, id: &str) -> Result<Entry, Refused> {
     let q = LedgerQuery {
         job_id: Some(id.to_owned()),
         history: true,
@@ -290,15 +292,15 @@ async fn one(state: &AppState, id: &str) -> Result<Entry, HttpResponse> {
     };
     match state.queue.ledger_query(q).await {
         Ok(mut entries) if !entries.is_empty() => Ok(entries.remove(0)),
-        Ok(_) => Err(error(
+        Ok(_) => Err(refuse(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("nothing recorded for job {id}"),
         )),
         Err(crate::queue::QueueError::NotReady(why)) if !state.queue.keeps_ledger() => {
-            Err(no_ledger(&why))
+            Err(Box::new(no_ledger(&why)))
         }
-        Err(e) => Err(queue_error(e)),
+        Err(e) => Err(Box::new(queue_error(e))),
     }
 }
 
@@ -309,7 +311,7 @@ async fn show(req: HttpRequest, state: web::Data<AppState>, id: web::Path<String
     }
     match one(&state, &id).await {
         Ok(e) => HttpResponse::Ok().json(job_json(&e, &state)),
-        Err(refused) => refused,
+        Err(refused) => *refused,
     }
 }
 
@@ -327,7 +329,7 @@ async fn resend(
     }
     let entry = match one(&state, &id).await {
         Ok(e) => e,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let outcome = entry.last_outcome.as_deref().unwrap_or("pending");
     if !matches!(outcome, "delivered" | "user_not_found" | "resent") {

@@ -246,7 +246,7 @@ pub fn job_from_callout(
         body_hash,
         org_id: None,
         notification_id: key.clone(),
-        record_id: None,
+        record_id: crate::ordering::callout_record_id(route, &body),
         job: Job::CalloutV1 {
             idempotency_key: key,
             body,
@@ -334,10 +334,13 @@ async fn handle(
     let mut job = job_from_callout(route, key, body, hash);
     job.received_at_ms = received_at_ms;
     let job_id = job.id.clone();
-    let outcome = state.queue.enqueue(vec![job]).await.map_err(|e| {
+    let jobs = vec![job];
+    let versions = crate::ordering::versions_of(route, &jobs);
+    let outcome = state.queue.enqueue(jobs).await.map_err(|e| {
         tracing::error!(error = %e, "could not store callout; answering 503");
         CalloutError::Enqueue(e)
     })?;
+    crate::ordering::note_seen(&state.queue, versions, &outcome);
     let (status, job_id) = match outcome.into_iter().next() {
         Some(EnqueueOutcome::Duplicate { job_id }) => ("duplicate", job_id),
         Some(EnqueueOutcome::Conflict { job_id }) => return Err(CalloutError::KeyReused(job_id)),

@@ -208,10 +208,12 @@ async fn handle(
         .iter()
         .map(|n| n.id.to_string())
         .collect();
+    let versions = crate::ordering::versions_of(route, &jobs);
     let outcomes = state.queue.enqueue(jobs).await.map_err(|e| {
         tracing::error!(error = %e, "could not store outbound message; answering 503 so Salesforce retries");
         InboundError::Enqueue(e)
     })?;
+    crate::ordering::note_seen(&state.queue, versions, &outcomes);
     let stored = outcomes
         .iter()
         .filter(|o| **o == EnqueueOutcome::Stored)

@@ -53,6 +53,7 @@ impl Dedupe {
     /// An in-memory store (one gateway only).
     pub fn local(ttl: Duration, pending_ttl: Duration) -> Self {
         Dedupe::Local(LocalDedupe {
+            records: Arc::default(),
             map: Arc::default(),
             state: Arc::default(),
             maps: Arc::default(),
@@ -169,6 +170,105 @@ impl Dedupe {
         }
     }
 
+    /// Per-record order: note a version seen at ingest (the newest is kept).
+    pub async fn order_seen(
+        &self,
+        key: &str,
+        version: i64,
+        remember_ms: i64,
+    ) -> Result<(), DedupeError> {
+        match self {
+            Dedupe::Local(d) => {
+                let mut records = d.records.lock().expect("records lock");
+                let r = records.entry(key.to_owned()).or_default();
+                r.seen = r.seen.max(Some(version));
+                Ok(())
+            }
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVAL")
+                    .arg(ORDER_SEEN_LUA)
+                    .arg(1)
+                    .arg(d.record_key(key))
+                    .arg(version)
+                    .arg(remember_ms)
+                    .ignore();
+                d.run(pipe).await
+            }
+        }
+    }
+
+    /// Per-record order: may `version` be delivered now? On `Go` the record is held for it
+    /// for `hold_ms`.
+    pub async fn order_begin(
+        &self,
+        key: &str,
+        version: i64,
+        hold_ms: i64,
+        remember_ms: i64,
+    ) -> Result<crate::ordering::Decision, DedupeError> {
+        use crate::ordering::Decision;
+        match self {
+            Dedupe::Local(d) => {
+                let now = crate::queue::now_ms();
+                let mut records = d.records.lock().expect("records lock");
+                Ok(records
+                    .entry(key.to_owned())
+                    .or_default()
+                    .begin(version, now, hold_ms))
+            }
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVAL")
+                    .arg(ORDER_BEGIN_LUA)
+                    .arg(1)
+                    .arg(d.record_key(key))
+                    .arg(version)
+                    .arg(hold_ms)
+                    .arg(remember_ms);
+                let (code, newer): (i64, i64) = d.run::<((i64, i64),)>(pipe).await?.0;
+                Ok(match code {
+                    0 => Decision::Go,
+                    1 => Decision::Superseded { newer },
+                    _ => Decision::Busy,
+                })
+            }
+        }
+    }
+
+    /// Per-record order: a job of `version` is done with the record; `delivered` when it
+    /// was delivered.
+    pub async fn order_finish(
+        &self,
+        key: &str,
+        version: i64,
+        delivered: bool,
+        remember_ms: i64,
+    ) -> Result<(), DedupeError> {
+        match self {
+            Dedupe::Local(d) => {
+                let mut records = d.records.lock().expect("records lock");
+                records
+                    .entry(key.to_owned())
+                    .or_default()
+                    .finish(version, delivered);
+                Ok(())
+            }
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVAL")
+                    .arg(ORDER_FINISH_LUA)
+                    .arg(1)
+                    .arg(d.record_key(key))
+                    .arg(version)
+                    .arg(if delivered { "1" } else { "0" })
+                    .arg(remember_ms)
+                    .ignore();
+                d.run(pipe).await
+            }
+        }
+    }
+
     /// Set one field of a named map kept beside the keys (per-route pause records, process
     /// reports): shared and durable on Redis (a hash), per process in memory.
     pub async fn map_set(&self, name: &str, field: &str, value: &str) -> Result<(), DedupeError> {
@@ -274,6 +374,8 @@ enum Entry {
 /// The in-memory store.
 #[derive(Clone)]
 pub struct LocalDedupe {
+    /// Per-record order state (see `crate::ordering`).
+    records: Arc<Mutex<HashMap<String, crate::ordering::RecordState>>>,
     map: Arc<Mutex<HashMap<String, (Entry, Instant)>>>,
     state: Arc<Mutex<HashMap<String, String>>>,
     maps: Arc<Mutex<HashMap<String, std::collections::BTreeMap<String, String>>>>,
@@ -362,6 +464,55 @@ thread_local! {
         std::cell::RefCell::default();
 }
 
+// Per-record order in Redis: one hash per record (`seen`, `delivered`, `held`, `holders`,
+// `until`), the logic of `crate::ordering::RecordState` in Lua.
+// Lua numbers are doubles: millisecond times (and integers below 2^53) are exact. The
+// clock is Redis's own (`TIME`), so workers on hosts with skewed clocks agree on holds.
+
+/// ARGV: version, remember_ms.
+const ORDER_SEEN_LUA: &str = "
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seen'))
+if not cur or tonumber(ARGV[1]) > cur then redis.call('HSET', KEYS[1], 'seen', ARGV[1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 0";
+
+/// ARGV: version, hold_ms, remember_ms. Returns {0, 0} go, {1, newer} superseded, {2, 0}
+/// busy.
+const ORDER_BEGIN_LUA: &str = "
+local v = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local h = redis.call('HMGET', KEYS[1], 'seen', 'delivered', 'held', 'holders', 'until')
+local newer = nil
+for i = 1, 2 do
+  local x = tonumber(h[i])
+  if x and x > v and (not newer or x > newer) then newer = x end
+end
+if newer then return {1, newer} end
+local holders = tonumber(h[4] or '0')
+local held = holders > 0 and tonumber(h[5] or '0') > now
+if held and tonumber(h[3]) ~= v then return {2, 0} end
+if not held then holders = 0 end
+redis.call('HSET', KEYS[1], 'held', ARGV[1], 'holders', tostring(holders + 1), 'until', tostring(now + tonumber(ARGV[2])))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {0, 0}";
+
+/// ARGV: version, delivered ('1' or '0'), remember_ms.
+const ORDER_FINISH_LUA: &str = "
+local v = tonumber(ARGV[1])
+if ARGV[2] == '1' then
+  local d = tonumber(redis.call('HGET', KEYS[1], 'delivered'))
+  if not d or v > d then redis.call('HSET', KEYS[1], 'delivered', ARGV[1]) end
+end
+local h = redis.call('HMGET', KEYS[1], 'held', 'holders')
+local holders = tonumber(h[2] or '0')
+if tonumber(h[1]) == v and holders > 0 then
+  if holders == 1 then redis.call('HDEL', KEYS[1], 'held', 'holders', 'until')
+  else redis.call('HSET', KEYS[1], 'holders', tostring(holders - 1)) end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0";
+
 /// The Redis store.
 #[derive(Clone)]
 pub struct RedisDedupe {
@@ -379,6 +530,10 @@ pub struct RedisDedupe {
 impl RedisDedupe {
     fn key(&self, key: &str) -> String {
         format!("{}:dedupe:{key}", self.namespace)
+    }
+
+    fn record_key(&self, key: &str) -> String {
+        format!("{}:record:{key}", self.namespace)
     }
 
     fn state_key(&self, name: &str) -> String {

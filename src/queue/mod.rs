@@ -8,7 +8,7 @@ pub mod sqlite;
 use crate::domain::Fields;
 use crate::settings::Action;
 use serde::{Deserialize, Serialize};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use rabbitmq::RabbitQueue;
 pub use sqlite::SqliteQueue;
@@ -424,6 +424,77 @@ impl Queue {
                 q.lease(max, excluded).await
             }
             Queue::Rabbit(q) => q.lease_holding(max, paused, blocked).await,
+        }
+    }
+
+    /// Per-record order: note the versions of records just stored (the newest is kept).
+    pub async fn order_seen(&self, versions: Vec<(String, i64)>) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.order_seen(versions).await,
+            Queue::Rabbit(q) => {
+                for (key, version) in versions {
+                    q.dedupe()
+                        .order_seen(&key, version, crate::ordering::REMEMBER_MS)
+                        .await
+                        .map_err(|e| QueueError::Dedupe(e.0))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Per-record order: may `version` of `key` be delivered now? (see [`crate::ordering`])
+    pub async fn order_begin(
+        &self,
+        key: &str,
+        version: i64,
+        hold_ms: i64,
+    ) -> Result<crate::ordering::Decision, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.order_begin(key.to_owned(), version, hold_ms).await,
+            Queue::Rabbit(q) => q
+                .dedupe()
+                .order_begin(key, version, hold_ms, crate::ordering::REMEMBER_MS)
+                .await
+                .map_err(|e| QueueError::Dedupe(e.0)),
+        }
+    }
+
+    /// Per-record order: a job of `version` is done with `key` (`delivered` if it was).
+    pub async fn order_finish(
+        &self,
+        key: &str,
+        version: i64,
+        delivered: bool,
+    ) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.order_finish(key.to_owned(), version, delivered).await,
+            Queue::Rabbit(q) => q
+                .dedupe()
+                .order_finish(key, version, delivered, crate::ordering::REMEMBER_MS)
+                .await
+                .map_err(|e| QueueError::Dedupe(e.0)),
+        }
+    }
+
+    /// Forget the order state of records untouched for [`crate::ordering::REMEMBER_MS`]
+    /// (Redis expires its own).
+    pub async fn order_forget_old(&self) -> Result<u64, QueueError> {
+        match self {
+            Queue::Embedded(q) => {
+                q.order_forget_before(now_ms() - crate::ordering::REMEMBER_MS)
+                    .await
+            }
+            Queue::Rabbit(_) => Ok(0),
+        }
+    }
+
+    /// Give a job back for `delay` without spending its attempt (its record is busy).
+    pub async fn defer(&self, job: &Leased, delay: Duration) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.defer(job, delay).await,
+            // The shortest way round on the broker: a retry tier near HOLD_DELAY.
+            Queue::Rabbit(q) => q.release(job).await,
         }
     }
 

@@ -1576,6 +1576,11 @@ impl RabbitQueue {
             .map_err(|e| QueueError::Dedupe(e.0))
     }
 
+    /// The dedupe store, which also keeps per-record order state.
+    pub fn dedupe(&self) -> &super::dedupe::Dedupe {
+        &self.inner.dedupe
+    }
+
     /// Whether control state is shared with other processes (Redis configured).
     pub fn shares_control_state(&self) -> bool {
         matches!(self.inner.dedupe, super::dedupe::Dedupe::Redis(_))

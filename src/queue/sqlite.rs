@@ -99,6 +99,17 @@ CREATE TABLE IF NOT EXISTS ledger_payloads (
     expires_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_payloads_expiry ON ledger_payloads (expires_at);
+-- Per-record order (src/ordering.rs): newest version seen and delivered, who delivers now.
+CREATE TABLE IF NOT EXISTS record_versions (
+    key        TEXT PRIMARY KEY,
+    seen       INTEGER,
+    delivered  INTEGER,
+    held       INTEGER,
+    holders    INTEGER NOT NULL DEFAULT 0,
+    held_until INTEGER NOT NULL DEFAULT 0,
+    touched    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS record_versions_touched ON record_versions (touched);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 ";
 
@@ -523,6 +534,21 @@ impl SqliteQueue {
         result
     }
 
+    /// Give the job back for `delay` without spending its attempt.
+    pub async fn defer(&self, job: &Leased, delay: Duration) -> Result<(), QueueError> {
+        let (id, token) = (job.id.clone(), job.lease_token.clone());
+        let at = now_ms() + delay.as_millis() as i64;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE jobs SET lease_until = 0, lease_token = NULL, attempts = max(attempts - 1, 0), available_at = ?3
+                 WHERE id = ?1 AND lease_token = ?2",
+            )?
+            .execute(params![id, token, at])?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn park(
         &self,
         job: &Leased,
@@ -902,6 +928,92 @@ impl SqliteQueue {
                 return Ok(total);
             }
         }
+    }
+
+    /// Per-record order: note versions of records just stored (the newest is kept).
+    pub async fn order_seen(&self, versions: Vec<(String, i64)>) -> Result<(), QueueError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            for (key, version) in versions {
+                conn.prepare_cached(
+                    "INSERT INTO record_versions (key, seen, touched) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key) DO UPDATE SET seen = max(coalesce(seen, excluded.seen), excluded.seen), touched = excluded.touched",
+                )?
+                .execute(params![key, version, now])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Per-record order: may `version` of the record `key` be delivered now (see
+    /// [`crate::ordering`])? One write transaction, so every process sharing the file agrees.
+    pub async fn order_begin(
+        &self,
+        key: String,
+        version: i64,
+        hold_ms: i64,
+    ) -> Result<crate::ordering::Decision, QueueError> {
+        self.order_update(key, move |r, now| r.begin(version, now, hold_ms))
+            .await
+    }
+
+    /// Per-record order: a job of `version` is done with `key` (`delivered` if it was).
+    pub async fn order_finish(
+        &self,
+        key: String,
+        version: i64,
+        delivered: bool,
+    ) -> Result<(), QueueError> {
+        self.order_update(key, move |r, _| r.finish(version, delivered))
+            .await
+    }
+
+    /// Read a record's order state, change it with `f`, write it back: one transaction.
+    async fn order_update<T: Send + 'static>(
+        &self,
+        key: String,
+        f: impl FnOnce(&mut crate::ordering::RecordState, i64) -> T + Send + 'static,
+    ) -> Result<T, QueueError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut r = conn
+                .prepare_cached("SELECT seen, delivered, held, holders, held_until FROM record_versions WHERE key = ?1")?
+                .query_row([&key], |r| {
+                    Ok(crate::ordering::RecordState {
+                        seen: r.get(0)?,
+                        delivered: r.get(1)?,
+                        held_version: r.get(2)?,
+                        holders: r.get(3)?,
+                        until: r.get(4)?,
+                    })
+                })
+                .optional()?
+                .unwrap_or_default();
+            let answer = f(&mut r, now);
+            conn.prepare_cached(
+                "INSERT INTO record_versions (key, seen, delivered, held, holders, held_until, touched)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (key) DO UPDATE SET seen = excluded.seen, delivered = excluded.delivered,
+                     held = excluded.held, holders = excluded.holders, held_until = excluded.held_until,
+                     touched = excluded.touched",
+            )?
+            .execute(params![key, r.seen, r.delivered, r.held_version, r.holders, r.until, now])?;
+            Ok(answer)
+        })
+        .await
+    }
+
+    /// Forget the order state of records untouched since `before_ms` (a bounded batch).
+    pub async fn order_forget_before(&self, before_ms: i64) -> Result<u64, QueueError> {
+        self.write(move |conn| {
+            Ok(conn.execute(
+                "DELETE FROM record_versions WHERE key IN (
+                     SELECT key FROM record_versions WHERE touched < ?1 AND held_until < ?1 LIMIT 10000)",
+                params![before_ms],
+            )? as u64)
+        })
+        .await
     }
 
     /// When the oldest ledger entry was stored (ms since the epoch), if there is one.

@@ -18,6 +18,7 @@ mod hostile;
 mod inbound;
 mod ledger;
 mod openapi;
+mod ordering;
 mod ops;
 mod queue_conformance;
 mod rabbitmq;
