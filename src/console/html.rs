@@ -181,14 +181,22 @@ pub fn chart(series: &[Series], now_ms: i64) -> String {
                 format!("{x:.1},{y:.1}")
             })
             .collect();
-        if !points.is_empty() {
+        if let Some(last) = points.last() {
             let _ = write!(
                 svg,
-                "<polyline class=\"{}\" points=\"{}\"><title>{}</title></polyline>",
-                esc(s.class),
+                "<polyline class=\"{class}\" points=\"{}\"><title>{}</title></polyline>",
                 points.join(" "),
-                esc(s.name)
+                esc(s.name),
+                class = esc(s.class),
             );
+            // The latest reading as a dot: visible even while the line has one point.
+            if let Some((x, y)) = last.split_once(',') {
+                let _ = write!(
+                    svg,
+                    "<circle class=\"{}\" cx=\"{x}\" cy=\"{y}\" r=\"4\"/>",
+                    esc(s.class)
+                );
+            }
         }
     }
     svg.push_str("</svg>");

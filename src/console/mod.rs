@@ -183,7 +183,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .add((header::CONTENT_SECURITY_POLICY, CSP))
         .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .add((header::X_FRAME_OPTIONS, "DENY"))
-        .add((header::REFERRER_POLICY, "no-referrer"))
+        // Not `no-referrer`: under it browsers send `Origin: null`, which the CSRF check refuses.
+        .add((header::REFERRER_POLICY, "same-origin"))
         .add((header::CACHE_CONTROL, "no-store"));
     cfg.service(
         web::scope("/console")

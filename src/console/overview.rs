@@ -203,7 +203,8 @@ async fn live(state: &AppState) -> String {
             route_state.push("delivering");
         }
         let (rate_in, rate_out) = match (base, counters_now.get(name)) {
-            (Some(b), Some(&(stored, delivered))) if now - b.at_ms >= 1000 => {
+            // Under half a minute of history says little about a rate.
+            (Some(b), Some(&(stored, delivered))) if now - b.at_ms >= 30_000 => {
                 let minutes = (now - b.at_ms) as f64 / 60_000.0;
                 let (s0, d0) = b.counters.get(name).copied().unwrap_or((0, 0));
                 (

@@ -8,6 +8,7 @@ mod amqps;
 mod both_backends;
 mod callout;
 mod cli;
+mod console;
 mod crash;
 mod delivery;
 mod deploy;
