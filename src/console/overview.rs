@@ -7,6 +7,7 @@ use super::html::{self, esc, Section};
 use super::{page_session, route_counters, wants_fragment, LedgerHealth, SAMPLE_INTERVAL};
 use crate::control::CircuitState;
 use crate::inbound::AppState;
+use crate::ledger::{LedgerQuery, MAX_PAGE};
 use crate::queue::{now_ms, ParkedFilter};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -170,7 +171,7 @@ async fn live(state: &AppState) -> String {
     let base = history.iter().find(|s| now - s.at_ms <= RATE_WINDOW_MS);
     out.push_str(
         "<section aria-labelledby=\"h-routes\"><h2 id=\"h-routes\">Routes</h2><div class=\"scroll\"><table><thead><tr>\
-<th scope=\"col\">Route</th><th scope=\"col\">State</th><th scope=\"col\" class=\"num\">Parked</th><th scope=\"col\">Oldest parked</th>\
+<th scope=\"col\">Route</th><th scope=\"col\">State</th><th scope=\"col\" class=\"num\">Waiting</th><th scope=\"col\">Oldest waiting</th><th scope=\"col\" class=\"num\">Parked</th><th scope=\"col\">Oldest parked</th>\
 <th scope=\"col\" class=\"num\">Stored /min</th><th scope=\"col\" class=\"num\">Delivered /min</th>\
 <th scope=\"col\">Salesforce answers</th><th scope=\"col\">Centercode answers</th></tr></thead><tbody>",
     );
@@ -190,6 +191,7 @@ async fn live(state: &AppState) -> String {
                 .and_then(|p| p.first().map(|j| j.parked_at_ms)),
             _ => None,
         };
+        let (waiting, oldest_waiting) = waiting(state, name, now).await;
         let mut route_state = Vec::new();
         if state.control.is_paused(name) {
             route_state.push("paused");
@@ -229,7 +231,7 @@ async fn live(state: &AppState) -> String {
         let _ = write!(
             out,
             "<tr data-route=\"{route}\"><th scope=\"row\"><a href=\"/console/routes#route-{route}\">{route}</a></th>\
-<td class=\"state\">{}</td><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{rate_in}</td><td class=\"num\">{rate_out}</td><td>{}</td><td>{}</td></tr>",
+<td class=\"state\">{}</td><td class=\"num waiting\">{waiting}</td><td>{oldest_waiting}</td><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{rate_in}</td><td class=\"num\">{rate_out}</td><td>{}</td><td>{}</td></tr>",
             route_state.join(", "),
             parked.map_or("?".to_owned(), |n| n.to_string()),
             html::age(oldest, now),
@@ -246,6 +248,36 @@ async fn live(state: &AppState) -> String {
             route = esc(name),
         );
     }
-    out.push_str("</tbody></table></div><p class=\"hint\">Rates and answers are this process's, since it started; depths are the shared queue's.</p></section>");
+    out.push_str("</tbody></table></div><p class=\"hint\">Waiting: jobs of the route stored and neither delivered nor parked yet (ready, in flight, retrying or held), from the ledger. Rates and answers are this process's; depths are the shared queue's.</p></section>");
     out
+}
+
+/// A route's jobs still in the queue (not completed, not parked) and the oldest one's age,
+/// from the ledger (newest first, one page at most); `?` where no ledger is kept.
+async fn waiting(state: &AppState, route: &str, now: i64) -> (String, String) {
+    if !state.queue.keeps_ledger() {
+        return ("?".into(), "—".into());
+    }
+    let q = LedgerQuery {
+        route: Some(route.to_owned()),
+        incomplete: true,
+        limit: MAX_PAGE,
+        ..LedgerQuery::default()
+    };
+    match state.queue.ledger_query(q).await {
+        Ok(entries) => {
+            let full = entries.len() == MAX_PAGE;
+            let waiting: Vec<_> = entries
+                .iter()
+                .filter(|e| e.last_outcome.as_deref() != Some("parked"))
+                .collect();
+            let oldest = waiting.last().map(|e| e.facts.stored_at_ms);
+            let more = if full { "+" } else { "" };
+            (
+                format!("{}{more}", waiting.len()),
+                format!("{}{more}", html::age(oldest, now)),
+            )
+        }
+        Err(_) => ("?".into(), "—".into()),
+    }
 }

@@ -493,6 +493,11 @@ async fn walkthrough(backend: Backend) {
         .await;
     let gdpr = b.text("tr[data-route=gdpr] .state").await;
     assert_eq!(gdpr, "paused");
+    assert_eq!(
+        b.text("tr[data-route=gdpr] .waiting").await,
+        "1",
+        "the held job waits"
+    );
     assert!(b.text(".badges").await.contains("Paused: gdpr"));
     let fragment = b
         .eval("fetch(location.href, {headers: {'X-Console-Fragment': '1'}}).then(r => r.text())")
