@@ -39,6 +39,12 @@ const SENDERS: [usize; 4] = [1, 8, 32, 128];
 const WORKERS: usize = 64;
 const FAKE_LATENCY_MS: u64 = 20;
 const MB: f64 = 1024.0;
+/// `ledger.subject_key`: production asks for at least 32 characters.
+const SUBJECT_KEY: &str = "relay-bench-subject-key-0123456789abcdef";
+/// `admin.token` (at least 32 characters), for `GET /admin/jobs`.
+const ADMIN_TOKEN: &str = "relay-bench-admin-token-0123456789abcdef";
+/// The ingest cell measured with the ledger on and off.
+const LEDGER_CELL: (Kind, usize) = (Kind::Om(1), 32);
 
 /// Benchmark of the Salesforce → Centercode relay; see bench/README.md.
 #[derive(Debug, Parser)]
@@ -47,7 +53,8 @@ struct Args {
     /// Which queue backend(s) of the relay to measure.
     #[arg(long, value_enum, default_value_t = BackendArg::Embedded)]
     backend: BackendArg,
-    /// Short run (about 1 s per figure, 10,000-job drain, 100,000-job backlog).
+    /// Short run (about 1 s per figure, 10,000-job drain, 100,000-job backlog, 100,000-entry
+    /// ledger).
     #[arg(long)]
     quick: bool,
     /// RabbitMQ for the lapin baselines and the rabbitmq backend.
@@ -64,6 +71,18 @@ struct Args {
     /// relay's in-memory dedupe (one gateway only, memory grows with notifications seen).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// PostgreSQL for the rabbitmq backend's delivery ledger (`ledger.url`; each relay gets a
+    /// schema of its own, dropped afterwards); `none` runs that backend without a ledger and
+    /// skips its ledger figures.
+    #[arg(
+        long,
+        env = "RELAY_BENCH_PG_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pg_url: String,
+    /// Entries in the ledger of the trace test (default 1,000,000, `--quick` 100,000).
+    #[arg(long)]
+    ledger_entries: Option<u64>,
     /// The relay's log level (production logs at `info`).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -84,7 +103,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     http_threads: usize,
     /// Measure only these ingest cells, e.g. `om1x32,calloutx32` (kinds om1, om10, om100,
-    /// callout; any sender count), and skip the latency, end-to-end and memory phases: to
+    /// callout; any sender count), and skip the latency, end-to-end, memory and ledger phases: to
     /// re-measure or profile one figure. The targets of skipped figures read "not measured".
     #[arg(long, value_parser = parse_cells)]
     cells: Option<Cells>,
@@ -163,6 +182,12 @@ struct Plan {
     drain_jobs: u64,
     backlog_jobs: u64,
     drain_timeout: Duration,
+    /// Ledger on/off pairs of the ingest cell [`LEDGER_CELL`] (run alternately).
+    ledger_pairs: usize,
+    /// Entries in the filled ledger of the trace test.
+    ledger_entries: u64,
+    /// Records traced (one request each), spread over the filled ledger.
+    trace_records: u64,
 }
 
 impl Plan {
@@ -186,6 +211,11 @@ impl Plan {
                 .backlog_jobs
                 .unwrap_or(if q { 100_000 } else { 1_000_000 }),
             drain_timeout: secs(60.0, 180.0),
+            ledger_pairs: if q { 2 } else { 3 },
+            ledger_entries: args
+                .ledger_entries
+                .unwrap_or(if q { 100_000 } else { 1_000_000 }),
+            trace_records: if q { 200 } else { 500 },
         }
     }
 
@@ -199,6 +229,9 @@ impl Plan {
             "latency_secs": self.latency.as_secs_f64(),
             "drain_jobs": self.drain_jobs,
             "backlog_jobs": self.backlog_jobs,
+            "ledger_ingest_pairs": self.ledger_pairs,
+            "ledger_entries": self.ledger_entries,
+            "trace_records": self.trace_records,
         })
     }
 }
@@ -876,29 +909,49 @@ async fn collect(
 
 // ---------------------------------------------------------------- the relay child process
 
-/// A store (temp dir or RabbitMQ prefix) and config for one or more `relay serve` runs.
+/// A store (temp dir, or RabbitMQ prefix and PostgreSQL ledger schema) and config for one or
+/// more `relay serve` runs.
 struct RelayRun {
     backend: Backend,
     dir: tempfile::TempDir,
     prefix: String,
+    /// Whether this relay keeps the delivery ledger (`ledger.enabled`).
+    ledger: bool,
+    /// The ledger's PostgreSQL schema (rabbitmq backend with the ledger on).
+    schema: String,
 }
 
 impl RelayRun {
+    /// A run with the ledger as production keeps it: on, where the backend has one here.
     fn new(b: &Bench, backend: Backend) -> Res<Self> {
+        Self::with_ledger(b, backend, b.has_ledger(backend))
+    }
+
+    fn with_ledger(b: &Bench, backend: Backend, ledger: bool) -> Res<Self> {
         let dir = tempfile::Builder::new()
             .prefix("relay-bench-")
             .tempdir_in(&b.tmp_root)?;
         // An empty config dir: the repo's config/local.toml must not add routes or settings.
         std::fs::create_dir(dir.path().join("config"))?;
-        let prefix = format!(
-            "relay-bench-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
+        let unique = &uuid::Uuid::new_v4().simple().to_string()[..12];
         Ok(RelayRun {
             backend,
             dir,
-            prefix,
+            prefix: format!("relay-bench-{unique}"),
+            ledger: ledger && b.has_ledger(backend),
+            schema: format!("relay_bench_{unique}"),
         })
+    }
+
+    /// The PostgreSQL URL of this run's ledger, if it keeps one there.
+    fn pg_ledger<'a>(&self, b: &'a Bench) -> Option<&'a str> {
+        (self.ledger && self.backend == Backend::Rabbitmq)
+            .then_some(b.pg_url.as_deref())
+            .flatten()
+    }
+
+    fn db_path(&self) -> PathBuf {
+        self.store_dir().join("relay.db")
     }
 
     fn config_path(&self) -> PathBuf {
@@ -914,7 +967,7 @@ impl RelayRun {
         let queue = match self.backend {
             Backend::Embedded => format!(
                 "backend = \"embedded\"\npath = {}\n",
-                s(&self.store_dir().join("relay.db").to_string_lossy())
+                s(&self.db_path().to_string_lossy())
             ),
             Backend::Rabbitmq => {
                 let mut q = format!(
@@ -928,6 +981,15 @@ impl RelayRun {
                 q
             }
         };
+        // As production runs it: a configured subject key (production refuses one shorter
+        // than 32 characters) and, on RabbitMQ, the ledger in PostgreSQL.
+        let mut ledger = format!(
+            "enabled = {}\nsubject_key = \"{SUBJECT_KEY}\"\n",
+            self.ledger
+        );
+        if let Some(url) = self.pg_ledger(b) {
+            let _ = write!(ledger, "url = {}\nschema = {}\n", s(url), s(&self.schema));
+        }
         let listener = s(&format!("{centercode}/api/v1/userMacroListeners/demo"));
         let http_threads = b.args.http_threads;
         let text = format!(
@@ -949,6 +1011,12 @@ api_key = "{API_KEY}"
 [telemetry]
 format = "json"
 level = {level}
+
+[admin]
+token = "{ADMIN_TOKEN}"
+
+[ledger]
+{ledger}
 
 [[routes]]
 name = "bench-om"
@@ -1085,8 +1153,27 @@ auth = {{ bearer = "{BEARER}" }}
         Ok(relay)
     }
 
-    /// Drop the store: the temp dir goes with `self`; RabbitMQ queues are deleted by name.
+    /// Drop the store: the temp dir goes with `self`; RabbitMQ queues are deleted by name, the
+    /// ledger's PostgreSQL schema with everything in it.
     async fn cleanup(self, b: &Bench) {
+        if let Some(url) = self.pg_ledger(b) {
+            let dropped = async {
+                let client = pg_connect(url).await?;
+                client
+                    .batch_execute(&format!(
+                        "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                        self.schema
+                    ))
+                    .await?;
+                Ok::<(), anyhow::Error>(())
+            };
+            if let Err(e) = dropped.await {
+                say(format!(
+                    "  warning: could not drop the ledger schema {}: {e:#}",
+                    self.schema
+                ));
+            }
+        }
         if self.backend == Backend::Rabbitmq {
             // A broker that is briefly away (restarted by someone else) gets a few chances.
             let mut attempt = 0;
@@ -1112,6 +1199,19 @@ auth = {{ bearer = "{BEARER}" }}
             }
         }
     }
+}
+
+async fn pg_connect(url: &str) -> Res<tokio_postgres::Client> {
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .context("connecting to PostgreSQL timed out")??;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
 }
 
 /// Delete the dedupe keys `{prefix}:*` the relay wrote to Redis.
@@ -1450,6 +1550,26 @@ struct Bench {
     lapin_rate: Option<f64>,
     sqlite_rate: Option<f64>,
     cores: usize,
+    /// PostgreSQL for the rabbitmq backend's ledger; `None` when `--pg-url none` or it could
+    /// not be reached (then `pg_note` says which).
+    pg_url: Option<String>,
+    pg_note: Option<String>,
+}
+
+impl Bench {
+    /// Whether relays of `backend` can keep the ledger here (the embedded one always does,
+    /// in its queue file; the rabbitmq one needs PostgreSQL).
+    fn has_ledger(&self, backend: Backend) -> bool {
+        backend == Backend::Embedded || self.pg_url.is_some()
+    }
+
+    fn ledger_name(&self, backend: Backend) -> &'static str {
+        match backend {
+            Backend::Embedded => "ledger in the queue file",
+            Backend::Rabbitmq if self.pg_url.is_some() => "ledger in PostgreSQL",
+            Backend::Rabbitmq => "no ledger",
+        }
+    }
 }
 
 fn fake_config() -> FakeConfig {
@@ -1486,27 +1606,37 @@ struct Cell {
 }
 
 /// One fresh relay (gateway only) per cell, so no cell pays for an earlier cell's store.
-async fn ingest_cell(b: &Bench, backend: Backend, kind: Kind, senders: usize) -> Res<Cell> {
-    let run = RelayRun::new(b, backend)?;
-    let relay = run.start(b, false, NO_CENTERCODE).await?;
-    let gen = LoadGen::new(b, &relay.base);
-    // Includes the warm-up request of each sender: a few ms in a cell of seconds.
-    let meter = CpuMeter::start(relay.pid);
-    let machine = MachineMeter::start();
-    let load = closed_loop(gen, kind, senders, Stop::After(b.plan.cell), true).await;
-    let cpu = meter.read();
-    let machine = machine.read();
-    let rss_peak_kib = relay.hwm_kib();
-    relay.stop().await?;
+async fn ingest_cell(
+    b: &Bench,
+    backend: Backend,
+    kind: Kind,
+    senders: usize,
+    ledger: bool,
+) -> Res<Cell> {
+    let run = RelayRun::with_ledger(b, backend, ledger)?;
+    let cell = async {
+        let relay = run.start(b, false, NO_CENTERCODE).await?;
+        let gen = LoadGen::new(b, &relay.base);
+        // Includes the warm-up request of each sender: a few ms in a cell of seconds.
+        let meter = CpuMeter::start(relay.pid);
+        let machine = MachineMeter::start();
+        let load = closed_loop(gen, kind, senders, Stop::After(b.plan.cell), true).await;
+        let cpu = meter.read();
+        let machine = machine.read();
+        let rss_peak_kib = relay.hwm_kib();
+        relay.stop().await?;
+        Ok(Cell {
+            kind,
+            senders,
+            load,
+            rss_peak_kib,
+            cpu,
+            machine,
+        })
+    }
+    .await;
     run.cleanup(b).await;
-    Ok(Cell {
-        kind,
-        senders,
-        load,
-        rss_peak_kib,
-        cpu,
-        machine,
-    })
+    cell
 }
 
 fn cell_json(b: &Bench, c: &Cell) -> Value {
@@ -1634,9 +1764,21 @@ async fn wait_for_deliveries(
     }
 }
 
-async fn end_to_end(b: &Bench, backend: Backend) -> Res<Value> {
-    let fake = FakeCentercode::start(fake_config()).await?;
-    let run = RelayRun::new(b, backend)?;
+/// What one drain of the end-to-end test saw.
+struct Drained {
+    fill: LoadResult,
+    jobs: u64,
+    spawn_ms: i64,
+    startup: Duration,
+    records: Vec<RecordedRequest>,
+    worst_poll: Duration,
+    progress_from: &'static str,
+    cpu: (Option<f64>, Option<f64>),
+    rss: Option<u64>,
+    ledger_wait: Option<(f64, u64)>,
+}
+
+async fn drain(b: &Bench, run: &RelayRun, fake: &FakeCentercode) -> Res<Drained> {
     let relay = run.start(b, false, &fake.base_url()).await?;
     let fill_load = fill(b, &relay, b.plan.drain_jobs).await?;
     relay.stop().await?;
@@ -1650,13 +1792,70 @@ async fn end_to_end(b: &Bench, backend: Backend) -> Res<Value> {
     let startup = t.elapsed();
     let meter = CpuMeter::start(relay.pid);
     let (records, worst_poll, progress_from) =
-        wait_for_deliveries(b, &relay, &fake, jobs as usize, b.plan.drain_timeout).await;
+        wait_for_deliveries(b, &relay, fake, jobs as usize, b.plan.drain_timeout).await;
     // Over the whole wait, which may end up to one poll interval after the last delivery.
     let cpu = meter.read();
     let rss = relay.rss_kib();
+    let ledger_wait = ledger_write_wait(&b.client, &relay.base).await;
     relay.stop().await?;
+    Ok(Drained {
+        fill: fill_load,
+        jobs,
+        spawn_ms,
+        startup,
+        records,
+        worst_poll,
+        progress_from,
+        cpu,
+        rss,
+        ledger_wait,
+    })
+}
+
+/// Whether a relay of `backend` asked to keep the ledger (`on`) keeps one here.
+fn run_keeps_ledger(b: &Bench, backend: Backend, on: bool) -> bool {
+    on && b.has_ledger(backend)
+}
+
+/// Mean seconds a worker waited for its ledger write (`relay_ledger_write_seconds`), and how
+/// many writes, from the relay's `/metrics`.
+async fn ledger_write_wait(client: &reqwest::Client, base: &str) -> Option<(f64, u64)> {
+    let resp = client.get(format!("{base}/metrics")).send().await.ok()?;
+    let text = resp.error_for_status().ok()?.text().await.ok()?;
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let count = value("relay_ledger_write_seconds_count")?;
+    let sum = value("relay_ledger_write_seconds_sum")?;
+    (count > 0.0).then(|| (sum / count, count as u64))
+}
+
+/// Store the drain test's jobs with the workers off, then restart the relay with them on and
+/// measure the delivery from the fake's own log; `ledger` turns the relay's ledger on or off.
+async fn end_to_end(b: &Bench, backend: Backend, ledger: bool) -> Res<Value> {
+    let fake = FakeCentercode::start(fake_config()).await?;
+    let run = RelayRun::with_ledger(b, backend, ledger)?;
+    let measured = drain(b, &run, &fake).await;
     fake.stop().await;
     run.cleanup(b).await;
+    let d = measured?;
+    let (fill_load, jobs, spawn_ms, startup) = (d.fill, d.jobs, d.spawn_ms, d.startup);
+    let (records, worst_poll, progress_from) = (d.records, d.worst_poll, d.progress_from);
+    let (cpu, rss, ledger_wait) = (d.cpu, d.rss, d.ledger_wait);
+    let label = format!(
+        "{}, {}",
+        backend.name(),
+        if run_keeps_ledger(b, backend, ledger) {
+            b.ledger_name(backend)
+        } else {
+            "ledger off"
+        }
+    );
 
     let received = records.len() as u64;
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
@@ -1693,16 +1892,19 @@ async fn end_to_end(b: &Bench, backend: Backend) -> Res<Value> {
         .sum();
     let rate = steady.unwrap_or(f64::NAN);
     say(format!(
-        "[{}] end to end, {WORKERS} workers, fake at {FAKE_LATENCY_MS} ms (measured mean {:.2} ms): {} deliveries/s steady = {} of the Little's-law limit {}/s",
-        backend.name(),
+        "[{label}] end to end, {WORKERS} workers, fake at {FAKE_LATENCY_MS} ms (measured mean {:.2} ms): {} deliveries/s steady = {} of the Little's-law limit {}/s{}",
         fake_answer_ms.unwrap_or(f64::NAN),
         num(rate),
         fmt_ratio(ratio(rate, Some(limit))),
-        num(limit)
+        num(limit),
+        ledger_wait.map_or(String::new(), |(mean, n)| format!(
+            ", mean ledger write wait {:.2} ms ({} writes)",
+            mean * 1000.0,
+            num(n as f64)
+        )),
     ));
     say(format!(
-        "[{}] drain {} jobs (enqueued at {} notif/s): {} in {:.1} s from process start ({} received, {} failed statuses, startup {:.2} s, progress from {progress_from}, slowest copy of the fake's log {} ms, CPU relay {:.2} / bench+fake {:.2} cores)",
-        backend.name(),
+        "[{label}] drain {} jobs (enqueued at {} notif/s): {} in {:.1} s from process start ({} received, {} failed statuses, startup {:.2} s, progress from {progress_from}, slowest copy of the fake's log {} ms, CPU relay {:.2} / bench+fake {:.2} cores)",
         num(jobs as f64),
         num(fill_load.nps()),
         if complete { "done" } else { "NOT DONE" },
@@ -1715,6 +1917,9 @@ async fn end_to_end(b: &Bench, backend: Backend) -> Res<Value> {
         cpu.1.unwrap_or(f64::NAN),
     ));
     Ok(json!({
+        "ledger": run_keeps_ledger(b, backend, ledger),
+        "ledger_write_wait_mean_ms": ledger_wait.map(|(mean, _)| mean * 1000.0),
+        "ledger_writes": ledger_wait.map(|(_, n)| n),
         "workers": WORKERS,
         "fake_latency_ms": FAKE_LATENCY_MS,
         "fake_measured_answer_ms": fake_answer_ms,
@@ -1740,21 +1945,27 @@ async fn end_to_end(b: &Bench, backend: Backend) -> Res<Value> {
 
 async fn memory_backlog(b: &Bench, backend: Backend) -> Res<Value> {
     let run = RelayRun::new(b, backend)?;
-    let relay = run.start(b, false, NO_CENTERCODE).await?;
-    let load = fill(b, &relay, b.plan.backlog_jobs).await?;
-    tokio::time::sleep(b.plan.idle_wait).await;
-    let (rss_filled, hwm_filled) = (relay.rss_kib(), relay.hwm_kib());
-    relay.stop().await?;
-    let store_bytes = dir_size(&run.store_dir());
-    // Restarted on the backlog with workers on: what a relay holding a big backlog costs.
     let fake = FakeCentercode::start(fake_config()).await?;
-    let relay = run.start(b, true, &fake.base_url()).await?;
-    tokio::time::sleep(b.plan.backlog_delivering).await;
-    let (rss_backlog, hwm_backlog) = (relay.rss_kib(), relay.hwm_kib());
-    relay.stop().await?;
+    let measured = async {
+        let relay = run.start(b, false, NO_CENTERCODE).await?;
+        let load = fill(b, &relay, b.plan.backlog_jobs).await?;
+        tokio::time::sleep(b.plan.idle_wait).await;
+        let filled = (relay.rss_kib(), relay.hwm_kib());
+        relay.stop().await?;
+        let store_bytes = dir_size(&run.store_dir());
+        // Restarted on the backlog with workers on: what a relay holding a big backlog costs.
+        let relay = run.start(b, true, &fake.base_url()).await?;
+        tokio::time::sleep(b.plan.backlog_delivering).await;
+        let backlog = (relay.rss_kib(), relay.hwm_kib());
+        relay.stop().await?;
+        Ok::<_, anyhow::Error>((load, filled, store_bytes, backlog))
+    }
+    .await;
     let delivered = fake.requests().len();
     fake.stop().await;
+    // The store goes whatever happened: on RabbitMQ its queues and ledger schema are big.
     run.cleanup(b).await;
+    let (load, (rss_filled, hwm_filled), store_bytes, (rss_backlog, hwm_backlog)) = measured?;
     say(format!(
         "[{}] RSS with a {}-job backlog: {} just after storing it ({} notif/s, peak {}), {} restarted and delivering ({} delivered in {:.0} s, peak {})",
         backend.name(),
@@ -1776,6 +1987,547 @@ async fn memory_backlog(b: &Bench, backend: Backend) -> Res<Value> {
         "rss_peak_restarted_kib": hwm_backlog,
         "delivered_while_measuring": delivered,
         "embedded_store_bytes": (backend == Backend::Embedded).then_some(store_bytes),
+    }))
+}
+
+// ---------------------------------------------------------------- the ledger's cost
+
+/// The smallest and the largest value.
+fn lo_hi(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
+        })
+}
+
+/// `mean`, and `(max - min) / mean`: how far the runs of one condition moved.
+fn mean_spread(v: &[f64]) -> (f64, f64) {
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (lo, hi) = lo_hi(v);
+    (mean, (hi - lo) / mean)
+}
+
+/// The ingest cell [`LEDGER_CELL`] with the ledger off and on, in ABBA order (off on, on off,
+/// …) so a machine that speeds up or slows down during the phase favours neither. "Within
+/// noise": the runs with the ledger on and those with it off overlap (neither condition's
+/// slowest run beats the other's fastest). With 3 runs each, a ledger that costs nothing still
+/// separates them by chance 1 time in 10; one that costs more than the machine's run-to-run
+/// spread separates them every time. The relay's CPU per request is reported beside it: it
+/// moves far less than requests/s on a shared machine.
+async fn ledger_ingest(b: &Bench, backend: Backend) -> Res<Value> {
+    let (kind, senders) = LEDGER_CELL;
+    let name = backend.name();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    let (mut cpu_on, mut cpu_off) = (Vec::new(), Vec::new());
+    let mut runs = Vec::new();
+    for pair in 0..b.plan.ledger_pairs {
+        let order = if pair % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for ledger in order {
+            let c = ingest_cell(b, backend, kind, senders, ledger).await?;
+            if c.load.errors > 0 {
+                bail!(
+                    "{} errors with the ledger {}, e.g. {:?}",
+                    c.load.errors,
+                    if ledger { "on" } else { "off" },
+                    c.load.error_samples
+                );
+            }
+            let rps = c.load.rps();
+            // Relay CPU per request (µs): what "within noise" in requests/s may hide.
+            let cpu_us = c.cpu.0.map(|cores| cores / rps.max(1e-9) * 1e6);
+            say(format!(
+                "[{name}] ledger {}: ingest {} × {senders}: {}, relay CPU {:.0} µs/request",
+                if ledger { "on " } else { "off" },
+                kind.label(),
+                c.load.brief(),
+                cpu_us.unwrap_or(f64::NAN),
+            ));
+            if ledger {
+                on.push(rps);
+                cpu_on.extend(cpu_us);
+            } else {
+                off.push(rps);
+                cpu_off.extend(cpu_us);
+            }
+            runs.push(json!({
+                "ledger": ledger,
+                "requests_per_s": rps,
+                "ack_p50_ms": c.load.pct(0.5),
+                "ack_p99_ms": c.load.pct(0.99),
+                "relay_cpu_cores": c.cpu.0,
+                "relay_cpu_us_per_request": cpu_us,
+                "errors": c.load.errors,
+            }));
+        }
+    }
+    let (on_mean, on_spread) = mean_spread(&on);
+    let (off_mean, off_spread) = mean_spread(&off);
+    let r = on_mean / off_mean;
+    let noise = on_spread.max(off_spread);
+    let ((on_lo, on_hi), (off_lo, off_hi)) = (lo_hi(&on), lo_hi(&off));
+    let within = on_lo <= off_hi && off_lo <= on_hi;
+    let cpu = |v: &[f64]| (!v.is_empty()).then(|| mean_spread(v).0);
+    say(format!(
+        "[{name}] ledger on/off, ingest {} × {senders}: {} / {} req/s = {r:.3}× (on {}–{}, off {}–{}: runs moved {:.1} % on, {:.1} % off): {} noise; relay CPU {:.0} / {:.0} µs per request = {}",
+        kind.label(),
+        num(on_mean),
+        num(off_mean),
+        num(on_lo),
+        num(on_hi),
+        num(off_lo),
+        num(off_hi),
+        on_spread * 100.0,
+        off_spread * 100.0,
+        if within { "within" } else { "OUTSIDE" },
+        cpu(&cpu_on).unwrap_or(f64::NAN),
+        cpu(&cpu_off).unwrap_or(f64::NAN),
+        fmt_ratio(cpu(&cpu_on).zip(cpu(&cpu_off)).map(|(a, b)| a / b)),
+    ));
+    Ok(json!({
+        "kind": kind.label(),
+        "senders": senders,
+        "runs": runs,
+        "on_requests_per_s": on,
+        "off_requests_per_s": off,
+        "on_mean_requests_per_s": on_mean,
+        "off_mean_requests_per_s": off_mean,
+        "ratio_on_off": r,
+        "spread_on": on_spread,
+        "spread_off": off_spread,
+        "noise": noise,
+        "within_noise": within,
+        "relay_cpu_us_per_request_on": cpu(&cpu_on),
+        "relay_cpu_us_per_request_off": cpu(&cpu_off),
+        "relay_cpu_ratio_on_off": cpu(&cpu_on).zip(cpu(&cpu_off)).map(|(a, b)| a / b),
+    }))
+}
+
+/// How far back the filled ledger's entries were stored: well inside `ledger.retention_days`
+/// (400 by default), so the relay's retention keeps them all.
+const LEDGER_SPAN_MS: i64 = 30 * 86_400_000;
+/// Rows per PostgreSQL `INSERT … SELECT FROM unnest(…)` of the fill.
+const PG_FILL_CHUNK: usize = 10_000;
+const CENTERCODE_404: &str = r#"{"error":{"code":"user_not_found","message":"user not found"}}"#;
+
+/// One ledger entry as the relay writes it for a job delivered once: the job's row (with its
+/// latest outcome), one attempt and one outcome.
+struct LedgerRow {
+    job_id: String,
+    notification_id: String,
+    record_id: String,
+    subject_key: String,
+    received_at: i64,
+    stored_at: i64,
+    started_at: i64,
+    duration_ms: i64,
+    status: i32,
+    attempt_outcome: &'static str,
+    outcome: &'static str,
+    outcome_at: i64,
+    response: &'static str,
+}
+
+/// Entry `i` of `n`, stored over the 30 days before `now_ms`, oldest first. Sizes as in
+/// production: a UUID job id, 18-character Salesforce ids, a 64-hex subject key. One record per
+/// entry (a contact is erased once); one in ten was unknown to Centercode.
+fn ledger_row(i: u64, n: u64, now_ms: i64) -> LedgerRow {
+    let stored_at = now_ms - LEDGER_SPAN_MS
+        + (i128::from(i) * i128::from(LEDGER_SPAN_MS) / i128::from(n.max(1))) as i64;
+    let found = i % 10 != 3;
+    let started_at = stored_at + 40;
+    let duration_ms = 21;
+    LedgerRow {
+        job_id: uuid::Uuid::new_v4().to_string(),
+        notification_id: format!("04l8d{i:013}"),
+        record_id: record_id(i),
+        subject_key: format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        ),
+        received_at: stored_at - 2,
+        stored_at,
+        started_at,
+        duration_ms,
+        status: if found { 200 } else { 404 },
+        attempt_outcome: if found { "done" } else { "user_not_found" },
+        outcome: if found { "delivered" } else { "user_not_found" },
+        outcome_at: started_at + duration_ms + 1,
+        response: if found { "{}" } else { CENTERCODE_404 },
+    }
+}
+
+fn record_id(i: u64) -> String {
+    format!("0038d{i:013}")
+}
+
+/// The entries traced: `m` spread evenly over the `n` of the ledger (sorted).
+fn traced_entries(n: u64, m: u64) -> Vec<u64> {
+    let m = m.clamp(1, n.max(1));
+    let step = n / m;
+    (0..m).map(|k| k * step + step / 2).collect()
+}
+
+/// Write entries `which` (of `n`) into the embedded queue file's ledger tables, in one
+/// transaction. `bulk`: the relay is stopped, so the file may be written without its WAL (a
+/// million rows through the WAL would be written twice) and with a large page cache; the
+/// relay puts WAL back when it opens the file.
+fn fill_sqlite(path: &Path, which: &[u64], n: u64, now: i64, bulk: bool) -> Res<()> {
+    let mut conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch("PRAGMA busy_timeout = 10000;")?;
+    if bulk {
+        conn.execute_batch(
+            "PRAGMA journal_mode = DELETE; PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;",
+        )?;
+    }
+    let tx = conn.transaction()?;
+    {
+        let mut job = tx.prepare(
+            "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, received_at, stored_at, last_outcome, last_outcome_at, last_status)
+             VALUES (?1, 'bench-om', 'remove_user', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        let mut attempt = tx.prepare(
+            "INSERT INTO ledger_attempts (job_id, attempt, started_at, duration_ms, status, error_class, outcome, response)
+             VALUES (?1, 1, ?2, ?3, ?4, NULL, ?5, ?6)",
+        )?;
+        let mut outcome = tx.prepare(
+            "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES (?1, ?2, NULL, ?3)",
+        )?;
+        for &i in which {
+            let r = ledger_row(i, n, now);
+            job.execute(rusqlite::params![
+                r.job_id,
+                ORG_ID,
+                r.notification_id,
+                r.record_id,
+                r.subject_key,
+                r.received_at,
+                r.stored_at,
+                r.outcome,
+                r.outcome_at,
+                r.status
+            ])?;
+            attempt.execute(rusqlite::params![
+                r.job_id,
+                r.started_at,
+                r.duration_ms,
+                r.status,
+                r.attempt_outcome,
+                r.response
+            ])?;
+            outcome.execute(rusqlite::params![r.job_id, r.outcome, r.outcome_at])?;
+        }
+    }
+    tx.commit()?;
+    if bulk {
+        conn.execute_batch("PRAGMA journal_mode = WAL;")?;
+    }
+    Ok(())
+}
+
+/// The same entries into the PostgreSQL ledger's schema, in one transaction of
+/// `INSERT … SELECT FROM unnest(arrays)` of [`PG_FILL_CHUNK`] rows each. `bulk`: then
+/// `VACUUM (ANALYZE)` and a `CHECKPOINT`, the work autovacuum and the checkpointer do in the
+/// background within minutes of such a load, and many times over in the 30 days a real
+/// ledger takes to grow this big: the trace is measured on a settled ledger, not in the
+/// write-back of a load that took seconds.
+async fn fill_pg(url: &str, schema: &str, which: &[u64], n: u64, now: i64, bulk: bool) -> Res<()> {
+    let mut client = pg_connect(url).await?;
+    client
+        .batch_execute(&format!("SET search_path TO \"{schema}\""))
+        .await?;
+    let tx = client.transaction().await?;
+    for chunk in which.chunks(PG_FILL_CHUNK) {
+        let rows: Vec<LedgerRow> = chunk.iter().map(|&i| ledger_row(i, n, now)).collect();
+        let col = |f: fn(&LedgerRow) -> String| rows.iter().map(f).collect::<Vec<String>>();
+        let int = |f: fn(&LedgerRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+        let job_ids = col(|r| r.job_id.clone());
+        let statuses: Vec<i32> = rows.iter().map(|r| r.status).collect();
+        let outcomes = col(|r| r.outcome.to_owned());
+        tx.execute(
+            "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, received_at, stored_at, last_outcome, last_outcome_at, last_status)
+             SELECT j, 'bench-om', 'remove_user', $1, n, r, k, ra, sa, lo, loa, ls
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::int[])
+                  AS t(j, n, r, k, ra, sa, lo, loa, ls)",
+            &[
+                &ORG_ID,
+                &job_ids,
+                &col(|r| r.notification_id.clone()),
+                &col(|r| r.record_id.clone()),
+                &col(|r| r.subject_key.clone()),
+                &int(|r| r.received_at),
+                &int(|r| r.stored_at),
+                &outcomes,
+                &int(|r| r.outcome_at),
+                &statuses,
+            ],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO ledger_attempts (job_id, attempt, started_at, duration_ms, status, error_class, outcome, response)
+             SELECT j, 1, st, d, s, NULL, o, r
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::text[], $6::text[]) AS t(j, st, d, s, o, r)",
+            &[
+                &job_ids,
+                &int(|r| r.started_at),
+                &int(|r| r.duration_ms),
+                &statuses,
+                &col(|r| r.attempt_outcome.to_owned()),
+                &col(|r| r.response.to_owned()),
+            ],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO ledger_outcomes (job_id, outcome, reason, at)
+             SELECT j, o, NULL, a FROM unnest($1::text[], $2::text[], $3::bigint[]) AS t(j, o, a)",
+            &[&job_ids, &outcomes, &int(|r| r.outcome_at)],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    if bulk {
+        client
+            .batch_execute("VACUUM (ANALYZE) ledger_jobs, ledger_attempts, ledger_outcomes")
+            .await?;
+        // Needs superuser or pg_checkpoint; without it the checkpointer gets there on its own.
+        if let Err(e) = client.batch_execute("CHECKPOINT").await {
+            say(format!(
+                "  note: CHECKPOINT refused ({e}); measuring without it"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Write ledger entries `which` (of `n`) into this run's ledger, wherever the backend keeps it.
+async fn fill_ledger(
+    b: &Bench,
+    run: &RelayRun,
+    which: Vec<u64>,
+    n: u64,
+    now: i64,
+    bulk: bool,
+) -> Res<()> {
+    match run.pg_ledger(b) {
+        Some(url) => fill_pg(url, &run.schema, &which, n, now, bulk).await,
+        None => {
+            let path = run.db_path();
+            tokio::task::spawn_blocking(move || fill_sqlite(&path, &which, n, now, bulk)).await?
+        }
+    }
+}
+
+/// Bytes the ledger takes: the embedded queue file (with its WAL), or the PostgreSQL schema's
+/// tables with their indexes.
+async fn ledger_bytes(b: &Bench, run: &RelayRun) -> Res<u64> {
+    match run.pg_ledger(b) {
+        Some(url) => {
+            let client = pg_connect(url).await?;
+            let row = client
+                .query_one(
+                    "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c
+                     JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = $1 AND c.relkind = 'r'",
+                    &[&run.schema],
+                )
+                .await?;
+            Ok(row.get::<_, i64>(0) as u64)
+        }
+        None => Ok(dir_size(&run.store_dir())),
+    }
+}
+
+/// Latencies (ms, sorted) of `GET /admin/jobs?record_id=…&history=true`, one request per
+/// traced entry, one after another (as an operator's `relay trace` sends them). Every answer
+/// must be that record's one job with its attempt; anything else counts as an error.
+struct Traces {
+    ms: Vec<f64>,
+    errors: u64,
+    error_samples: Vec<String>,
+}
+
+impl Traces {
+    fn pct(&self, q: f64) -> f64 {
+        if self.ms.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((q * self.ms.len() as f64).ceil() as usize).clamp(1, self.ms.len());
+        self.ms[rank - 1]
+    }
+
+    fn brief(&self) -> String {
+        format!(
+            "p50 {:.2} / p99 {:.2} / max {:.2} ms over {} traces, errors {}",
+            self.pct(0.5),
+            self.pct(0.99),
+            self.pct(1.0),
+            self.ms.len(),
+            self.errors
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "traces": self.ms.len(),
+            "p50_ms": self.pct(0.5),
+            "p90_ms": self.pct(0.9),
+            "p99_ms": self.pct(0.99),
+            "max_ms": self.pct(1.0),
+            "mean_ms": self.ms.iter().sum::<f64>() / self.ms.len().max(1) as f64,
+            "errors": self.errors,
+            "error_samples": self.error_samples,
+        })
+    }
+}
+
+async fn trace_once(b: &Bench, base: &str, record: &str) -> Result<(), String> {
+    let resp = b
+        .client
+        .get(format!("{base}/admin/jobs"))
+        .query(&[("record_id", record), ("history", "true")])
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .map_err(|e| format!("transport: {e}"))?;
+    let status = resp.status();
+    let body: Value = resp
+        .json()
+        .await
+        .map_err(|e| format!("HTTP {status}: {e}"))?;
+    let jobs = body["jobs"].as_array().map_or(&[][..], Vec::as_slice);
+    match jobs {
+        [job]
+            if status.is_success()
+                && job["record_id"] == record
+                && job["attempts"].as_array().is_some_and(|a| a.len() == 1) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "HTTP {status}, {} jobs: {}",
+            jobs.len(),
+            body.to_string().chars().take(200).collect::<String>()
+        )),
+    }
+}
+
+async fn time_traces(b: &Bench, relay: &Relay, traced: &[u64]) -> Traces {
+    let mut t = Traces {
+        ms: Vec::with_capacity(traced.len()),
+        errors: 0,
+        error_samples: Vec::new(),
+    };
+    // Opens the connection; not timed.
+    if let Some(&first) = traced.first() {
+        let _ = trace_once(b, &relay.base, &record_id(first)).await;
+    }
+    for &i in traced {
+        let started = Instant::now();
+        let r = trace_once(b, &relay.base, &record_id(i)).await;
+        t.ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        if let Err(e) = r {
+            t.errors += 1;
+            if t.error_samples.len() < 3 {
+                t.error_samples.push(e);
+            }
+        }
+    }
+    t.ms.sort_by(f64::total_cmp);
+    t
+}
+
+/// A trace by record id, and the relay's RSS, with a small ledger and with a backlog of
+/// `ledger_entries`. The relay starts on an empty store (its RSS is the empty-ledger figure),
+/// the traced entries are written beside it and traced (the small-ledger figures), then the
+/// relay is stopped, the rest of the backlog written straight into the ledger's tables (much
+/// faster than delivering that many jobs), and the relay started again on it.
+async fn ledger_trace(b: &Bench, backend: Backend) -> Res<Value> {
+    let run = RelayRun::with_ledger(b, backend, true)?;
+    let result = ledger_trace_on(b, &run).await;
+    run.cleanup(b).await;
+    result
+}
+
+async fn ledger_trace_on(b: &Bench, run: &RelayRun) -> Res<Value> {
+    let name = run.backend.name();
+    let n = b.plan.ledger_entries;
+    let traced = traced_entries(n, b.plan.trace_records);
+    let now = epoch_ms();
+
+    // Workers on, as deployed; the queue is empty, so they wait.
+    let relay = run.start(b, true, NO_CENTERCODE).await?;
+    tokio::time::sleep(b.plan.idle_wait).await;
+    let rss_empty = relay.rss_kib();
+    fill_ledger(b, run, traced.clone(), n, now, false).await?;
+    let small = time_traces(b, &relay, &traced).await;
+    let (rss_small, hwm_small) = (relay.rss_kib(), relay.hwm_kib());
+    relay.stop().await?;
+    say(format!(
+        "[{name}] trace by record id, ledger of {} entries: {}; RSS {} empty, {} after tracing",
+        num(traced.len() as f64),
+        small.brief(),
+        mb(rss_empty),
+        mb(rss_small),
+    ));
+
+    let rest: Vec<u64> = (0..n)
+        .filter(|i| traced.binary_search(i).is_err())
+        .collect();
+    let written = rest.len() as u64;
+    let t = Instant::now();
+    fill_ledger(b, run, rest, n, now, true).await?;
+    let fill_secs = t.elapsed().as_secs_f64();
+    let bytes = ledger_bytes(b, run).await.ok();
+    let t = Instant::now();
+    let relay = run.start(b, true, NO_CENTERCODE).await?;
+    let startup = t.elapsed().as_secs_f64();
+    tokio::time::sleep(b.plan.idle_wait).await;
+    let rss_full = relay.rss_kib();
+    let full = time_traces(b, &relay, &traced).await;
+    let (rss_full_after, hwm_full) = (relay.rss_kib(), relay.hwm_kib());
+    relay.stop().await?;
+    let entries = written + traced.len() as u64;
+    let rss_ratio = rss_full
+        .zip(rss_empty)
+        .map(|(f, e)| f as f64 / e.max(1) as f64);
+    say(format!(
+        "[{name}] ledger of {} entries written in {fill_secs:.1} s ({} entries/s, {:.0} MB), relay ready in {startup:.2} s",
+        num(entries as f64),
+        num(written as f64 / fill_secs.max(1e-9)),
+        bytes.map_or(f64::NAN, |b| b as f64 / MB / MB),
+    ));
+    say(format!(
+        "[{name}] trace by record id, ledger of {} entries: {} = {} of the small ledger's p50; RSS {} idle = {} of the empty ledger's, {} after tracing (peak {})",
+        num(entries as f64),
+        full.brief(),
+        fmt_ratio(Some(full.pct(0.5) / small.pct(0.5))),
+        mb(rss_full),
+        fmt_ratio(rss_ratio),
+        mb(rss_full_after),
+        mb(hwm_full),
+    ));
+    Ok(json!({
+        "entries": entries,
+        "entries_stored_over_days": LEDGER_SPAN_MS / 86_400_000,
+        "traced_records": traced.len(),
+        "fill_secs": fill_secs,
+        "fill_entries_per_s": written as f64 / fill_secs.max(1e-9),
+        "ledger_bytes": bytes,
+        "relay_startup_secs": startup,
+        "small": small.json(),
+        "full": full.json(),
+        "p50_ratio_full_to_small": full.pct(0.5) / small.pct(0.5),
+        "p99_ratio_full_to_small": full.pct(0.99) / small.pct(0.99),
+        "rss_empty_kib": rss_empty,
+        "rss_small_after_traces_kib": rss_small,
+        "rss_peak_small_kib": hwm_small,
+        "rss_full_kib": rss_full,
+        "rss_full_after_traces_kib": rss_full_after,
+        "rss_peak_full_kib": hwm_full,
+        "rss_ratio_full_to_empty": rss_ratio,
     }))
 }
 
@@ -1822,7 +2574,7 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
             .collect(),
     };
     for (kind, senders) in plan {
-        match ingest_cell(b, backend, kind, senders).await {
+        match ingest_cell(b, backend, kind, senders, b.has_ledger(backend)).await {
             Ok(c) => {
                 let mut line = format!(
                     "[{name}] ingest {} × {} senders: {}",
@@ -1882,19 +2634,25 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
     } else {
         json!({"error": "no om10 maximum measured"})
     };
-    let (e2e, memory) = if b.args.cells.is_some() {
-        (skipped.clone(), skipped)
+    let (e2e, memory, ledger) = if b.args.cells.is_some() {
+        (skipped.clone(), skipped.clone(), skipped)
     } else {
-        let e2e = phase(&format!("[{name}] end to end"), end_to_end(b, backend)).await;
+        let e2e = phase(
+            &format!("[{name}] end to end"),
+            end_to_end(b, backend, true),
+        )
+        .await;
         let memory = phase(
             &format!("[{name}] memory backlog"),
             memory_backlog(b, backend),
         )
         .await;
-        (e2e, memory)
+        let ledger = ledger_phases(b, backend, &e2e).await;
+        (e2e, memory, ledger)
     };
     let peak = cells.iter().filter_map(|c| c.rss_peak_kib).max();
     json!({
+        "ledger_kept": b.ledger_name(backend),
         "rss_idle_kib": idle.get("rss_idle_kib").cloned().unwrap_or(Value::Null),
         "idle": idle,
         "rss_peak_ingest_kib": peak,
@@ -1902,6 +2660,47 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
         "latency_under_load": latency,
         "end_to_end": e2e,
         "memory": memory,
+        "ledger": ledger,
+    })
+}
+
+/// The ledger's cost: end to end with it off (the main end-to-end figure has it on), ingest
+/// with it on and off, and a trace by record id on a large ledger.
+async fn ledger_phases(b: &Bench, backend: Backend, e2e_on: &Value) -> Value {
+    let name = backend.name();
+    if !b.has_ledger(backend) {
+        let why = b.pg_note.clone().unwrap_or_else(|| "no ledger".into());
+        say(format!("[{name}] ledger figures SKIPPED: {why}"));
+        return json!({"skipped": why});
+    }
+    let e2e_off = phase(
+        &format!("[{name}] end to end, ledger off"),
+        end_to_end(b, backend, false),
+    )
+    .await;
+    let rate = |v: &Value| v["deliveries_per_s_steady"].as_f64();
+    let e2e_ratio = rate(e2e_on).zip(rate(&e2e_off)).map(|(on, off)| on / off);
+    say(format!(
+        "[{name}] end to end, ledger on/off: {} / {} deliveries/s = {} (target ≥ 0.90×)",
+        num(rate(e2e_on).unwrap_or(f64::NAN)),
+        num(rate(&e2e_off).unwrap_or(f64::NAN)),
+        fmt_ratio(e2e_ratio),
+    ));
+    let ingest = phase(
+        &format!("[{name}] ingest, ledger on and off"),
+        ledger_ingest(b, backend),
+    )
+    .await;
+    let trace = phase(
+        &format!("[{name}] trace on a large ledger"),
+        ledger_trace(b, backend),
+    )
+    .await;
+    json!({
+        "end_to_end_off": e2e_off,
+        "end_to_end_ratio_on_off": e2e_ratio,
+        "ingest": ingest,
+        "trace": trace,
     })
 }
 
@@ -2016,6 +2815,49 @@ fn targets(b: &Bench, results: &BTreeMap<&'static str, Value>) -> Vec<Target> {
             value: restarted,
             goal: format!("≤ 1.1 × delivering {} jobs", num(b.plan.drain_jobs as f64)),
             met: restarted.zip(drained).map(|(v, d)| v <= d * 1.1),
+        });
+        let l = &r["ledger"];
+        let v = f(&l["end_to_end_ratio_on_off"]);
+        out.push(Target {
+            name: "end to end, ledger on / off".into(),
+            backend,
+            value: v,
+            goal: "≥ 0.90×".into(),
+            met: v.map(|v| v >= 0.9),
+        });
+        let ingest = &l["ingest"];
+        let v = f(&ingest["ratio_on_off"]);
+        let noise = f(&ingest["noise"]);
+        out.push(Target {
+            name: format!(
+                "ingest {} × {}, ledger on / off",
+                LEDGER_CELL.0.label(),
+                LEDGER_CELL.1
+            ),
+            backend,
+            value: v,
+            goal: noise.map_or("within noise".into(), |n| {
+                format!("runs overlap (±{:.0} %)", n * 100.0)
+            }),
+            met: ingest["within_noise"].as_bool(),
+        });
+        let entries = num(b.plan.ledger_entries as f64);
+        let v = f(&l["trace"]["full"]["p99_ms"]);
+        let trace_errors = l["trace"]["full"]["errors"].as_u64().unwrap_or(1);
+        out.push(Target {
+            name: format!("trace p99, {entries}-entry ledger (ms)"),
+            backend,
+            value: v,
+            goal: "< 50 ms".into(),
+            met: v.map(|v| v < 50.0 && trace_errors == 0),
+        });
+        let v = f(&l["trace"]["rss_ratio_full_to_empty"]);
+        out.push(Target {
+            name: format!("RSS, {entries}-entry / empty ledger"),
+            backend,
+            value: v,
+            goal: "≤ 1.10×".into(),
+            met: v.map(|v| v <= 1.1),
         });
         let errors: u64 = r["ingest"]
             .as_array()
@@ -2148,6 +2990,31 @@ fn summary(b: &Bench, results: &BTreeMap<&'static str, Value>, targets: &[Target
             );
         }
         let _ = writeln!(s);
+        let l = &r["ledger"];
+        if measured(l) {
+            let g = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+            let i = &l["ingest"];
+            let t = &l["trace"];
+            let _ = writeln!(
+                s,
+                "{backend:<9} ledger ({}): end to end on/off {}; ingest {} × {} on/off {} (noise ±{:.1} %); trace by record id p50 {:.2} / p99 {:.2} ms with {} entries ({:.2} / {:.2} ms with {}); RSS {} with them, {} empty ({})",
+                r["ledger_kept"].as_str().unwrap_or(""),
+                fmt_ratio(l["end_to_end_ratio_on_off"].as_f64()),
+                LEDGER_CELL.0.label(),
+                LEDGER_CELL.1,
+                fmt_ratio(i["ratio_on_off"].as_f64()),
+                g(&i["noise"]) * 100.0,
+                g(&t["full"]["p50_ms"]),
+                g(&t["full"]["p99_ms"]),
+                num(g(&t["entries"])),
+                g(&t["small"]["p50_ms"]),
+                g(&t["small"]["p99_ms"]),
+                num(g(&t["traced_records"])),
+                mb(t["rss_full_kib"].as_u64()),
+                mb(t["rss_empty_kib"].as_u64()),
+                fmt_ratio(t["rss_ratio_full_to_empty"].as_f64()),
+            );
+        }
     }
     let _ = writeln!(
         s,
@@ -2251,6 +3118,11 @@ async fn run(args: Args) -> Res<()> {
         .pool_max_idle_per_host(1024)
         .timeout(Duration::from_secs(70))
         .build()?;
+    let backends: Vec<Backend> = match args.backend {
+        BackendArg::Embedded => vec![Backend::Embedded],
+        BackendArg::Rabbitmq => vec![Backend::Rabbitmq],
+        BackendArg::Both => vec![Backend::Embedded, Backend::Rabbitmq],
+    };
     let mut b = Bench {
         plan,
         relay_bin,
@@ -2261,8 +3133,30 @@ async fn run(args: Args) -> Res<()> {
         lapin_rate: None,
         sqlite_rate: None,
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        pg_url: None,
+        pg_note: None,
         args,
     };
+    // The rabbitmq backend keeps its ledger in PostgreSQL, as production does; without one
+    // here it runs without a ledger and its ledger figures are skipped.
+    if backends.contains(&Backend::Rabbitmq) {
+        if b.args.pg_url == "none" {
+            b.pg_note = Some("--pg-url none".into());
+        } else {
+            match pg_connect(&b.args.pg_url).await {
+                Ok(client) => match client.simple_query("SELECT 1").await {
+                    Ok(_) => b.pg_url = Some(b.args.pg_url.clone()),
+                    Err(e) => b.pg_note = Some(format!("PostgreSQL at --pg-url: {e}")),
+                },
+                Err(e) => b.pg_note = Some(format!("PostgreSQL at --pg-url: {e:#}")),
+            }
+            if let Some(note) = &b.pg_note {
+                say(format!(
+                    "warning: the rabbitmq backend runs without a ledger ({note})"
+                ));
+            }
+        }
+    }
     let started = Instant::now();
     let (file_stamp, iso_stamp) = utc_stamps();
     let rev = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
@@ -2275,11 +3169,6 @@ async fn run(args: Args) -> Res<()> {
             load_start.unwrap_or(0.0)
         ));
     }
-    let backends: Vec<Backend> = match b.args.backend {
-        BackendArg::Embedded => vec![Backend::Embedded],
-        BackendArg::Rabbitmq => vec![Backend::Rabbitmq],
-        BackendArg::Both => vec![Backend::Embedded, Backend::Rabbitmq],
-    };
     say(format!(
         "relay-bench: rev {rev}{}, {cores} cores, backends {}, {} mode, relay {}",
         if dirty == Some(true) {
@@ -2353,7 +3242,7 @@ async fn run(args: Args) -> Res<()> {
         .args
         .out_dir
         .clone()
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("results"));
     std::fs::create_dir_all(&out_dir)?;
     let path = out_dir.join(format!("{file_stamp}-{rev}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
