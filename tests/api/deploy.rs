@@ -55,6 +55,14 @@ const SECRET_KEYS: &[(&str, &str)] = &[
     ),
     ("redis-url", "redis://:secret@redis.example.com:6379"),
     (
+        "ledger-subject-key",
+        "ledger-subject-key-for-the-deploy-test-0123456789",
+    ),
+    (
+        "ledger-url",
+        "postgres://relay:secret@postgres.example.com:5432/relay",
+    ),
+    (
         "gdpr-removal-path-token",
         "path-token-for-the-deploy-test-1",
     ),

@@ -880,6 +880,13 @@ async fn a_development_relay_generates_its_subject_key_once_beside_the_queue_fil
         metrics.contains("relay_ledger_write_seconds_count"),
         "{metrics}"
     );
+    // Housekeeping reports the oldest entry's age at start and every minute after.
+    let age = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("relay_ledger_oldest_entry_age_seconds "))
+        .unwrap_or_else(|| panic!("no oldest-entry age in {metrics}"));
+    let age: f64 = age.trim().parse().unwrap();
+    assert!((0.0..3600.0).contains(&age), "{age}");
 }
 #[tokio::test]
 async fn a_route_that_keeps_payloads_keeps_them_only_until_they_expire() {

@@ -174,6 +174,10 @@ path_token = "0123456789abcdef-token"
             .arg("serve")
             .env("RELAY_CONFIG_DIR", dir.path())
             .env("RELAY_ENV", "production")
+            .env(
+                "RELAY__LEDGER__SUBJECT_KEY",
+                "ops-test-subject-key-0123456789abcdef",
+            )
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
