@@ -95,6 +95,19 @@ impl Browser {
     /// Send one command (to the page's session, or the browser's) and await its answer;
     /// events in between are not needed (the tests poll the page instead).
     async fn send(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        match self.try_send(session, method, params).await {
+            Ok(v) => v,
+            Err(e) => panic!("{method} failed: {e}"),
+        }
+    }
+
+    /// [`Self::send`], with Chromium's error answer given back instead of a panic.
+    async fn try_send(
+        &mut self,
+        session: Option<&str>,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, Value> {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = json!({"id": id, "method": method, "params": params});
@@ -121,9 +134,9 @@ impl Browser {
             .await
             .unwrap_or_else(|_| panic!("chromium did not answer {method}"));
         if let Some(e) = answer.get("error") {
-            panic!("{method} failed: {e}");
+            return Err(e.clone());
         }
-        answer["result"].clone()
+        Ok(answer["result"].clone())
     }
 
     async fn page(&mut self, method: &str, params: Value) -> Value {
@@ -145,12 +158,30 @@ impl Browser {
 
     /// Evaluate `expression` in the page (awaiting a promise) and return its value.
     async fn eval(&mut self, expression: &str) -> Value {
-        let r = self
-            .page(
-                "Runtime.evaluate",
-                json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
-            )
-            .await;
+        // A page that navigates meanwhile (a form posted, the overview refreshing itself)
+        // drops the evaluation: ask again on the new page, within the deadline.
+        let deadline = std::time::Instant::now() + PAGE_DEADLINE;
+        let r = loop {
+            let session = self.session.clone();
+            let params =
+                json!({"expression": expression, "returnByValue": true, "awaitPromise": true});
+            match self
+                .try_send(Some(&session), "Runtime.evaluate", params)
+                .await
+            {
+                Ok(r) => break r,
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && e["message"].as_str().is_some_and(|m| {
+                            m.contains("navigated or closed") || m.contains("context")
+                        }) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // poll with deadline
+                }
+                Err(e) => panic!("Runtime.evaluate failed: {e}"),
+            }
+        };
         if let Some(e) = r.get("exceptionDetails") {
             panic!("{expression}: {e}");
         }
