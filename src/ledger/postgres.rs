@@ -349,8 +349,70 @@ async fn migrate(client: &Client) -> Result<(), QueueError> {
     result.map_err(db)
 }
 
+/// The writer's statements, prepared once: executing one is then a single message, and the
+/// statements of a batch are pipelined (sent together, answered in order), so a batch costs a
+/// few round trips whatever its size.
+struct Statements {
+    job: tokio_postgres::Statement,
+    attempt: tokio_postgres::Statement,
+    status: tokio_postgres::Statement,
+    outcome: tokio_postgres::Statement,
+    last_outcome: tokio_postgres::Statement,
+    payload: tokio_postgres::Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            job: client
+                .prepare(
+                    "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
+                )
+                .await?,
+            attempt: client
+                .prepare(
+                    "INSERT INTO ledger_attempts (job_id, attempt, started_at, duration_ms, status, error_class, outcome, response)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (job_id, started_at, attempt) DO NOTHING",
+                )
+                .await?,
+            status: client
+                .prepare("UPDATE ledger_jobs SET last_status = $2 WHERE job_id = $1")
+                .await?,
+            outcome: client
+                .prepare("INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES ($1, $2, $3, $4)")
+                .await?,
+            // The summary keeps the latest outcome (an older one arriving late changes nothing).
+            last_outcome: client
+                .prepare(
+                    "UPDATE ledger_jobs SET last_outcome = $2, last_outcome_at = $3
+                     WHERE job_id = $1 AND coalesce(last_outcome_at, 0) <= $3",
+                )
+                .await?,
+            payload: client
+                .prepare(
+                    "INSERT INTO ledger_payloads (job_id, payload, expires_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (job_id) DO UPDATE SET payload = excluded.payload, expires_at = excluded.expires_at",
+                )
+                .await?,
+        })
+    }
+}
+
 /// The writer: one transaction per batch of waiting writes, then every waiter is answered.
 async fn write_batches(mut client: Client, mut rx: mpsc::Receiver<Write>) {
+    let statements = match Statements::prepare(&client).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "could not prepare the ledger's statements; ledger writes fail");
+            while let Some(w) = rx.recv().await {
+                let _ = w.done.send(Err(format!("ledger statements: {e}")));
+            }
+            return;
+        }
+    };
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -359,7 +421,7 @@ async fn write_batches(mut client: Client, mut rx: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        let result = write_one_batch(&mut client, &batch)
+        let result = write_one_batch(&mut client, &statements, &batch)
             .await
             .map_err(|e| e.to_string());
         if let Err(e) = &result {
@@ -373,78 +435,90 @@ async fn write_batches(mut client: Client, mut rx: mpsc::Receiver<Write>) {
 
 async fn write_one_batch(
     client: &mut Client,
+    st: &Statements,
     batch: &[Write],
 ) -> Result<(), tokio_postgres::Error> {
+    use tokio_postgres::types::ToSql;
+    type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
     let tx = client.transaction().await?;
-    for w in batch {
+    // Owned values the parameters borrow, made first so the statements can be queued at once.
+    let values: Vec<(Option<i64>, Option<i32>, Option<i32>)> = batch
+        .iter()
+        .map(|w| match &w.op {
+            Op::Record(r) => match &r.1 {
+                Some(a) => (
+                    Some(i64::from(a.attempt)),
+                    a.status.map(i32::from),
+                    a.status.map(i32::from),
+                ),
+                None => (None, None, None),
+            },
+            Op::Note(..) => (None, None, None),
+        })
+        .collect();
+    let no_reason: Option<String> = None;
+    let mut calls: Vec<(&tokio_postgres::Statement, Params<'_>)> = Vec::new();
+    for (w, (attempt_no, status, last_status)) in batch.iter().zip(&values) {
         match &w.op {
             Op::Record(record) => {
                 let (f, attempt, outcome) = &**record;
-                tx.execute(
-                    "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                     ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
-                    &[&f.job_id, &f.route, &f.action, &f.org_id, &f.notification_id, &f.record_id, &f.subject_key, &f.stored_at_ms, &f.received_at_ms],
-                )
-                .await?;
-                if let Some(a) = attempt {
-                    tx.execute(
-                        "INSERT INTO ledger_attempts (job_id, attempt, started_at, duration_ms, status, error_class, outcome, response)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                         ON CONFLICT (job_id, started_at, attempt) DO NOTHING",
-                        &[&f.job_id, &i64::from(a.attempt), &a.started_at_ms, &a.duration_ms, &a.status.map(i32::from), &a.error_class, &a.outcome, &a.response],
-                    )
-                    .await?;
-                    if let Some(status) = a.status {
-                        tx.execute(
-                            "UPDATE ledger_jobs SET last_status = $2 WHERE job_id = $1",
-                            &[&f.job_id, &i32::from(status)],
-                        )
-                        .await?;
+                calls.push((
+                    &st.job,
+                    vec![
+                        &f.job_id,
+                        &f.route,
+                        &f.action,
+                        &f.org_id,
+                        &f.notification_id,
+                        &f.record_id,
+                        &f.subject_key,
+                        &f.stored_at_ms,
+                        &f.received_at_ms,
+                    ],
+                ));
+                if let (Some(a), Some(n)) = (attempt, attempt_no) {
+                    calls.push((
+                        &st.attempt,
+                        vec![
+                            &f.job_id,
+                            n,
+                            &a.started_at_ms,
+                            &a.duration_ms,
+                            status,
+                            &a.error_class,
+                            &a.outcome,
+                            &a.response,
+                        ],
+                    ));
+                    if last_status.is_some() {
+                        calls.push((&st.status, vec![&f.job_id, last_status]));
                     }
                 }
                 if let Some(o) = outcome {
-                    tx.execute(
-                        "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES ($1, $2, $3, $4)",
-                        &[&f.job_id, &o.outcome, &o.reason, &o.at_ms],
-                    )
-                    .await?;
-                    set_last_outcome(&tx, &f.job_id, &o.outcome, o.at_ms).await?;
+                    calls.push((
+                        &st.outcome,
+                        vec![&f.job_id, &o.outcome, &o.reason, &o.at_ms],
+                    ));
+                    calls.push((&st.last_outcome, vec![&f.job_id, &o.outcome, &o.at_ms]));
                     if let Some(kept) = &o.kept_payload {
-                        tx.execute(
-                            "INSERT INTO ledger_payloads (job_id, payload, expires_at) VALUES ($1, $2, $3)
-                             ON CONFLICT (job_id) DO UPDATE SET payload = excluded.payload, expires_at = excluded.expires_at",
-                            &[&f.job_id, &kept.json, &kept.expires_at_ms],
-                        )
-                        .await?;
+                        calls.push((
+                            &st.payload,
+                            vec![&f.job_id, &kept.json, &kept.expires_at_ms],
+                        ));
                     }
                 }
             }
             Op::Note(job_id, outcome, at) => {
-                tx.execute(
-                    "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES ($1, $2, NULL, $3)",
-                    &[job_id, outcome, at],
-                )
-                .await?;
-                set_last_outcome(&tx, job_id, outcome, *at).await?;
+                calls.push((&st.outcome, vec![job_id, outcome, &no_reason, at]));
+                calls.push((&st.last_outcome, vec![job_id, outcome, at]));
             }
         }
     }
-    tx.commit().await
-}
-
-/// Keep the job's summary on its latest outcome (an older one arriving late changes nothing).
-async fn set_last_outcome(
-    tx: &tokio_postgres::Transaction<'_>,
-    job_id: &str,
-    outcome: &str,
-    at: i64,
-) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "UPDATE ledger_jobs SET last_outcome = $2, last_outcome_at = $3
-         WHERE job_id = $1 AND coalesce(last_outcome_at, 0) <= $3",
-        &[&job_id, &outcome, &at],
+    // Polled together, the executions are written to the connection in this order and the
+    // server runs them in that order: each row exists before the update that follows it.
+    futures_util::future::try_join_all(
+        calls.iter().map(|(stmt, params)| tx.execute(*stmt, params)),
     )
     .await?;
-    Ok(())
+    tx.commit().await
 }
