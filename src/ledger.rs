@@ -98,6 +98,9 @@ pub const ENDING_OUTCOMES: [&str; 5] = [
     "superseded",
 ];
 
+/// One write to the ledger: the job's facts, perhaps an attempt, perhaps a final outcome.
+pub type Record = (JobFacts, Option<Attempt>, Option<FinalOutcome>);
+
 /// Which entries to return, newest stored first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerQuery {
@@ -155,6 +158,16 @@ pub const SUMMARY_COLUMNS: &str = "job_id, route, action, org_id, notification_i
 /// n-th (1-based) parameter (`?n` in SQLite, `$n` in PostgreSQL). One builder, so both
 /// ledgers answer the same query the same way.
 pub fn select_sql(q: &LedgerQuery, placeholder: impl Fn(usize) -> String) -> (String, Vec<SqlArg>) {
+    select_sql_from(q, "ledger_jobs", placeholder)
+}
+
+/// [`select_sql`] against `source`: a table or a parenthesised subquery with the columns of
+/// [`SUMMARY_COLUMNS`].
+pub fn select_sql_from(
+    q: &LedgerQuery,
+    source: &str,
+    placeholder: impl Fn(usize) -> String,
+) -> (String, Vec<SqlArg>) {
     let mut clause = vec!["1 = 1".to_owned()];
     let mut args: Vec<SqlArg> = Vec::new();
     let bind = |args: &mut Vec<SqlArg>, v: SqlArg| {
@@ -206,11 +219,17 @@ pub fn select_sql(q: &LedgerQuery, placeholder: impl Fn(usize) -> String) -> (St
     let limit = bind(&mut args, SqlArg::Int(q.limit.clamp(1, MAX_PAGE) as i64));
     (
         format!(
-            "SELECT {SUMMARY_COLUMNS} FROM ledger_jobs WHERE {} ORDER BY stored_at DESC, job_id DESC LIMIT {limit}",
+            "SELECT {SUMMARY_COLUMNS} FROM {source} WHERE {} ORDER BY stored_at DESC, job_id DESC LIMIT {limit}",
             clause.join(" AND ")
         ),
         args,
     )
+}
+
+/// Whether a job stored but not yet recorded by a worker (no outcome, no subject key yet)
+/// could match `q`.
+pub fn may_match_unrecorded(q: &LedgerQuery) -> bool {
+    q.subject_key.is_none() && matches!(q.outcome.as_deref(), None | Some("pending"))
 }
 
 /// Most entries one query returns.

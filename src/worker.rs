@@ -230,16 +230,17 @@ impl Worker {
         }
     }
 
-    /// Record the attempt (when Centercode was called) and, for an outcome that ends the
-    /// job, the final outcome. Nothing is written for a job held without a call.
-    async fn write_ledger(
+    /// What the ledger records of this delivery: the attempt (when Centercode was called)
+    /// and, for an outcome that ends the job, the final outcome. `None` for a job held without
+    /// a call, or when no ledger is kept.
+    fn ledger_record_of(
         &self,
         job: &Leased,
         outcome: &Outcome,
         call: Option<CallRecord>,
-    ) -> Result<(), QueueError> {
+    ) -> Option<crate::ledger::Record> {
         if !self.queue.keeps_ledger() || (call.is_none() && !outcome.ends_the_job()) {
-            return Ok(());
+            return None;
         }
         let (attempt_outcome, final_outcome, reason) = match outcome {
             Outcome::Delivered { .. } => ("done", Some("delivered"), None),
@@ -301,17 +302,7 @@ impl Worker {
             at_ms: now_ms(),
             kept_payload,
         });
-        let started = std::time::Instant::now();
-        let result = self
-            .queue
-            .ledger_record(facts, attempt, final_outcome)
-            .await;
-        self.metrics.observe(
-            "relay_ledger_write_seconds",
-            &[],
-            started.elapsed().as_secs_f64(),
-        );
-        result
+        Some((facts, attempt, final_outcome))
     }
 
     /// Lease and deliver everything that is due now, one batch at a time (tests, demo).
@@ -367,24 +358,35 @@ impl Worker {
                 Some((key, version)) => self.decide_in_order(&job, key, *version, &mut call).await,
             };
             drop(call_slot);
-            // The ledger first: a job leaves the queue only once its outcome is written there.
-            if let Err(e) = self.write_ledger(&job, &outcome, call).await {
-                if outcome.ends_the_job() {
-                    tracing::error!(error = %e, "could not write the outcome to the ledger; the job stays leased and comes back");
-                    return outcome;
+            // A job leaves the queue only once its outcome is in the ledger: written with the
+            // ack or park (one transaction on SQLite; the ledger first on RabbitMQ). An attempt
+            // that does not end the job is written on its own.
+            let record = self.ledger_record_of(&job, &outcome, call);
+            let ledger_started = Instant::now();
+            let writes_ledger = record.is_some();
+            let record = match record {
+                Some((facts, attempt, last)) if !outcome.ends_the_job() => {
+                    if let Err(e) = self.queue.ledger_record(facts, attempt, last).await {
+                        tracing::warn!(error = %e, "could not write the attempt to the ledger");
+                    }
+                    None
                 }
-                tracing::warn!(error = %e, "could not write the attempt to the ledger");
-            }
+                r => r,
+            };
             let recorded = match &outcome {
-                Outcome::Delivered { .. } | Outcome::UserNotFound => self.queue.ack(&job).await,
+                Outcome::Delivered { .. } | Outcome::UserNotFound => {
+                    self.queue.settle_recorded(&job, None, record).await
+                }
                 Outcome::Superseded { version, newer } => {
                     tracing::info!(version, newer, "job superseded by a newer version of its record; not sent");
-                    self.queue.ack(&job).await
+                    self.queue.settle_recorded(&job, None, record).await
                 }
                 Outcome::RecordBusy => self.queue.defer(&job, RECORD_BUSY_DELAY).await,
                 Outcome::Parked { reason, status } => {
                     tracing::warn!(reason = %reason, "job parked");
-                    self.queue.park(&job, reason, *status).await
+                    self.queue
+                        .settle_recorded(&job, Some((reason.clone(), *status)), record)
+                        .await
                 }
                 Outcome::Retried { .. } => Ok(()), // recorded in `decide`, which knows the time
                 // A paused route's job waits set aside until the resume; an open circuit's
@@ -394,9 +396,16 @@ impl Worker {
                 }
                 Outcome::Held { .. } => self.queue.release(&job).await,
             };
+            if writes_ledger {
+                self.metrics.observe(
+                    "relay_ledger_write_seconds",
+                    &[],
+                    ledger_started.elapsed().as_secs_f64(),
+                );
+            }
             if let Err(e) = recorded {
                 // The lease will expire and the job come back: at-least-once, never lost.
-                tracing::error!(error = %e, "could not record the delivery outcome");
+                tracing::error!(error = %e, "could not record the delivery outcome (and its ledger entry); the job stays leased and comes back");
             }
             let label = match &outcome {
                 Outcome::Delivered { .. } => "done",

@@ -489,6 +489,29 @@ impl Queue {
         }
     }
 
+    /// Ack a delivered (or superseded) job, or park it (`park`: reason and status), with its
+    /// ledger record: one transaction on SQLite; on RabbitMQ the ledger first, then the
+    /// broker, so a crash between them records the outcome twice, never zero times.
+    pub async fn settle_recorded(
+        &self,
+        job: &Leased,
+        park: Option<(String, Option<u16>)>,
+        record: Option<crate::ledger::Record>,
+    ) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.settle_recorded(job, park, record).await,
+            Queue::Rabbit(q) => {
+                if let (Some(ledger), Some((facts, attempt, outcome))) = (q.ledger(), record) {
+                    ledger.record(facts, attempt, outcome).await?;
+                }
+                match park {
+                    Some((reason, status)) => q.park(job, &reason, status).await,
+                    None => q.ack(job).await,
+                }
+            }
+        }
+    }
+
     /// Give a job back for `delay` without spending its attempt (its record is busy).
     pub async fn defer(&self, job: &Leased, delay: Duration) -> Result<(), QueueError> {
         match self {

@@ -305,7 +305,6 @@ impl SqliteQueue {
 
     async fn enqueue_inner(&self, jobs: Vec<NewJob>) -> Result<Vec<EnqueueOutcome>, QueueError> {
         let ttl = self.inner.dedupe_ttl_ms;
-        let ledger = self.keeps_ledger();
         let outcomes = self
             .write(move |conn| {
                 let now = now_ms();
@@ -345,24 +344,6 @@ impl SqliteQueue {
                         now,
                         if job.received_at_ms > 0 { job.received_at_ms } else { now }
                     ])?;
-                    // The ledger knows the job from the moment it is stored, in the same
-                    // transaction (no second fsync on the ack path).
-                    if ledger {
-                        conn.prepare_cached(
-                            "INSERT OR IGNORE INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, stored_at, received_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        )?
-                        .execute(params![
-                            job.id,
-                            job.route,
-                            job.action.as_str(),
-                            job.org_id,
-                            job.notification_id,
-                            job.record_id,
-                            now,
-                            if job.received_at_ms > 0 { job.received_at_ms } else { now }
-                        ])?;
-                    }
                     outcomes.push(EnqueueOutcome::Stored);
                 }
                 Ok(outcomes)
@@ -768,58 +749,41 @@ impl SqliteQueue {
         attempt: Option<crate::ledger::Attempt>,
         outcome: Option<crate::ledger::FinalOutcome>,
     ) -> Result<(), QueueError> {
+        self.write(move |conn| ledger_write(conn, facts, attempt, outcome))
+            .await
+    }
+
+    /// Settle a delivered (or superseded) job, or park it (`park`: reason and status), with
+    /// its ledger record written in the same transaction: the outcome is in the ledger exactly
+    /// when the job leaves the queue, for one commit instead of two.
+    pub async fn settle_recorded(
+        &self,
+        job: &Leased,
+        park: Option<(String, Option<u16>)>,
+        record: Option<crate::ledger::Record>,
+    ) -> Result<(), QueueError> {
+        let (id, token) = (job.id.clone(), job.lease_token.clone());
+        let ledger = self.keeps_ledger();
         self.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
-            )?
-            .execute(params![
-                facts.job_id,
-                facts.route,
-                facts.action,
-                facts.org_id,
-                facts.notification_id,
-                facts.record_id,
-                facts.subject_key,
-                facts.stored_at_ms,
-                facts.received_at_ms
-            ])?;
-            if let Some(a) = attempt {
-                conn.prepare_cached(
-                    "INSERT OR REPLACE INTO ledger_attempts (job_id, attempt, started_at, duration_ms, status, error_class, outcome, response)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?
-                .execute(params![
-                    facts.job_id,
-                    a.attempt,
-                    a.started_at_ms,
-                    a.duration_ms,
-                    a.status,
-                    a.error_class,
-                    a.outcome,
-                    a.response
-                ])?;
-                if a.status.is_some() {
-                    conn.prepare_cached("UPDATE ledger_jobs SET last_status = ?2 WHERE job_id = ?1")?
-                        .execute(params![facts.job_id, a.status])?;
-                }
+            if let (true, Some((facts, attempt, outcome))) = (ledger, record) {
+                ledger_write(conn, facts, attempt, outcome)?;
             }
-            if let Some(o) = outcome {
-                conn.prepare_cached(
-                    "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![facts.job_id, o.outcome, o.reason, o.at_ms])?;
-                conn.prepare_cached(
-                    "UPDATE ledger_jobs SET last_outcome = ?2, last_outcome_at = ?3
-                     WHERE job_id = ?1 AND coalesce(last_outcome_at, 0) <= ?3",
-                )?
-                .execute(params![facts.job_id, o.outcome, o.at_ms])?;
-                if let Some(kept) = o.kept_payload {
+            match park {
+                Some((reason, status)) => {
                     conn.prepare_cached(
-                        "INSERT OR REPLACE INTO ledger_payloads (job_id, payload, expires_at) VALUES (?1, ?2, ?3)",
+                        "UPDATE jobs SET state = 'parked', parked_at = ?1, park_reason = ?2, last_error = ?2, last_status = ?3,
+                                         lease_until = 0, lease_token = NULL
+                         WHERE id = ?4 AND lease_token = ?5",
                     )?
-                    .execute(params![facts.job_id, kept.json, kept.expires_at_ms])?;
+                    .execute(params![now_ms(), reason, status, id, token])?;
+                }
+                None => {
+                    let n = conn
+                        .prepare_cached("DELETE FROM jobs WHERE id = ?1 AND lease_token = ?2")?
+                        .execute(params![id, token])?;
+                    if n == 0 {
+                        tracing::warn!(job_id = %id, "ack of a job whose lease had expired; it may be delivered twice");
+                    }
                 }
             }
             Ok(())
@@ -834,15 +798,27 @@ impl SqliteQueue {
     ) -> Result<Vec<crate::ledger::Entry>, QueueError> {
         use crate::ledger::{Attempt, FinalOutcome, SqlArg};
         self.read(move |conn| {
-            let (sql, args) = crate::ledger::select_sql(&q, |n| format!("?{n}"));
-            let args = args.into_iter().map(|a| match a {
-                SqlArg::Text(t) => SqlValue::Text(t),
-                SqlArg::Int(i) => SqlValue::Integer(i),
-            });
-            let mut entries: Vec<crate::ledger::Entry> = conn
-                .prepare_cached(&sql)?
-                .query_map(rusqlite::params_from_iter(args), ledger_entry)?
-                .collect::<rusqlite::Result<_>>()?;
+            let run = |source: &str| -> Result<Vec<crate::ledger::Entry>, QueueError> {
+                let (sql, args) = crate::ledger::select_sql_from(&q, source, |n| format!("?{n}"));
+                let args = args.into_iter().map(|a| match a {
+                    SqlArg::Text(t) => SqlValue::Text(t),
+                    SqlArg::Int(i) => SqlValue::Integer(i),
+                });
+                Ok(conn
+                    .prepare_cached(&sql)?
+                    .query_map(rusqlite::params_from_iter(args), ledger_entry)?
+                    .collect::<rusqlite::Result<_>>()?)
+            };
+            let mut entries = run("ledger_jobs")?;
+            // A job is in the ledger from the moment it is stored: until a worker first
+            // records it, its row in the queue stands in (so the ack path writes nothing more).
+            if crate::ledger::may_match_unrecorded(&q) {
+                entries.extend(run(UNRECORDED_JOBS)?);
+                entries.sort_by(|a, b| {
+                    (b.facts.stored_at_ms, &b.facts.job_id).cmp(&(a.facts.stored_at_ms, &a.facts.job_id))
+                });
+                entries.truncate(q.limit.clamp(1, crate::ledger::MAX_PAGE));
+            }
             if !q.history {
                 return Ok(entries);
             }
@@ -1318,6 +1294,76 @@ fn column_error_kind(e: &rusqlite::Error) -> String {
         _ => "unreadable row".into(),
     }
 }
+
+/// Write what became of a job (its facts, an attempt, a final outcome) in the caller's
+/// transaction.
+fn ledger_write(
+    conn: &Connection,
+    facts: crate::ledger::JobFacts,
+    attempt: Option<crate::ledger::Attempt>,
+    outcome: Option<crate::ledger::FinalOutcome>,
+) -> Result<(), QueueError> {
+    conn.prepare_cached(
+            "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
+        )?
+        .execute(params![
+            facts.job_id,
+            facts.route,
+            facts.action,
+            facts.org_id,
+            facts.notification_id,
+            facts.record_id,
+            facts.subject_key,
+            facts.stored_at_ms,
+            facts.received_at_ms
+        ])?;
+    if let Some(a) = attempt {
+        conn.prepare_cached(
+                "INSERT OR REPLACE INTO ledger_attempts (job_id, attempt, started_at, duration_ms, status, error_class, outcome, response)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                facts.job_id,
+                a.attempt,
+                a.started_at_ms,
+                a.duration_ms,
+                a.status,
+                a.error_class,
+                a.outcome,
+                a.response
+            ])?;
+        if a.status.is_some() {
+            conn.prepare_cached("UPDATE ledger_jobs SET last_status = ?2 WHERE job_id = ?1")?
+                .execute(params![facts.job_id, a.status])?;
+        }
+    }
+    if let Some(o) = outcome {
+        conn.prepare_cached(
+            "INSERT INTO ledger_outcomes (job_id, outcome, reason, at) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![facts.job_id, o.outcome, o.reason, o.at_ms])?;
+        conn.prepare_cached(
+            "UPDATE ledger_jobs SET last_outcome = ?2, last_outcome_at = ?3
+                 WHERE job_id = ?1 AND coalesce(last_outcome_at, 0) <= ?3",
+        )?
+        .execute(params![facts.job_id, o.outcome, o.at_ms])?;
+        if let Some(kept) = o.kept_payload {
+            conn.prepare_cached(
+                    "INSERT OR REPLACE INTO ledger_payloads (job_id, payload, expires_at) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![facts.job_id, kept.json, kept.expires_at_ms])?;
+        }
+    }
+    Ok(())
+}
+
+/// Jobs in the queue that no worker has recorded in the ledger yet, as ledger summary rows.
+const UNRECORDED_JOBS: &str = "(SELECT id AS job_id, route, action, org_id, notification_id, record_id,
+        NULL AS subject_key, coalesce(received_at, first_seen) AS received_at, first_seen AS stored_at,
+        NULL AS last_outcome, NULL AS last_outcome_at, NULL AS last_status
+    FROM jobs WHERE NOT EXISTS (SELECT 1 FROM ledger_jobs l WHERE l.job_id = jobs.id))";
 
 /// One ledger summary row ([`crate::ledger::SUMMARY_COLUMNS`]).
 fn ledger_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::ledger::Entry> {
