@@ -7,8 +7,7 @@ use super::html::{self, esc, Section};
 use super::{page_session, route_counters, wants_fragment, LedgerHealth, SAMPLE_INTERVAL};
 use crate::control::CircuitState;
 use crate::inbound::AppState;
-use crate::ledger::{LedgerQuery, MAX_PAGE};
-use crate::queue::{now_ms, ParkedFilter};
+use crate::queue::now_ms;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use std::fmt::Write;
@@ -171,27 +170,24 @@ async fn live(state: &AppState) -> String {
     let base = history.iter().find(|s| now - s.at_ms <= RATE_WINDOW_MS);
     out.push_str(
         "<section aria-labelledby=\"h-routes\"><h2 id=\"h-routes\">Routes</h2><div class=\"scroll\"><table><thead><tr>\
-<th scope=\"col\">Route</th><th scope=\"col\">State</th><th scope=\"col\" class=\"num\">Waiting</th><th scope=\"col\">Oldest waiting</th><th scope=\"col\" class=\"num\">Parked</th><th scope=\"col\">Oldest parked</th>\
+<th scope=\"col\">Route</th><th scope=\"col\">State</th><th scope=\"col\" class=\"num\">Ready</th><th scope=\"col\" class=\"num\">In flight</th><th scope=\"col\" class=\"num\">Retrying</th><th scope=\"col\" class=\"num\">Held</th><th scope=\"col\" class=\"num\">Parked</th>\
 <th scope=\"col\" class=\"num\">Stored /min</th><th scope=\"col\" class=\"num\">Delivered /min</th>\
 <th scope=\"col\">Salesforce answers</th><th scope=\"col\">Centercode answers</th></tr></thead><tbody>",
     );
+    // Per route by state: exact on the embedded queue, from the ledger on RabbitMQ.
+    let by_route = state.queue.route_stats().await.ok().flatten();
+    let leases_seen = state.queue.route_stats_see_leases();
     for r in &state.settings.routes {
         let name = r.name.as_str();
-        let parked_filter = ParkedFilter {
-            route: Some(r.name.clone()),
-            ..ParkedFilter::default()
-        };
-        let parked = state.queue.count_parked(parked_filter.clone()).await.ok();
-        let oldest = match parked {
-            Some(n) if n > 0 => state
-                .queue
-                .parked_page(parked_filter, 1, None)
-                .await
-                .ok()
-                .and_then(|p| p.first().map(|j| j.parked_at_ms)),
-            _ => None,
-        };
-        let (waiting, oldest_waiting) = waiting(state, name, now).await;
+        let paused = state.control.is_paused(name);
+        let cells = route_cells(
+            by_route
+                .as_ref()
+                .map(|m| m.get(name).cloned().unwrap_or_default()),
+            paused,
+            leases_seen,
+            now,
+        );
         let mut route_state = Vec::new();
         if state.control.is_paused(name) {
             route_state.push("paused");
@@ -231,10 +227,8 @@ async fn live(state: &AppState) -> String {
         let _ = write!(
             out,
             "<tr data-route=\"{route}\"><th scope=\"row\"><a href=\"/console/routes#route-{route}\">{route}</a></th>\
-<td class=\"state\">{}</td><td class=\"num waiting\">{waiting}</td><td>{oldest_waiting}</td><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{rate_in}</td><td class=\"num\">{rate_out}</td><td>{}</td><td>{}</td></tr>",
+<td class=\"state\">{}</td>{cells}<td class=\"num\">{rate_in}</td><td class=\"num\">{rate_out}</td><td>{}</td><td>{}</td></tr>",
             route_state.join(", "),
-            parked.map_or("?".to_owned(), |n| n.to_string()),
-            html::age(oldest, now),
             esc(&classes(
                 "relay_ingest_requests_total",
                 "outcome",
@@ -248,36 +242,57 @@ async fn live(state: &AppState) -> String {
             route = esc(name),
         );
     }
-    out.push_str("</tbody></table></div><p class=\"hint\">Waiting: jobs of the route stored and neither delivered nor parked yet (ready, in flight, retrying or held), from the ledger. Rates and answers are this process's; depths are the shared queue's.</p></section>");
+    out.push_str(if leases_seen {
+        "</tbody></table></div><p class=\"hint\">Each count with its oldest job's age. Held: jobs of a paused route. Rates and answers are this process's; depths are the shared queue's.</p></section>"
+    } else {
+        "</tbody></table></div><p class=\"hint\">Each count with its oldest job's age, from the delivery ledger (RabbitMQ's queues do not split by route): ready means never attempted, retrying attempted and not ended; a job being delivered counts in the state it had before (the whole queue's in-flight count is above). Held: jobs of a paused route. Rates and answers are this process's.</p></section>"
+    });
     out
 }
 
-/// A route's jobs still in the queue (not completed, not parked) and the oldest one's age,
-/// from the ledger (newest first, one page at most); `?` where no ledger is kept.
-async fn waiting(state: &AppState, route: &str, now: i64) -> (String, String) {
-    if !state.queue.keeps_ledger() {
-        return ("?".into(), "—".into());
-    }
-    let q = LedgerQuery {
-        route: Some(route.to_owned()),
-        incomplete: true,
-        limit: MAX_PAGE,
-        ..LedgerQuery::default()
+/// The per-state cells of one route's row: count and oldest age for ready, in flight,
+/// retrying, held (a paused route's ready and retrying jobs), parked; `?` where not known.
+fn route_cells(
+    stats: Option<crate::queue::QueueStats>,
+    paused: bool,
+    leases_seen: bool,
+    now: i64,
+) -> String {
+    let Some(s) = stats else {
+        return "<td class=\"num ready\">?</td><td class=\"num in-flight\">?</td><td class=\"num retrying\">?</td><td class=\"num held\">?</td><td class=\"num parked\">?</td>".into();
     };
-    match state.queue.ledger_query(q).await {
-        Ok(entries) => {
-            let full = entries.len() == MAX_PAGE;
-            let waiting: Vec<_> = entries
-                .iter()
-                .filter(|e| e.last_outcome.as_deref() != Some("parked"))
-                .collect();
-            let oldest = waiting.last().map(|e| e.facts.stored_at_ms);
-            let more = if full { "+" } else { "" };
-            (
-                format!("{}{more}", waiting.len()),
-                format!("{}{more}", html::age(oldest, now)),
-            )
-        }
-        Err(_) => ("?".into(), "—".into()),
-    }
+    let cell = |class: &str, n: u64, oldest: Option<i64>| {
+        let age = if n > 0 {
+            format!(" <span class=\"age\">{}</span>", html::age(oldest, now))
+        } else {
+            String::new()
+        };
+        format!("<td class=\"num {class}\">{n}{age}</td>")
+    };
+    let waiting_oldest = [s.oldest_ready_ms, s.oldest_retrying_ms]
+        .into_iter()
+        .flatten()
+        .min();
+    let (ready, retrying, held) = if paused {
+        (
+            cell("ready", 0, None),
+            cell("retrying", 0, None),
+            cell("held", s.ready + s.retrying, waiting_oldest),
+        )
+    } else {
+        (
+            cell("ready", s.ready, s.oldest_ready_ms),
+            cell("retrying", s.retrying, s.oldest_retrying_ms),
+            cell("held", 0, None),
+        )
+    };
+    let in_flight = if leases_seen {
+        cell("in-flight", s.in_flight, s.oldest_in_flight_ms)
+    } else {
+        "<td class=\"num in-flight\">—</td>".to_owned()
+    };
+    format!(
+        "{ready}{in_flight}{retrying}{held}{}",
+        cell("parked", s.parked, s.oldest_parked_ms)
+    )
 }

@@ -304,6 +304,41 @@ impl PgLedger {
         Ok(total)
     }
 
+    /// Per route, the jobs not completed by state as the ledger knows them: `ready` (never
+    /// attempted), `retrying` (attempted, not ended), `parked`; a job being delivered counts
+    /// in the state it had before (the ledger does not see leases).
+    pub async fn route_stats(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, crate::queue::QueueStats>, QueueError> {
+        let rows = self
+            .reader()
+            .query(
+                "SELECT route,
+                        CASE WHEN last_outcome = 'parked' THEN 'parked'
+                             WHEN EXISTS (SELECT 1 FROM ledger_attempts a WHERE a.job_id = j.job_id) THEN 'retrying'
+                             ELSE 'ready' END AS class,
+                        count(*), min(stored_at)
+                 FROM ledger_jobs j
+                 WHERE last_outcome IS NULL OR last_outcome IN ('parked', 'replayed')
+                 GROUP BY 1, 2",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        let mut out: std::collections::BTreeMap<String, crate::queue::QueueStats> =
+            std::collections::BTreeMap::new();
+        for r in rows {
+            let s = out.entry(r.get(0)).or_default();
+            let (n, oldest): (i64, Option<i64>) = (r.get(2), r.get(3));
+            match r.get::<_, &str>(1) {
+                "parked" => (s.parked, s.oldest_parked_ms) = (n as u64, oldest),
+                "retrying" => (s.retrying, s.oldest_retrying_ms) = (n as u64, oldest),
+                _ => (s.ready, s.oldest_ready_ms) = (n as u64, oldest),
+            }
+        }
+        Ok(out)
+    }
+
     /// When the oldest entry was stored (ms since the epoch), if there is one.
     pub async fn oldest_ms(&self) -> Result<Option<i64>, QueueError> {
         let row = self

@@ -246,6 +246,26 @@ impl Queue {
         }
     }
 
+    /// Per route, counts and ages by state. Exact on the embedded queue; on RabbitMQ, whose
+    /// queues do not split by route, as the ledger knows them (`None` without a ledger): a
+    /// job in flight counts in the state it had before, and `in_flight` is 0.
+    pub async fn route_stats(
+        &self,
+    ) -> Result<Option<std::collections::BTreeMap<String, QueueStats>>, QueueError> {
+        match self {
+            Queue::Embedded(q) => q.route_stats().await.map(Some),
+            Queue::Rabbit(q) => match q.ledger() {
+                Some(l) => l.route_stats().await.map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Whether [`Queue::route_stats`] sees jobs in flight per route.
+    pub fn route_stats_see_leases(&self) -> bool {
+        matches!(self, Queue::Embedded(_))
+    }
+
     pub async fn parked(&self, limit: usize) -> Result<Vec<ParkedJob>, QueueError> {
         match self {
             Queue::Embedded(q) => q.parked(limit).await,

@@ -549,37 +549,31 @@ impl SqliteQueue {
         .await
     }
 
-    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+    /// [`SqliteQueue::stats`] for each route that has jobs.
+    pub async fn route_stats(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, QueueStats>, QueueError> {
         self.read(|conn| {
             let now = now_ms();
-            let stats = conn.query_row(
-                "SELECT
-                   coalesce(sum(state = 'queued' AND lease_until <= ?1 AND available_at <= ?1), 0),
-                   coalesce(sum(state = 'queued' AND lease_until > ?1), 0),
-                   coalesce(sum(state = 'queued' AND lease_until <= ?1 AND available_at > ?1), 0),
-                   coalesce(sum(state = 'parked'), 0),
-                   -- ready: since it became due (stored, or its retry came due): its wait for a worker
-                   min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at <= ?1 THEN available_at END),
-                   min(CASE WHEN state = 'parked' THEN parked_at END),
-                   min(CASE WHEN state = 'queued' AND lease_until > ?1 THEN first_seen END),
-                   min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at > ?1 THEN first_seen END)
-                 FROM jobs",
-                params![now],
-                |r| {
-                    Ok(QueueStats {
-                        held: 0,
-                        ready: r.get::<_, i64>(0)? as u64,
-                        in_flight: r.get::<_, i64>(1)? as u64,
-                        retrying: r.get::<_, i64>(2)? as u64,
-                        parked: r.get::<_, i64>(3)? as u64,
-                        oldest_ready_ms: r.get(4)?,
-                        oldest_parked_ms: r.get(5)?,
-                        oldest_in_flight_ms: r.get(6)?,
-                        oldest_retrying_ms: r.get(7)?,
-                    })
-                },
-            )?;
-            Ok(stats)
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT route, {STATS_COLUMNS} FROM jobs GROUP BY route"
+            ))?;
+            let rows = stmt.query_map(params![now], |r| {
+                Ok((r.get::<_, String>(0)?, stats_row(r, 1)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        self.read(|conn| {
+            // Ready: since it became due (stored, or its retry came due), its wait for a worker.
+            Ok(conn.query_row(
+                &format!("SELECT {STATS_COLUMNS} FROM jobs"),
+                params![now_ms()],
+                |r| stats_row(r, 0),
+            )?)
         })
         .await
     }
@@ -1357,6 +1351,32 @@ fn ledger_write(
         }
     }
     Ok(())
+}
+
+/// Counts and ages per state over `jobs` (`?1` is now), as [`stats_row`] reads them.
+const STATS_COLUMNS: &str = "
+   coalesce(sum(state = 'queued' AND lease_until <= ?1 AND available_at <= ?1), 0),
+   coalesce(sum(state = 'queued' AND lease_until > ?1), 0),
+   coalesce(sum(state = 'queued' AND lease_until <= ?1 AND available_at > ?1), 0),
+   coalesce(sum(state = 'parked'), 0),
+   min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at <= ?1 THEN available_at END),
+   min(CASE WHEN state = 'parked' THEN parked_at END),
+   min(CASE WHEN state = 'queued' AND lease_until > ?1 THEN first_seen END),
+   min(CASE WHEN state = 'queued' AND lease_until <= ?1 AND available_at > ?1 THEN first_seen END)";
+
+/// A row of [`STATS_COLUMNS`] starting at column `at`.
+fn stats_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<QueueStats> {
+    Ok(QueueStats {
+        held: 0,
+        ready: r.get::<_, i64>(at)? as u64,
+        in_flight: r.get::<_, i64>(at + 1)? as u64,
+        retrying: r.get::<_, i64>(at + 2)? as u64,
+        parked: r.get::<_, i64>(at + 3)? as u64,
+        oldest_ready_ms: r.get(at + 4)?,
+        oldest_parked_ms: r.get(at + 5)?,
+        oldest_in_flight_ms: r.get(at + 6)?,
+        oldest_retrying_ms: r.get(at + 7)?,
+    })
 }
 
 /// Jobs in the queue that no worker has recorded in the ledger yet, as ledger summary rows.
