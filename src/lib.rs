@@ -25,7 +25,8 @@
 //! - [`centercode`]: the reqwest client.
 //! - [`retry`]: retry schedule, jitter and `Retry-After`.
 //! - [`worker`]: lease, deliver, ack / retry / park; [`ordering`]: never an older version
-//!   of a record after a newer one.
+//!   of a record after a newer one; [`ratelimit`]: a rate limit per destination shared by
+//!   every worker.
 //! - [`startup`]: wiring and shutdown. [`telemetry`]: logging. [`metrics`]: Prometheus.
 //! - [`admin`]: the admin API (parked jobs, replay, pause, the ledger's jobs); [`console`]:
 //!   the same in the browser at `/console`; [`control`]:
@@ -52,6 +53,7 @@ pub mod metrics;
 pub mod netaddr;
 pub mod ordering;
 pub mod queue;
+pub mod ratelimit;
 pub mod retry;
 pub mod settings;
 pub mod shared_control;

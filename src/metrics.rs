@@ -67,7 +67,7 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "relay_deliveries_total",
         "counter",
-        "Delivery outcomes by route, action and outcome (done, user_not_found, retried, parked, held, superseded).",
+        "Delivery outcomes by route, action and outcome (done, user_not_found, retried, parked, held, superseded, rate_limited).",
     ),
     (
         "relay_centercode_responses_total",
@@ -113,6 +113,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "relay_queue_backlog_high",
         "gauge",
         "1 while waiting jobs exceed queue.depth_warning (the gateway keeps accepting).",
+    ),
+    (
+        "relay_rate_limited_total",
+        "counter",
+        "Jobs given back, attempt not spent, because their destination's [[limits]] rate was reached.",
+    ),
+    (
+        "relay_rate_limit_allowance",
+        "gauge",
+        "Requests a destination's limit lets go at once right now (the burst remaining), as this process last saw it.",
     ),
     ("relay_build_info", "gauge", "Build information."),
 ];

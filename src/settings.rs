@@ -48,6 +48,9 @@ pub struct Settings {
     /// One entry per inbound endpoint (`/salesforce/outbound/{name}` or `/salesforce/callout/{name}`).
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
+    /// Rate limits per destination, shared by every worker (src/ratelimit.rs).
+    #[serde(default)]
+    pub limits: Vec<crate::ratelimit::LimitSettings>,
 }
 
 /// `[ledger]`: the delivery ledger (src/ledger.rs).
@@ -892,6 +895,7 @@ impl Settings {
                 ));
             }
         }
+        crate::ratelimit::validate(&self.limits, &self.routes)?;
         Ok(())
     }
 

@@ -23,6 +23,24 @@ pub const LEASE_REFRESH_AFTER: Duration = Duration::from_millis(500);
 /// How long a job waits when another version of its record is being delivered.
 pub const RECORD_BUSY_DELAY: Duration = Duration::from_millis(200);
 
+/// A delivery's call slot, given up while the job waits for its place under a rate limit,
+/// so the wait takes no slot another destination's job could use.
+#[derive(Default)]
+struct CallSlot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pool: Option<Arc<Semaphore>>,
+}
+
+impl CallSlot {
+    async fn wait(&mut self, pause: Duration) {
+        self.permit = None;
+        tokio::time::sleep(pause).await;
+        if let Some(pool) = &self.pool {
+            self.permit = pool.clone().acquire_owned().await.ok();
+        }
+    }
+}
+
 /// What one call to Centercode was, for the ledger. No `Debug`: it holds the e-mail, which
 /// must not be printable by accident.
 pub struct CallRecord {
@@ -54,6 +72,9 @@ pub enum Outcome {
     /// Another version of the same record is being delivered right now: back shortly,
     /// attempt not spent.
     RecordBusy,
+    /// The destination's `[[limits]]` rate was reached (or it asked, with `Retry-After`, to
+    /// be left alone): given back for `wait`, attempt not spent (see [`crate::ratelimit`]).
+    RateLimited { limit: String, wait: Duration },
 }
 
 impl Outcome {
@@ -78,6 +99,7 @@ pub struct Worker {
     policy: RetryPolicy,
     metrics: Arc<Metrics>,
     control: Arc<RouteControl>,
+    limiter: Arc<crate::ratelimit::RateLimiter>,
 }
 
 impl Worker {
@@ -99,6 +121,7 @@ impl Worker {
             max_age: Duration::from_secs(settings.worker.max_age_secs),
             retry_after_max: Duration::from_secs(settings.worker.retry_after_max_secs),
         };
+        let limiter = Arc::new(crate::ratelimit::RateLimiter::new(&settings));
         Self {
             queue,
             settings,
@@ -106,6 +129,7 @@ impl Worker {
             policy,
             metrics,
             control,
+            limiter,
         }
     }
 
@@ -143,6 +167,7 @@ impl Worker {
             };
             let (Ok(out), Ok(call)) = permits else { break };
             let worker = self.clone();
+            let pool = calls.clone();
             tokio::spawn(async move {
                 // The lease clock restarts when the delivery starts: a job leased ahead may
                 // have waited behind slow calls for much of its lease.
@@ -159,7 +184,11 @@ impl Worker {
                         }
                     }
                 }
-                worker.deliver(job, Some(call)).await;
+                let slot = CallSlot {
+                    permit: Some(call),
+                    pool: Some(pool),
+                };
+                worker.deliver(job, slot).await;
                 drop(out);
             });
         }
@@ -203,9 +232,11 @@ impl Worker {
                 .await
             {
                 Ok(jobs) if jobs.is_empty() => {
+                    // A job given back for a rate limit is due before the next poll, maybe.
+                    let wait = self.limiter.until_next_due().map_or(poll, |d| d.min(poll));
                     tokio::select! {
                         _ = self.queue.notified() => {}
-                        _ = tokio::time::sleep(poll) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = stop.cancelled() => return,
                     }
                 }
@@ -246,7 +277,9 @@ impl Worker {
             Outcome::Delivered { .. } => ("done", Some("delivered"), None),
             Outcome::UserNotFound => ("user_not_found", Some("user_not_found"), None),
             Outcome::Retried { .. } => ("retry", None, None),
-            Outcome::Held { .. } | Outcome::RecordBusy => ("held", None, None),
+            Outcome::Held { .. } | Outcome::RecordBusy | Outcome::RateLimited { .. } => {
+                ("held", None, None)
+            }
             Outcome::Parked { reason, .. } => ("parked", Some("parked"), Some(reason.clone())),
             Outcome::Superseded { version, newer } => (
                 "superseded",
@@ -328,15 +361,11 @@ impl Worker {
 
     /// Deliver one leased job and record its outcome in the queue.
     pub async fn process_one(&self, job: Leased) -> Outcome {
-        self.deliver(job, None).await
+        self.deliver(job, CallSlot::default()).await
     }
 
     /// Deliver, free the call slot, then record the outcome.
-    async fn deliver(
-        &self,
-        job: Leased,
-        call_slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> Outcome {
+    async fn deliver(&self, job: Leased, mut call_slot: CallSlot) -> Outcome {
         let span = tracing::info_span!(
             "deliver",
             job_id = %job.id,
@@ -354,8 +383,11 @@ impl Worker {
                 })
             });
             let outcome = match &order {
-                None => self.decide(&job, &mut call).await,
-                Some((key, version)) => self.decide_in_order(&job, key, *version, &mut call).await,
+                None => self.decide(&job, &mut call, &mut call_slot).await,
+                Some((key, version)) => {
+                    self.decide_in_order(&job, key, *version, &mut call, &mut call_slot)
+                        .await
+                }
             };
             drop(call_slot);
             // A job leaves the queue only once its outcome is in the ledger: written with the
@@ -382,6 +414,10 @@ impl Worker {
                     self.queue.settle_recorded(&job, None, record).await
                 }
                 Outcome::RecordBusy => self.queue.defer(&job, RECORD_BUSY_DELAY).await,
+                Outcome::RateLimited { wait, .. } => {
+                    self.limiter.note_due(Instant::now() + *wait);
+                    self.queue.defer_for(&job, *wait).await
+                }
                 Outcome::Parked { reason, status } => {
                     tracing::warn!(reason = %reason, "job parked");
                     self.queue
@@ -414,6 +450,7 @@ impl Worker {
                 Outcome::Parked { .. } => "parked",
                 Outcome::Held { .. } | Outcome::RecordBusy => "held",
                 Outcome::Superseded { .. } => "superseded",
+                Outcome::RateLimited { .. } => "rate_limited",
             };
             self.metrics.inc(
                 "relay_deliveries_total",
@@ -439,6 +476,7 @@ impl Worker {
         key: &str,
         version: i64,
         call: &mut Option<CallRecord>,
+        slot: &mut CallSlot,
     ) -> Outcome {
         use crate::ordering::Decision;
         let hold = crate::ordering::hold_ms(&self.settings);
@@ -452,7 +490,7 @@ impl Worker {
                 return Outcome::RecordBusy;
             }
         }
-        let outcome = self.decide(job, call).await;
+        let outcome = self.decide(job, call, slot).await;
         let delivered = matches!(outcome, Outcome::Delivered { .. } | Outcome::UserNotFound);
         if let Err(e) = self.queue.order_finish(key, version, delivered).await {
             // The hold lapses by itself; a lost "delivered" only lets an older late copy
@@ -462,7 +500,12 @@ impl Worker {
         outcome
     }
 
-    async fn decide(&self, job: &Leased, call: &mut Option<CallRecord>) -> Outcome {
+    async fn decide(
+        &self,
+        job: &Leased,
+        call: &mut Option<CallRecord>,
+        slot: &mut CallSlot,
+    ) -> Outcome {
         let Some(route) = self.settings.route(&job.route) else {
             return Outcome::Parked {
                 reason: format!("route `{}` is no longer configured", job.route),
@@ -482,6 +525,14 @@ impl Worker {
             return Outcome::Held {
                 reason: "route paused".into(),
             };
+        }
+        // The limit is asked last before the breaker, so a job held by either costs no
+        // capacity of the other; under per-record order the record is held already.
+        let limit = self.limiter.limit_for(&route.name);
+        if let Some(limit) = &limit {
+            if let Some(limited) = self.admit(limit, job, slot).await {
+                return limited;
+            }
         }
         // A job admitted while the circuit is not closed is the probe.
         let probing = self.control.breaker.state(&route.name) != CircuitState::Closed;
@@ -564,6 +615,13 @@ impl Worker {
                         status: Some(status),
                     },
                     (408 | 429 | 500..=599, _) => {
+                        if let (Some(limit), Some(pause), 429 | 503) = (&limit, retry_after, status) {
+                            // Tell every worker at once, instead of each job finding out.
+                            let pause = pause.min(self.policy.retry_after_max);
+                            if let Err(e) = self.limiter.slow(&self.queue, limit, pause).await {
+                                tracing::warn!(error = %e, limit = %limit.name, "could not share the destination's Retry-After");
+                            }
+                        }
                         self.retry(job, Some(status), format!("Centercode answered {status}"), retry_after)
                             .await
                     }
@@ -606,6 +664,72 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Take the job's place under its rate limit: `None` to go (after waiting for a place
+    /// near enough, without the call slot), else the job's outcome (given back).
+    async fn admit(
+        &self,
+        limit: &crate::ratelimit::Limit,
+        job: &Leased,
+        slot: &mut CallSlot,
+    ) -> Option<Outcome> {
+        let label = [("host", limit.name.as_str())];
+        let wait = match self.limiter.acquire(&self.queue, limit).await {
+            Ok(answer) => {
+                self.metrics.set(
+                    "relay_rate_limit_allowance",
+                    &label,
+                    f64::from(answer.allowance),
+                );
+                if answer.placed {
+                    if answer.wait_us > 0 {
+                        self.metrics.inc("relay_rate_limited_total", &label, 1);
+                        slot.wait(Duration::from_micros(answer.wait_us as u64))
+                            .await;
+                        // The destination may have asked every worker to stop meanwhile.
+                        match self.limiter.stopped_for(&self.queue, limit).await {
+                            Ok(left) if left > Duration::ZERO => {
+                                return Some(Outcome::RateLimited {
+                                    limit: limit.name.clone(),
+                                    wait: left,
+                                })
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, limit = %limit.name, "could not read the rate limit's state; trying again shortly");
+                                return Some(Outcome::RateLimited {
+                                    limit: limit.name.clone(),
+                                    wait: RECORD_BUSY_DELAY,
+                                });
+                            }
+                        }
+                        // The wait may have eaten into the lease the call needs.
+                        if let Ok(false) = self.queue.extend_lease(job).await {
+                            return Some(Outcome::Held {
+                                reason: "the lease ran out while waiting for the rate limit".into(),
+                            });
+                        }
+                    }
+                    return None;
+                }
+                // Up to one interval more, so jobs that waited together do not all come
+                // back at the same instant to find one place free.
+                let spread = rand::random::<f64>() * limit.interval_us as f64;
+                Duration::from_micros((answer.wait_us as f64 + spread) as u64)
+            }
+            Err(e) => {
+                // Without the shared state the limit cannot be kept: try again shortly.
+                tracing::warn!(error = %e, limit = %limit.name, "could not read the rate limit's state; trying again shortly");
+                RECORD_BUSY_DELAY
+            }
+        };
+        self.metrics.inc("relay_rate_limited_total", &label, 1);
+        tracing::debug!(wait_ms = wait.as_millis() as u64, limit = %limit.name, "rate limited; job given back");
+        Some(Outcome::RateLimited {
+            limit: limit.name.clone(),
+            wait,
+        })
     }
 
     async fn retry(

@@ -338,6 +338,81 @@ impl Dedupe {
         }
     }
 
+    /// Rate limits: one request under limit `name` (see `crate::ratelimit`). `None` from
+    /// the in-memory store, which keeps no rate state: the caller keeps it.
+    pub async fn rate_acquire(
+        &self,
+        name: &str,
+        interval_us: i64,
+        burst: u32,
+        horizon_us: i64,
+    ) -> Result<Option<crate::ratelimit::Answer>, DedupeError> {
+        match self {
+            Dedupe::Local(_) => Ok(None),
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVAL")
+                    .arg(RATE_ACQUIRE_LUA)
+                    .arg(1)
+                    .arg(d.rate_key(name))
+                    .arg(interval_us)
+                    .arg(burst)
+                    .arg(horizon_us);
+                let (wait_us, placed, allowance): (i64, i64, i64) =
+                    d.run::<((i64, i64, i64),)>(pipe).await?.0;
+                Ok(Some(crate::ratelimit::Answer {
+                    wait_us,
+                    placed: placed == 1,
+                    allowance: allowance.max(0) as u32,
+                }))
+            }
+        }
+    }
+
+    /// Rate limits: how long requests under limit `name` are still stopped by a
+    /// `Retry-After` (0: not stopped). `None` from the in-memory store.
+    pub async fn rate_stopped(&self, name: &str) -> Result<Option<i64>, DedupeError> {
+        match self {
+            Dedupe::Local(_) => Ok(None),
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVAL")
+                    .arg(RATE_STOPPED_LUA)
+                    .arg(1)
+                    .arg(d.rate_key(name));
+                let (left,): (i64,) = d.run(pipe).await?;
+                Ok(Some(left))
+            }
+        }
+    }
+
+    /// Rate limits: stop requests under limit `name` for `for_us` (a `Retry-After`).
+    /// `false` from the in-memory store, which keeps no rate state.
+    pub async fn rate_slow(
+        &self,
+        name: &str,
+        for_us: i64,
+        interval_us: i64,
+        burst: u32,
+    ) -> Result<bool, DedupeError> {
+        match self {
+            Dedupe::Local(_) => Ok(false),
+            Dedupe::Redis(d) => {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVAL")
+                    .arg(RATE_SLOW_LUA)
+                    .arg(1)
+                    .arg(d.rate_key(name))
+                    .arg(for_us)
+                    .arg(interval_us)
+                    .arg(burst)
+                    .ignore();
+                d.run::<()>(pipe).await?;
+                Ok(true)
+            }
+        }
+    }
+
     /// Forget expired in-memory keys; Redis expires its keys by itself (0).
     pub fn purge_expired(&self) -> u64 {
         match self {
@@ -513,6 +588,47 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 0";
 
+// Rate limits in Redis: one hash per limit (`tat`, `slowed`, microseconds on Redis's clock),
+// the logic of `crate::ratelimit::Gcra` in Lua. Microsecond times (~1.8e15) are exact in
+// Lua's doubles; `%.0f` keeps them from being written in exponent form.
+
+/// ARGV: interval_us, burst, horizon_us. Returns {wait_us, placed (1/0), allowance}.
+const RATE_ACQUIRE_LUA: &str = "
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local h = redis.call('HMGET', KEYS[1], 'tat', 'slowed')
+local tat = tonumber(h[1]) or 0
+local slowed = tonumber(h[2]) or 0
+if slowed > now then return {slowed - now, 0, 0} end
+local base = math.max(tat, now)
+local wait = base - now - (burst - 1) * interval
+if wait > tonumber(ARGV[3]) then return {wait - tonumber(ARGV[3]), 0, 0} end
+tat = base + interval
+redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat))
+redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(tat, slowed) - now) / 1000) + 60000)
+return {math.max(wait, 0), 1, math.max(math.floor((burst * interval - (tat - now)) / interval), 0)}";
+
+/// Returns the microseconds the limit is still stopped for (0: not stopped).
+const RATE_STOPPED_LUA: &str = "
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local slowed = tonumber(redis.call('HGET', KEYS[1], 'slowed')) or 0
+return math.max(slowed - now, 0)";
+
+/// ARGV: for_us, interval_us, burst.
+const RATE_SLOW_LUA: &str = "
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local untl = now + tonumber(ARGV[1])
+local h = redis.call('HMGET', KEYS[1], 'tat', 'slowed')
+local slowed = math.max(tonumber(h[2]) or 0, untl)
+local tat = math.max(tonumber(h[1]) or 0, untl + (tonumber(ARGV[3]) - 1) * tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat), 'slowed', string.format('%.0f', slowed))
+redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(tat, slowed) - now) / 1000) + 60000)
+return 0";
+
 /// The Redis store.
 #[derive(Clone)]
 pub struct RedisDedupe {
@@ -534,6 +650,10 @@ impl RedisDedupe {
 
     fn record_key(&self, key: &str) -> String {
         format!("{}:record:{key}", self.namespace)
+    }
+
+    fn rate_key(&self, name: &str) -> String {
+        format!("{}:rate:{name}", self.namespace)
     }
 
     fn state_key(&self, name: &str) -> String {

@@ -541,6 +541,16 @@ impl Queue {
         }
     }
 
+    /// Give a job back for at least `delay` without spending its attempt (a rate limit):
+    /// exactly that long on the embedded queue, on RabbitMQ through the shortest retry tier
+    /// at least that long.
+    pub async fn defer_for(&self, job: &Leased, delay: Duration) -> Result<(), QueueError> {
+        match self {
+            Queue::Embedded(q) => q.defer(job, delay).await,
+            Queue::Rabbit(q) => q.defer(job, delay).await,
+        }
+    }
+
     /// Whether this backend keeps the delivery ledger (the embedded queue in its file; the
     /// RabbitMQ backend in PostgreSQL, when `ledger.url` is set).
     pub fn keeps_ledger(&self) -> bool {

@@ -1200,6 +1200,13 @@ impl RabbitQueue {
         self.settle(job).await
     }
 
+    /// Give a job back for at least `delay`, attempt not spent: a copy waits in the shortest
+    /// retry tier that long (chained when longer than every tier), then the original is acked.
+    pub async fn defer(&self, job: &Leased, delay: Duration) -> Result<(), QueueError> {
+        self.wait_longer(job, now_ms().saturating_add(delay.as_millis() as i64))
+            .await
+    }
+
     /// Remember a job set in retry tier `tier` until it is due back in work, for its age.
     fn note_retry(&self, tier: usize, job: &Leased) {
         let wait = self

@@ -24,6 +24,7 @@ mod ops;
 mod ordering;
 mod queue_conformance;
 mod rabbitmq;
+mod rate_limits;
 mod scale_out;
 mod secrets;
 mod security;

@@ -391,6 +391,11 @@ impl Default for LatencyConfig {
 pub struct RateLimitConfig {
     pub enabled: bool,
     pub requests_per_minute: u32,
+    /// When set, the bucket refills at this many requests per second instead of
+    /// `requestsPerMinute` per minute (a WAF's per-second capacity).
+    pub requests_per_second: Option<f64>,
+    /// Bucket size: requests that may arrive at once. Default: a minute's worth.
+    pub burst: Option<u32>,
     /// 429, or 403 to mimic an AWS WAF block.
     pub status_on_throttle: u16,
     pub retry_after_style: RetryAfterStyle,
@@ -401,6 +406,8 @@ impl Default for RateLimitConfig {
         Self {
             enabled: false,
             requests_per_minute: 60,
+            requests_per_second: None,
+            burst: None,
             status_on_throttle: 429,
             retry_after_style: RetryAfterStyle::Seconds,
         }
@@ -564,8 +571,10 @@ struct State {
     /// (lower-cased e-mail, due time on the fake clock).
     pending_removals: Vec<(String, u64)>,
     counters: HashMap<(String, String), u64>,
-    /// Rate-limit buckets: (tokens, last refill ms).
+    /// Rate-limit buckets: (tokens, last refill µs).
     buckets: HashMap<String, (f64, u64)>,
+    /// Requests refused by the rate limit since the start (or the last reset).
+    throttled: u64,
     rng: StdRng,
 }
 
@@ -586,6 +595,7 @@ impl State {
             pending_removals: vec![],
             counters: HashMap::new(),
             buckets: HashMap::new(),
+            throttled: 0,
         }
     }
 
@@ -638,19 +648,35 @@ impl State {
         }
     }
 
+    /// Microseconds on the fake clock (the rate limit refills per µs: at 55 requests/s a
+    /// millisecond clock would round refills away).
+    fn now_us(&self) -> u64 {
+        match self.config.clock {
+            ClockMode::Virtual => self.clock_offset_ms * 1000,
+            ClockMode::Wall => {
+                self.origin.elapsed().as_micros() as u64 + self.clock_offset_ms * 1000
+            }
+        }
+    }
+
     /// Token bucket; returns the wait in ms until the next token when throttled.
     fn throttle(&mut self, who: &str) -> Option<u64> {
-        let now = self.now_ms();
-        let cap = f64::from(self.config.rate_limit.requests_per_minute.max(1));
-        let per_ms = cap / 60_000.0;
+        let now = self.now_us();
+        let rl = &self.config.rate_limit;
+        let per_us = match rl.requests_per_second {
+            Some(rps) if rps > 0.0 => rps / 1_000_000.0,
+            _ => f64::from(rl.requests_per_minute.max(1)) / 60_000_000.0,
+        };
+        let cap = f64::from(rl.burst.unwrap_or(rl.requests_per_minute).max(1));
         let bucket = self.buckets.entry(who.to_string()).or_insert((cap, now));
-        bucket.0 = (bucket.0 + now.saturating_sub(bucket.1) as f64 * per_ms).min(cap);
+        bucket.0 = (bucket.0 + now.saturating_sub(bucket.1) as f64 * per_us).min(cap);
         bucket.1 = now;
         if bucket.0 >= 1.0 {
             bucket.0 -= 1.0;
             None
         } else {
-            Some(((1.0 - bucket.0) / per_ms).ceil() as u64)
+            self.throttled += 1;
+            Some(((1.0 - bucket.0) / per_us / 1000.0).ceil() as u64)
         }
     }
 }
@@ -755,6 +781,7 @@ impl FakeCentercode {
                 .route("/__fake/users", web::get().to(ctl_get_users))
                 .route("/__fake/users", web::put().to(ctl_put_users))
                 .route("/__fake/requests", web::get().to(ctl_requests))
+                .route("/__fake/throttled", web::get().to(ctl_throttled))
                 .route("/__fake/feedback", web::get().to(ctl_feedback))
                 .route("/__fake/macro-runs", web::get().to(ctl_macro_runs))
                 .route("/__fake/faults", web::post().to(ctl_push_fault))
@@ -813,6 +840,11 @@ impl FakeCentercode {
     /// Recorded macro runs (`{listenerKey, email, mode, at}`).
     pub fn macro_runs(&self) -> Vec<Value> {
         self.shared.lock().macro_runs.clone()
+    }
+
+    /// Requests refused by the rate limit (`rateLimit`) so far.
+    pub fn throttled(&self) -> u64 {
+        self.shared.lock().throttled
     }
 
     /// Appends a fault to the FIFO queue.
@@ -1675,6 +1707,10 @@ async fn ctl_requests(shared: web::Data<Shared>) -> HttpResponse {
     let st = shared.lock();
     let reqs: Vec<&RecordedRequest> = st.requests.iter().map(|(_, r)| r).collect();
     json_response(200, &reqs)
+}
+
+async fn ctl_throttled(shared: web::Data<Shared>) -> HttpResponse {
+    json_response(200, &json!({"throttled": shared.lock().throttled}))
 }
 
 async fn ctl_feedback(shared: web::Data<Shared>) -> HttpResponse {
