@@ -107,6 +107,12 @@ struct Args {
     /// re-measure or profile one figure. The targets of skipped figures read "not measured".
     #[arg(long, value_parser = parse_cells)]
     cells: Option<Cells>,
+    /// Run only the rate-limit check: a fake Centercode whose WAF lets 55 requests/s
+    /// through, a relay with `[[limits]] rate = 50` on RabbitMQ, one gateway and two
+    /// `--role worker` processes draining a backlog for 60 s; reports the achieved rate and
+    /// the fake's 429s (see bench/README.md).
+    #[arg(long)]
+    rate_limit: bool,
     /// Where the JSON result goes.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -919,6 +925,9 @@ struct RelayRun {
     ledger: bool,
     /// The ledger's PostgreSQL schema (rabbitmq backend with the ledger on).
     schema: String,
+    /// Extra `[worker]` keys, and TOML appended after the routes (`[[limits]]`).
+    worker_extra: String,
+    tail_extra: String,
 }
 
 impl RelayRun {
@@ -940,6 +949,8 @@ impl RelayRun {
             prefix: format!("relay-bench-{unique}"),
             ledger: ledger && b.has_ledger(backend),
             schema: format!("relay_bench_{unique}"),
+            worker_extra: String::new(),
+            tail_extra: String::new(),
         })
     }
 
@@ -1004,6 +1015,7 @@ workers = {http_threads}
 [worker]
 enabled = {workers}
 concurrency = {WORKERS}
+{worker_extra}
 
 [centercode]
 api_key = "{API_KEY}"
@@ -1035,8 +1047,10 @@ url = {listener}
 email_field = "/subject/email"
 idempotency_key_field = "/eventId"
 auth = {{ bearer = "{BEARER}" }}
-"#,
+{tail_extra}"#,
             level = s(&b.args.log_level),
+            worker_extra = self.worker_extra,
+            tail_extra = self.tail_extra,
         );
         std::fs::write(self.config_path(), text)?;
         Ok(())
@@ -1082,9 +1096,21 @@ auth = {{ bearer = "{BEARER}" }}
     }
 
     async fn start(&self, b: &Bench, workers: bool, centercode: &str) -> Res<Relay> {
+        self.start_as(b, workers, centercode, &[]).await
+    }
+
+    /// [`RelayRun::start`] with more `serve` arguments (`--role worker`).
+    async fn start_as(
+        &self,
+        b: &Bench,
+        workers: bool,
+        centercode: &str,
+        serve_args: &[&str],
+    ) -> Res<Relay> {
         self.write_config(b, workers, centercode)?;
         let mut cmd = self.command(b);
         cmd.arg("serve")
+            .args(serve_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -3091,6 +3117,98 @@ fn warn_if_stale(relay: &Path) {
     }
 }
 
+// ---------------------------------------------------------------- rate limit
+
+/// The fake's WAF capacity, and the relay's limit 10 % below it.
+const WAF_PER_S: f64 = 55.0;
+const LIMIT_PER_S: f64 = 50.0;
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// `--rate-limit`: one gateway and two worker processes on RabbitMQ (Redis holding the
+/// limit's state) drain a backlog under `[[limits]] rate = 50` against a fake Centercode
+/// that answers 429 beyond 55 requests/s. The figure: calls per second the fake saw over a
+/// minute of draining, and how many it refused.
+async fn rate_limit_check(b: &Bench) -> Res<()> {
+    let fake = FakeCentercode::start(FakeConfig {
+        rate_limit: fake_centercode::RateLimitConfig {
+            enabled: true,
+            requests_per_second: Some(WAF_PER_S),
+            burst: Some(5),
+            ..fake_centercode::RateLimitConfig::default()
+        },
+        ..fake_config()
+    })
+    .await?;
+    let host = fake.base_url().trim_start_matches("http://").to_owned();
+    let mut run = RelayRun::with_ledger(b, Backend::Rabbitmq, false)?;
+    // A short first retry tier: a job more than 0.5 s from its place waits there.
+    run.worker_extra = "retry_schedule_secs = [0.25, 1, 5, 30]".into();
+    run.tail_extra = format!("\n[[limits]]\nhost = \"{host}\"\nrate = {LIMIT_PER_S}\n");
+    let jobs = (LIMIT_PER_S * (RATE_WINDOW.as_secs_f64() + 30.0)) as u64;
+    say(format!(
+        "rate limit: fake WAF {WAF_PER_S}/s, [[limits]] rate = {LIMIT_PER_S} for {host}; storing {jobs} jobs"
+    ));
+    let result = async {
+        let gateway = run.start(b, false, &fake.base_url()).await?;
+        fill(b, &gateway, jobs).await?;
+        let mut workers = Vec::new();
+        for _ in 0..2 {
+            workers.push(
+                run.start_as(b, true, &fake.base_url(), &["--role", "worker"])
+                    .await?,
+            );
+        }
+        // Skip the start (the second process starting, connections warming up).
+        let begin = epoch_ms() + 5_000;
+        let end = begin + RATE_WINDOW.as_millis() as i64;
+        tokio::time::sleep(Duration::from_millis((end - epoch_ms()).max(0) as u64 + 500)).await;
+        let requests = fake.requests();
+        let in_window: Vec<&RecordedRequest> = Vec::from_iter(requests.iter().filter(|r| {
+            parse_fake_time(&r.at).is_some_and(|t| (begin..end).contains(&t))
+        }));
+        let answered = in_window.iter().filter(|r| r.status != 429).count();
+        let rate = answered as f64 / RATE_WINDOW.as_secs_f64();
+        let throttled = fake.throttled();
+        let mut busiest = 0usize;
+        let times: Vec<i64> = in_window.iter().filter_map(|r| parse_fake_time(&r.at)).collect();
+        for (i, t) in times.iter().enumerate() {
+            busiest = busiest.max(times[i..].iter().take_while(|u| **u < t + 1000).count());
+        }
+        for w in workers {
+            w.stop().await?;
+        }
+        gateway.stop().await?;
+        let within = (rate - LIMIT_PER_S).abs() <= LIMIT_PER_S * 0.1;
+        say(format!(
+            "rate limit: {rate:.1} calls/s over {} s ({} ±10 % of {LIMIT_PER_S}), busiest second {busiest}, 429 answers from the fake: {throttled}",
+            RATE_WINDOW.as_secs(),
+            if within { "within" } else { "OUTSIDE" }
+        ));
+        Ok::<Value, anyhow::Error>(json!({
+            "waf_per_s": WAF_PER_S, "limit_per_s": LIMIT_PER_S, "window_secs": RATE_WINDOW.as_secs(),
+            "worker_processes": 2, "jobs": jobs, "achieved_per_s": rate, "within_10pct": within,
+            "busiest_second": busiest, "fake_429s": throttled,
+        }))
+    }
+    .await;
+    run.cleanup(b).await;
+    fake.stop().await;
+    let result = result?;
+    let (file_stamp, iso_stamp) = utc_stamps();
+    let rev = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let out_dir = b
+        .args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("results"));
+    std::fs::create_dir_all(&out_dir)?;
+    let path = out_dir.join(format!("{file_stamp}-{rev}-rate-limit.json"));
+    let report = json!({"schema": 1, "started_at": iso_stamp, "git_rev": rev, "cores": b.cores, "rate_limit": result});
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
+    say(format!("results: {}", path.display()));
+    Ok(())
+}
+
 async fn run(args: Args) -> Res<()> {
     let relay_bin = match &args.relay {
         Some(p) => p.clone(),
@@ -3137,6 +3255,9 @@ async fn run(args: Args) -> Res<()> {
         pg_note: None,
         args,
     };
+    if b.args.rate_limit {
+        return rate_limit_check(&b).await;
+    }
     // The rabbitmq backend keeps its ledger in PostgreSQL, as production does; without one
     // here it runs without a ledger and its ledger figures are skipped.
     if backends.contains(&Backend::Rabbitmq) {

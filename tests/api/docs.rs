@@ -26,7 +26,7 @@ const SOURCE_ROOTS: [&str; 7] = [
 ];
 
 /// The `src/settings.rs` structs that are configuration tables, and where their keys live.
-const SETTINGS_TABLES: [(&str, &str); 12] = [
+const SETTINGS_TABLES: [(&str, &str); 13] = [
     ("ServerSettings", "server"),
     ("TlsSettings", "server.tls"),
     ("QueueSettings", "queue"),
@@ -39,9 +39,18 @@ const SETTINGS_TABLES: [(&str, &str); 12] = [
     ("RouteSettings", "routes"),
     ("CalloutAuth", "routes.auth"),
     ("FieldRule", "routes.fields.<key>"),
+    ("LimitSettings", "limits"),
 ];
-/// Structs of `src/settings.rs` that are not a table of keys.
-const NOT_TABLES: [&str; 2] = ["Settings", "SettingsError"];
+/// Structs of `src/settings.rs` (and `src/ratelimit.rs`, which keeps `[[limits]]` beside
+/// its logic) that are not a table of keys.
+const NOT_TABLES: [&str; 6] = [
+    "Settings",
+    "SettingsError",
+    "Limit",
+    "Answer",
+    "Gcra",
+    "RateLimiter",
+];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -366,7 +375,7 @@ fn default_toml_keys() -> BTreeMap<String, Option<String>> {
 /// The fields of each `pub struct` of `src/settings.rs`, by struct name (serde renames
 /// applied).
 fn settings_structs() -> BTreeMap<String, Vec<String>> {
-    let source = read(&repo().join("src/settings.rs"));
+    let source = read(&repo().join("src/settings.rs")) + &read(&repo().join("src/ratelimit.rs"));
     let mut structs = BTreeMap::new();
     let mut current: Option<(String, Vec<String>)> = None;
     let mut rename: Option<String> = None;
