@@ -1,7 +1,9 @@
 //! Rate limits per destination (`[[limits]]`): a generic cell rate algorithm (GCRA) whose
 //! state every worker shares, so ten processes together stay under one limit. The state
-//! lives in Redis on RabbitMQ (one Lua script per decision, on Redis's clock), and in process
-//! memory otherwise. It only answers "go" or "wait"; the worker gives a waiting job back.
+//! lives in Redis on RabbitMQ (one Lua script per decision, on Redis's clock), in the queue
+//! file on the embedded backend (one write transaction per decision, so it survives a
+//! restart and every process on the file shares it), and in process memory on RabbitMQ
+//! without Redis. It only answers "go" or "wait"; the worker gives a waiting job back.
 //! A `Retry-After` from a limited destination stops calls to it, for every worker, until then.
 
 use crate::queue::Queue;
@@ -207,7 +209,8 @@ fn now_us() -> i64 {
 #[derive(Default)]
 pub struct RateLimiter {
     by_route: HashMap<String, Arc<Limit>>,
-    /// The state on the embedded queue and on RabbitMQ without Redis: this process only.
+    /// The state on RabbitMQ without Redis: this process only (the embedded queue keeps it
+    /// in its file, RabbitMQ with Redis in Redis).
     local: Mutex<HashMap<String, Gcra>>,
     /// When jobs given back for a limit come due (earliest first), so the lease loop looks
     /// again then instead of after its poll interval.
@@ -259,6 +262,14 @@ impl RateLimiter {
         queue: &Queue,
         limit: &Limit,
     ) -> Result<Answer, crate::queue::QueueError> {
+        if let Queue::Embedded(q) = queue {
+            let (interval, burst) = (limit.interval_us, limit.burst);
+            return q
+                .rate_update(limit.name.clone(), move |g| {
+                    g.acquire(now_us(), interval, burst, horizon_us())
+                })
+                .await;
+        }
         if let Some(shared) = shared_store(queue) {
             if let Some(answer) = shared
                 .rate_acquire(&limit.name, limit.interval_us, limit.burst, horizon_us())
@@ -284,12 +295,17 @@ impl RateLimiter {
         queue: &Queue,
         limit: &Limit,
     ) -> Result<Duration, crate::queue::QueueError> {
-        let left_us = match shared_store(queue) {
-            Some(shared) => shared
+        let left_us = match (queue, shared_store(queue)) {
+            (Queue::Embedded(q), _) => Some(
+                q.rate_state(limit.name.clone())
+                    .await?
+                    .map_or(0, |g| g.slowed_until_us - now_us()),
+            ),
+            (_, Some(shared)) => shared
                 .rate_stopped(&limit.name)
                 .await
                 .map_err(|e| crate::queue::QueueError::Dedupe(e.0))?,
-            None => None,
+            _ => None,
         };
         let left_us = left_us.unwrap_or_else(|| {
             let local = self.local.lock().expect("rate limit lock");
@@ -309,6 +325,14 @@ impl RateLimiter {
         pause: Duration,
     ) -> Result<(), crate::queue::QueueError> {
         let for_us = pause.as_micros().min(i64::MAX as u128) as i64;
+        if let Queue::Embedded(q) = queue {
+            let (interval, burst) = (limit.interval_us, limit.burst);
+            return q
+                .rate_update(limit.name.clone(), move |g| {
+                    g.slow(now_us(), for_us, interval, burst)
+                })
+                .await;
+        }
         if let Some(shared) = shared_store(queue) {
             if shared
                 .rate_slow(&limit.name, for_us, limit.interval_us, limit.burst)

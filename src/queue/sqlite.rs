@@ -110,6 +110,12 @@ CREATE TABLE IF NOT EXISTS record_versions (
     touched    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS record_versions_touched ON record_versions (touched);
+-- Rate limits (src/ratelimit.rs): each limit's GCRA state, shared by every process on the file.
+CREATE TABLE IF NOT EXISTS rate_limits (
+    name            TEXT PRIMARY KEY,
+    tat_us          INTEGER NOT NULL,
+    slowed_until_us INTEGER NOT NULL
+);
 INSERT OR IGNORE INTO meta (k, v) VALUES ('schema_version', '1');
 ";
 
@@ -970,6 +976,55 @@ impl SqliteQueue {
             )?
             .execute(params![key, r.seen, r.delivered, r.held_version, r.holders, r.until, now])?;
             Ok(answer)
+        })
+        .await
+    }
+
+    /// Read a rate limit's GCRA state, change it with `f`, write it back: one write
+    /// transaction, so every process sharing the file draws from one allowance, and the state
+    /// (a `Retry-After` stop included) outlives a restart.
+    pub async fn rate_update<T: Send + 'static>(
+        &self,
+        name: String,
+        f: impl FnOnce(&mut crate::ratelimit::Gcra) -> T + Send + 'static,
+    ) -> Result<T, QueueError> {
+        self.write(move |conn| {
+            let mut g = conn
+                .prepare_cached("SELECT tat_us, slowed_until_us FROM rate_limits WHERE name = ?1")?
+                .query_row([&name], |r| {
+                    Ok(crate::ratelimit::Gcra {
+                        tat_us: r.get(0)?,
+                        slowed_until_us: r.get(1)?,
+                    })
+                })
+                .optional()?
+                .unwrap_or_default();
+            let answer = f(&mut g);
+            conn.prepare_cached(
+                "INSERT INTO rate_limits (name, tat_us, slowed_until_us) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET tat_us = excluded.tat_us, slowed_until_us = excluded.slowed_until_us",
+            )?
+            .execute(params![name, g.tat_us, g.slowed_until_us])?;
+            Ok(answer)
+        })
+        .await
+    }
+
+    /// A rate limit's GCRA state, if it has one.
+    pub async fn rate_state(
+        &self,
+        name: String,
+    ) -> Result<Option<crate::ratelimit::Gcra>, QueueError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT tat_us, slowed_until_us FROM rate_limits WHERE name = ?1")?
+                .query_row([&name], |r| {
+                    Ok(crate::ratelimit::Gcra {
+                        tat_us: r.get(0)?,
+                        slowed_until_us: r.get(1)?,
+                    })
+                })
+                .optional()?)
         })
         .await
     }
