@@ -388,7 +388,7 @@ async fn migrate(client: &Client) -> Result<(), QueueError> {
 /// statements of a batch are pipelined (sent together, answered in order), so a batch costs a
 /// few round trips whatever its size.
 struct Statements {
-    job: tokio_postgres::Statement,
+    jobs: tokio_postgres::Statement,
     attempt: tokio_postgres::Statement,
     status: tokio_postgres::Statement,
     outcome: tokio_postgres::Statement,
@@ -399,10 +399,12 @@ struct Statements {
 impl Statements {
     async fn prepare(client: &Client) -> Result<Self, tokio_postgres::Error> {
         Ok(Self {
-            job: client
+            // Every job of a batch in one statement (arrays, one row each): at ingest the
+            // store notes of many requests cost PostgreSQL one insert, not one each.
+            jobs: client
                 .prepare(
                     "INSERT INTO ledger_jobs (job_id, route, action, org_id, notification_id, record_id, subject_key, stored_at, received_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])
                      ON CONFLICT (job_id) DO UPDATE SET subject_key = coalesce(ledger_jobs.subject_key, excluded.subject_key)",
                 )
                 .await?,
@@ -492,25 +494,57 @@ async fn write_one_batch(
         })
         .collect();
     let no_reason: Option<String> = None;
+    // The batch's jobs, once each (a store note and a worker's record of one job may share a
+    // batch; one INSERT may not touch a row twice), keeping a subject key either one has.
+    let mut facts: Vec<&JobFacts> = Vec::new();
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for w in batch {
+        if let Op::Record(record) = &w.op {
+            let f = &record.0;
+            match seen.get(f.job_id.as_str()) {
+                Some(&i) if facts[i].subject_key.is_none() => facts[i] = f,
+                Some(_) => {}
+                None => {
+                    seen.insert(&f.job_id, facts.len());
+                    facts.push(f);
+                }
+            }
+        }
+    }
+    let column =
+        |get: fn(&JobFacts) -> Option<String>| facts.iter().map(|f| get(f)).collect::<Vec<_>>();
+    let ids: Vec<&str> = facts.iter().map(|f| f.job_id.as_str()).collect();
+    let routes: Vec<&str> = facts.iter().map(|f| f.route.as_str()).collect();
+    let actions: Vec<&str> = facts.iter().map(|f| f.action.as_str()).collect();
+    let (orgs, notifications, records, subjects) = (
+        column(|f| f.org_id.clone()),
+        column(|f| f.notification_id.clone()),
+        column(|f| f.record_id.clone()),
+        column(|f| f.subject_key.clone()),
+    );
+    let stored: Vec<i64> = facts.iter().map(|f| f.stored_at_ms).collect();
+    let received: Vec<i64> = facts.iter().map(|f| f.received_at_ms).collect();
     let mut calls: Vec<(&tokio_postgres::Statement, Params<'_>)> = Vec::new();
+    if !facts.is_empty() {
+        calls.push((
+            &st.jobs,
+            vec![
+                &ids,
+                &routes,
+                &actions,
+                &orgs,
+                &notifications,
+                &records,
+                &subjects,
+                &stored,
+                &received,
+            ],
+        ));
+    }
     for (w, (attempt_no, status, last_status)) in batch.iter().zip(&values) {
         match &w.op {
             Op::Record(record) => {
                 let (f, attempt, outcome) = &**record;
-                calls.push((
-                    &st.job,
-                    vec![
-                        &f.job_id,
-                        &f.route,
-                        &f.action,
-                        &f.org_id,
-                        &f.notification_id,
-                        &f.record_id,
-                        &f.subject_key,
-                        &f.stored_at_ms,
-                        &f.received_at_ms,
-                    ],
-                ));
                 if let (Some(a), Some(n)) = (attempt, attempt_no) {
                     calls.push((
                         &st.attempt,
