@@ -134,9 +134,15 @@ async fn run_trace(
         .await?;
     let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
     if jobs.is_empty() {
+        let waiting = match v["not_yet_recorded"].as_u64() {
+            Some(n) if n > 0 => format!(
+                " ({n} job(s) wait in the queue; on RabbitMQ a job is recorded when a worker first takes it, unless ledger.record_on_store is on)"
+            ),
+            _ => String::new(),
+        };
         return Err(Failure::new(
             EXIT_MATCHED_NOTHING,
-            format!("nothing recorded for {what}"),
+            format!("nothing recorded for {what}{waiting}"),
         ));
     }
     Ok(show(conn, &jobs))

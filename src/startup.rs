@@ -92,7 +92,7 @@ pub async fn open_queue(settings: &Settings) -> anyhow::Result<Queue> {
                     )
                     .await
                     .context("opening the ledger database (ledger.url; the URL is not shown)")?;
-                    q.attach_ledger(ledger);
+                    q.attach_ledger(ledger.with_store_notes(settings.ledger.record_on_store));
                 }
                 None => tracing::warn!("running without a delivery ledger: set ledger.url (PostgreSQL) to keep one on the RabbitMQ backend"),
             }

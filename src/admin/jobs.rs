@@ -164,10 +164,18 @@ async fn answer(state: &AppState, q: LedgerQuery) -> HttpResponse {
             let next = (entries.len() == limit)
                 .then(|| entries.last().map(LedgerCursor::after))
                 .flatten();
-            HttpResponse::Ok().json(json!({
+            let mut body = json!({
                 "jobs": entries.iter().map(|e| job_json(e, state)).collect::<Vec<_>>(),
                 "next_cursor": next,
-            }))
+            });
+            // Where jobs enter the ledger only when a worker takes them, say how many wait
+            // in the queue, so "nothing recorded" is never read as "lost".
+            if !state.queue.ledger_sees_stored_jobs() {
+                if let Ok(s) = state.queue.stats().await {
+                    body["not_yet_recorded"] = json!(s.ready + s.retrying + s.held);
+                }
+            }
+            HttpResponse::Ok().json(body)
         }
         Err(crate::queue::QueueError::NotReady(why)) if !state.queue.keeps_ledger() => {
             no_ledger(&why)

@@ -84,6 +84,9 @@ pub struct PgLedger {
     writes: mpsc::Sender<Write>,
     readers: Arc<Vec<Client>>,
     next: Arc<AtomicUsize>,
+    /// Record each job when it is stored (`ledger.record_on_store`), not only when a worker
+    /// first takes it.
+    store_notes: bool,
 }
 
 fn db(e: tokio_postgres::Error) -> QueueError {
@@ -130,7 +133,18 @@ impl PgLedger {
             writes,
             readers: Arc::new(readers),
             next: Arc::default(),
+            store_notes: true,
         })
+    }
+
+    /// Whether a job is recorded when it is stored (else when a worker first takes it).
+    pub fn with_store_notes(mut self, on: bool) -> Self {
+        self.store_notes = on;
+        self
+    }
+
+    pub fn notes_stored_jobs(&self) -> bool {
+        self.store_notes
     }
 
     async fn submit(&self, op: Op) -> Result<(), QueueError> {
@@ -147,6 +161,9 @@ impl PgLedger {
     /// Note a job just stored, without waiting (the ack must not wait on the ledger): if the
     /// writer is backed up or the write fails, the worker records the same facts later.
     pub fn stored(&self, facts: JobFacts) {
+        if !self.store_notes {
+            return;
+        }
         let (done, _) = oneshot::channel();
         let _ = self.writes.try_send(Write {
             op: Op::Record(Box::new((facts, None, None))),

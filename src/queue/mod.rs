@@ -560,6 +560,16 @@ impl Queue {
         }
     }
 
+    /// Whether a job is in the ledger from the moment it is stored (the embedded queue
+    /// answers from its file; RabbitMQ with `ledger.record_on_store`), rather than from the
+    /// moment a worker first takes it.
+    pub fn ledger_sees_stored_jobs(&self) -> bool {
+        match self {
+            Queue::Embedded(q) => q.keeps_ledger(),
+            Queue::Rabbit(q) => q.ledger().is_some_and(|l| l.notes_stored_jobs()),
+        }
+    }
+
     /// Record what became of a job in the ledger (see [`crate::ledger`]); a no-op where none
     /// is kept (RabbitMQ without `ledger.url`).
     pub async fn ledger_record(

@@ -935,3 +935,71 @@ async fn a_route_that_keeps_payloads_keeps_them_only_until_they_expire() {
     let needle = b"Folder rename reverted after sync";
     assert!(!bytes.windows(needle.len()).any(|w| w == needle));
 }
+
+/// A RabbitMQ relay records a job in PostgreSQL when a worker first takes it, unless
+/// `ledger.record_on_store` is on; until then an empty answer says how many jobs wait.
+async fn rabbitmq_relay_with_ledger(record_on_store: bool) -> (TestApp, String) {
+    let pg = tokio::task::spawn_blocking(|| crate::services::postgres().url.clone())
+        .await
+        .unwrap();
+    let url = pg.clone();
+    let app = crate::helpers::spawn_app_on(crate::helpers::Backend::Rabbitmq, move |s| {
+        s.admin.token = Some(ADMIN.to_owned().into());
+        s.ledger.subject_key = SUBJECT_KEY.to_owned().into();
+        s.ledger.url = Some(url.into());
+        s.ledger.schema = format!("{}_store", s.queue.prefix);
+        s.ledger.record_on_store = record_on_store;
+    })
+    .await;
+    (app, pg)
+}
+
+async fn drop_schema(pg: &str, schema: &str) {
+    let _ = tokio::process::Command::new(
+        crate::services::find_program("psql", "postgresql-client").unwrap(),
+    )
+    .arg(pg)
+    .args(["-c", &format!("DROP SCHEMA \"{schema}\" CASCADE")])
+    .output()
+    .await;
+}
+
+#[tokio::test]
+async fn on_rabbitmq_a_job_waiting_in_the_broker_is_counted_and_with_record_on_store_traced() {
+    // Default: not in the ledger before a worker takes it, and the answer says one waits.
+    let (app, pg) = rabbitmq_relay_with_ledger(false).await;
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let page = get(&app, "/admin/jobs?record_id=0038d0000000041AAA").await;
+    assert_eq!(page["jobs"], json!([]));
+    assert_eq!(page["not_yet_recorded"], 1, "{page}");
+    let (code, _, err) = relay(&app, &["trace", "--record-id", "0038d0000000041AAA"], "").await;
+    assert_eq!(code, 3);
+    assert!(err.contains("1 job(s) wait in the queue"), "{err}");
+    app.deliver_until_settled().await;
+    let page = get(&app, "/admin/jobs?record_id=0038d0000000041AAA").await;
+    assert_eq!(page["jobs"][0]["outcome"], "delivered", "{page}");
+    drop_schema(&pg, &app.settings.ledger.schema).await;
+    // One RabbitMQ environment at a time per test: the next one waits for this one's lock.
+    drop(app);
+
+    // record_on_store: pending from the moment it is stored (the note is not awaited by the
+    // ack, so poll for it with a deadline).
+    let (app, pg) = rabbitmq_relay_with_ledger(true).await;
+    app.post_outbound("gdpr", fixture("om_contact_gdpr_removal_single.xml"))
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let page = get(&app, "/admin/jobs?record_id=0038d0000000041AAA").await;
+        if page["jobs"][0]["outcome"] == "pending" {
+            assert!(page.get("not_yet_recorded").is_none(), "{page}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recorded: {page}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll with deadline
+    }
+    drop_schema(&pg, &app.settings.ledger.schema).await;
+}
