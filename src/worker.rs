@@ -270,7 +270,15 @@ impl Worker {
         outcome: &Outcome,
         call: Option<CallRecord>,
     ) -> Option<crate::ledger::Record> {
-        if !self.queue.keeps_ledger() || (call.is_none() && !outcome.ends_the_job()) {
+        if !self.queue.keeps_ledger() {
+            return None;
+        }
+        // A job held without a call (paused route, record busy, rate limit) adds nothing to
+        // a ledger that knows it from its storing; where a job enters the ledger when a
+        // worker first takes it (RabbitMQ without `ledger.record_on_store`), this is that
+        // moment: its facts go in, no attempt.
+        let facts_only = call.is_none() && !outcome.ends_the_job();
+        if facts_only && self.queue.ledger_sees_stored_jobs() {
             return None;
         }
         let (attempt_outcome, final_outcome, reason) = match outcome {

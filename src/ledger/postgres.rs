@@ -161,9 +161,14 @@ impl PgLedger {
     /// Note a job just stored, without waiting (the ack must not wait on the ledger): if the
     /// writer is backed up or the write fails, the worker records the same facts later.
     pub fn stored(&self, facts: JobFacts) {
-        if !self.store_notes {
-            return;
+        if self.store_notes {
+            self.taken(facts);
         }
+    }
+
+    /// Note a job a worker took but set aside (a paused route's), without waiting: where
+    /// jobs enter the ledger when first taken, this is when.
+    pub fn taken(&self, facts: JobFacts) {
         let (done, _) = oneshot::channel();
         let _ = self.writes.try_send(Write {
             op: Op::Record(Box::new((facts, None, None))),

@@ -1027,6 +1027,23 @@ impl RabbitQueue {
         if let Some(e) = waited.into_iter().find_map(Result::err) {
             tracing::warn!(error = %e, "could not send a job round another retry tier");
         }
+        // A worker took these jobs: where the ledger learns of a job then (no
+        // `ledger.record_on_store`), a paused route's job enters it now, not after the resume.
+        if let Some(ledger) = self.ledger().filter(|l| !l.notes_stored_jobs()) {
+            for job in &set_aside {
+                ledger.taken(crate::ledger::JobFacts {
+                    job_id: job.id.clone(),
+                    route: job.route.clone(),
+                    action: job.action.clone(),
+                    org_id: job.org_id.clone(),
+                    notification_id: job.notification_id.clone(),
+                    record_id: job.record_id.clone(),
+                    subject_key: None,
+                    received_at_ms: job.received_at_ms,
+                    stored_at_ms: job.first_seen_ms,
+                });
+            }
+        }
         let aside =
             futures_util::future::join_all(set_aside.iter().map(|job| self.hold(job))).await;
         if let Some(e) = aside.into_iter().find_map(Result::err) {
