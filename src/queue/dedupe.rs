@@ -173,26 +173,30 @@ impl Dedupe {
     /// Per-record order: note a version seen at ingest (the newest is kept).
     pub async fn order_seen(
         &self,
-        key: &str,
-        version: i64,
+        versions: &[(String, i64)],
         remember_ms: i64,
     ) -> Result<(), DedupeError> {
         match self {
             Dedupe::Local(d) => {
                 let mut records = d.records.lock().expect("records lock");
-                let r = records.entry(key.to_owned()).or_default();
-                r.seen = r.seen.max(Some(version));
+                for (key, version) in versions {
+                    let r = records.entry(key.clone()).or_default();
+                    r.seen = r.seen.max(Some(*version));
+                }
                 Ok(())
             }
             Dedupe::Redis(d) => {
+                // One round trip for a whole message's records.
                 let mut pipe = redis::pipe();
-                pipe.cmd("EVAL")
-                    .arg(ORDER_SEEN_LUA)
-                    .arg(1)
-                    .arg(d.record_key(key))
-                    .arg(version)
-                    .arg(remember_ms)
-                    .ignore();
+                for (key, version) in versions {
+                    pipe.cmd("EVAL")
+                        .arg(ORDER_SEEN_LUA)
+                        .arg(1)
+                        .arg(d.record_key(key))
+                        .arg(*version)
+                        .arg(remember_ms)
+                        .ignore();
+                }
                 d.run(pipe).await
             }
         }

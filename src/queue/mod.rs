@@ -451,15 +451,11 @@ impl Queue {
     pub async fn order_seen(&self, versions: Vec<(String, i64)>) -> Result<(), QueueError> {
         match self {
             Queue::Embedded(q) => q.order_seen(versions).await,
-            Queue::Rabbit(q) => {
-                for (key, version) in versions {
-                    q.dedupe()
-                        .order_seen(&key, version, crate::ordering::REMEMBER_MS)
-                        .await
-                        .map_err(|e| QueueError::Dedupe(e.0))?;
-                }
-                Ok(())
-            }
+            Queue::Rabbit(q) => q
+                .dedupe()
+                .order_seen(&versions, crate::ordering::REMEMBER_MS)
+                .await
+                .map_err(|e| QueueError::Dedupe(e.0)),
         }
     }
 

@@ -473,17 +473,7 @@ impl SqliteQueue {
     }
 
     pub async fn ack(&self, job: &Leased) -> Result<(), QueueError> {
-        let (id, token) = (job.id.clone(), job.lease_token.clone());
-        self.write(move |conn| {
-            let n = conn
-                .prepare_cached("DELETE FROM jobs WHERE id = ?1 AND lease_token = ?2")?
-                .execute(params![id, token])?;
-            if n == 0 {
-                tracing::warn!(job_id = %id, "ack of a job whose lease had expired; it may be delivered twice");
-            }
-            Ok(())
-        })
-        .await
+        self.settle_recorded(job, None, None).await
     }
 
     pub async fn retry(
@@ -506,17 +496,7 @@ impl SqliteQueue {
     }
 
     pub async fn release(&self, job: &Leased) -> Result<(), QueueError> {
-        let (id, token) = (job.id.clone(), job.lease_token.clone());
-        let result = self
-            .write(move |conn| {
-                conn.prepare_cached(
-                    "UPDATE jobs SET lease_until = 0, lease_token = NULL, attempts = max(attempts - 1, 0)
-                     WHERE id = ?1 AND lease_token = ?2",
-                )?
-                .execute(params![id, token])?;
-                Ok(())
-            })
-            .await;
+        let result = self.defer(job, Duration::ZERO).await;
         self.inner.notify.notify_one();
         result
     }
@@ -542,17 +522,8 @@ impl SqliteQueue {
         reason: &str,
         status: Option<u16>,
     ) -> Result<(), QueueError> {
-        let (id, token, reason) = (job.id.clone(), job.lease_token.clone(), reason.to_owned());
-        self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE jobs SET state = 'parked', parked_at = ?1, park_reason = ?2, last_error = ?2, last_status = ?3,
-                                 lease_until = 0, lease_token = NULL
-                 WHERE id = ?4 AND lease_token = ?5",
-            )?
-            .execute(params![now_ms(), reason, status, id, token])?;
-            Ok(())
-        })
-        .await
+        self.settle_recorded(job, Some((reason.to_owned(), status)), None)
+            .await
     }
 
     /// [`SqliteQueue::stats`] for each route that has jobs.

@@ -176,8 +176,9 @@ impl Browser {
                             m.contains("navigated or closed") || m.contains("context")
                         }) =>
                 {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    // poll with deadline
+                    // Ask again at once: each attempt is a round trip to Chromium, which
+                    // answers this error until the new page has a context.
+                    continue;
                 }
                 Err(e) => panic!("Runtime.evaluate failed: {e}"),
             }
