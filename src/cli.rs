@@ -213,6 +213,7 @@ pub fn describe(settings: &Settings) -> String {
                 r.sobject.as_deref().unwrap_or("?")
             ),
             RouteKind::Callout => format!("POST /salesforce/callout/{}", r.name),
+            RouteKind::CentercodeWebhook => format!("POST /centercode/webhook/{}", r.name),
         };
         out.push_str(&format!(
             "- {}: {inbound} -> {} {}\n",
@@ -283,6 +284,10 @@ pub fn preview(settings: &Settings, route_name: &str, input: &[u8]) -> Result<St
             let body = callout::parse_body(input)
                 .map_err(|e| format!("the gateway would answer 400: {e}"))?;
             vec![callout::job_from_callout(route, None, body, None)]
+        }
+        RouteKind::CentercodeWebhook => {
+            // TODO(webhook helper): job_from_webhook
+            return Err("preview of centercode_webhook routes is not built yet".into());
         }
     };
     let mut out = String::new();

@@ -55,6 +55,7 @@ pub mod ordering;
 pub mod queue;
 pub mod ratelimit;
 pub mod retry;
+pub mod salesforce;
 pub mod settings;
 pub mod shared_control;
 pub mod startup;

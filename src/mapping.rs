@@ -88,18 +88,11 @@ pub fn to_centercode(job: &Job, route: &RouteSettings) -> Result<CentercodeReque
             Source::Fields(fields)
         }
         (Job::CalloutV1 { body, .. }, RouteKind::Callout) => Source::Json(body),
-        (Job::OutboundMessageV1 { .. }, RouteKind::Callout) => {
+        (job, _) => {
             return Err(MappingError::KindChanged {
                 route: route.name.clone(),
-                came_from: "Outbound Message",
-                now: "callouts",
-            })
-        }
-        (Job::CalloutV1 { .. }, RouteKind::OutboundMessage) => {
-            return Err(MappingError::KindChanged {
-                route: route.name.clone(),
-                came_from: "callout",
-                now: "Outbound Messages",
+                came_from: job_kind(job),
+                now: route.kind.as_str(),
             })
         }
     };
@@ -108,17 +101,87 @@ pub fn to_centercode(job: &Job, route: &RouteSettings) -> Result<CentercodeReque
             Some(email(&source, route.email_field.as_deref().unwrap_or(""))?)
         }
         Action::CreateFeedback => None,
+        Action::SalesforceUpsert | Action::SalesforceStatus => {
+            return Err(MappingError::KindChanged {
+                route: route.name.clone(),
+                came_from: job_kind(job),
+                now: "writing into Salesforce",
+            })
+        }
     };
     let body = match route.action {
         Action::RemoveUser => None,
-        Action::CreateFeedback | Action::StoreUserData => {
-            Some(Value::Object(map_fields(&source, route)?))
-        }
+        _ => Some(Value::Object(map_fields(&source, route)?)),
     };
     Ok(CentercodeRequest {
         url: route.url.clone(),
         find,
         body,
+    })
+}
+
+/// What a job came from, for [`MappingError::KindChanged`].
+fn job_kind(job: &Job) -> &'static str {
+    match job {
+        Job::OutboundMessageV1 { .. } => "Outbound Message",
+        Job::CalloutV1 { .. } => "callout",
+        Job::CentercodeWebhookV1 { .. } => "Centercode webhook",
+        Job::StatusWritebackV1 { .. } => "status write-back",
+    }
+}
+
+/// One record to upsert into Salesforce by its external id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SalesforceUpsert {
+    pub sobject: String,
+    pub external_id_field: String,
+    pub external_id: String,
+    /// Field API name → value; never the external id field itself.
+    pub fields: serde_json::Map<String, Value>,
+}
+
+impl SalesforceUpsert {
+    /// The request as text: what `relay preview` prints (no token: it is minted at delivery).
+    pub fn render(&self, api_version: &str) -> String {
+        let id: String =
+            percent_encoding::utf8_percent_encode(&self.external_id, crate::salesforce::PATH_SEGMENT)
+                .collect();
+        format!(
+            "PATCH /services/data/v{api_version}/sobjects/{}/{}/{id}\nContent-Type: application/json\n\n{}\n",
+            self.sobject,
+            self.external_id_field,
+            serde_json::to_string_pretty(&Value::Object(self.fields.clone())).unwrap_or_default()
+        )
+    }
+}
+
+/// Translate a stored Centercode webhook with `route`'s mapping into a Salesforce upsert.
+pub fn to_salesforce(job: &Job, route: &RouteSettings) -> Result<SalesforceUpsert, MappingError> {
+    let body = match (job, route.kind) {
+        (Job::CentercodeWebhookV1 { body }, RouteKind::CentercodeWebhook) => body,
+        (job, _) => {
+            return Err(MappingError::KindChanged {
+                route: route.name.clone(),
+                came_from: job_kind(job),
+                now: route.kind.as_str(),
+            })
+        }
+    };
+    let source = Source::Json(body);
+    let pointer = route.external_id.clone().unwrap_or_default();
+    let external_id = source
+        .get(&pointer)
+        .filter(|v| !is_blank(v))
+        .map(|v| as_text(&v).trim().to_owned())
+        .ok_or_else(|| MappingError::Missing {
+            key: route.external_id_field.clone().unwrap_or_default(),
+            field: pointer.clone(),
+        })?;
+    Ok(SalesforceUpsert {
+        sobject: route.sobject.clone().unwrap_or_default(),
+        external_id_field: route.external_id_field.clone().unwrap_or_default(),
+        external_id,
+        fields: map_fields(&source, route)?,
     })
 }
 

@@ -59,7 +59,8 @@ pub fn version_of(job: &Job, route: &RouteSettings, received_at_ms: i64) -> i64 
         Job::OutboundMessageV1 { fields, .. } => {
             names.iter().find_map(|n| fields.get(*n).cloned().flatten())
         }
-        Job::CalloutV1 { body, .. } => names.iter().find_map(|n| {
+        Job::StatusWritebackV1 { .. } => None,
+        Job::CalloutV1 { body, .. } | Job::CentercodeWebhookV1 { body } => names.iter().find_map(|n| {
             let value = if n.starts_with('/') {
                 body.pointer(n)
             } else {

@@ -45,6 +45,8 @@ pub struct Settings {
     pub control: ControlSettings,
     #[serde(default)]
     pub ledger: LedgerSettings,
+    /// The Salesforce org written into (`salesforce_upsert` routes, status write-back).
+    pub salesforce: Option<SalesforceSettings>,
     /// One entry per inbound endpoint (`/salesforce/outbound/{name}` or `/salesforce/callout/{name}`).
     #[serde(default)]
     pub routes: Vec<RouteSettings>,
@@ -454,6 +456,24 @@ pub enum RouteKind {
     OutboundMessage,
     /// JSON from Apex or a Flow HTTP Callout.
     Callout,
+    /// JSON from a Centercode macro's Trigger Webhook (`POST /centercode/webhook/{name}`),
+    /// written into Salesforce (action `salesforce_upsert`).
+    CentercodeWebhook,
+}
+
+impl RouteKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RouteKind::OutboundMessage => "outbound_message",
+            RouteKind::Callout => "callout",
+            RouteKind::CentercodeWebhook => "centercode_webhook",
+        }
+    }
+
+    /// Whether the route's jobs come from Salesforce (and go to Centercode).
+    pub fn from_salesforce(&self) -> bool {
+        !matches!(self, RouteKind::CentercodeWebhook)
+    }
 }
 
 /// What the worker does in Centercode.
@@ -466,6 +486,12 @@ pub enum Action {
     CreateFeedback,
     /// External-data user listener: `POST <url>?find=<email>&apiKey=<key>` with the mapped JSON.
     StoreUserData,
+    /// Into Salesforce: `PATCH …/sobjects/{sobject}/{external_id_field}/{value}` with the
+    /// mapped fields (src/salesforce.rs); many ready jobs go as one Collections upsert.
+    SalesforceUpsert,
+    /// A job's outcome written back onto its Salesforce record (`[routes.status_writeback]`);
+    /// the relay creates these jobs, no route is configured with it.
+    SalesforceStatus,
 }
 
 impl Action {
@@ -474,6 +500,8 @@ impl Action {
             Action::RemoveUser => "remove_user",
             Action::CreateFeedback => "create_feedback",
             Action::StoreUserData => "store_user_data",
+            Action::SalesforceUpsert => "salesforce_upsert",
+            Action::SalesforceStatus => "salesforce_status",
         }
     }
 
@@ -482,11 +510,19 @@ impl Action {
             "remove_user" => Some(Action::RemoveUser),
             "create_feedback" => Some(Action::CreateFeedback),
             "store_user_data" => Some(Action::StoreUserData),
+            "salesforce_upsert" => Some(Action::SalesforceUpsert),
+            "salesforce_status" => Some(Action::SalesforceStatus),
             _ => None,
         }
     }
 
-    /// Whether sending the same request twice is harmless in Centercode.
+    /// Whether the destination is Salesforce rather than Centercode.
+    pub fn to_salesforce(&self) -> bool {
+        matches!(self, Action::SalesforceUpsert | Action::SalesforceStatus)
+    }
+
+    /// Whether sending the same request twice is harmless at the destination (an upsert by
+    /// external id is).
     pub fn is_idempotent(&self) -> bool {
         !matches!(self, Action::CreateFeedback)
     }
@@ -517,6 +553,12 @@ pub enum OnOutcomeUnknown {
 #[serde(deny_unknown_fields)]
 pub struct CalloutAuth {
     pub bearer: Option<SecretString>,
+    /// `centercode_webhook` routes: the header Centercode's macro sends the token in
+    /// (default `X-Relay-Token`); Centercode does not sign its webhooks.
+    pub header: Option<String>,
+    /// `centercode_webhook` routes: the static token, compared in constant time; set it with
+    /// `RELAY_ROUTE__<NAME>__TOKEN`.
+    pub token: Option<SecretString>,
     pub hmac_secret: Option<SecretString>,
     /// Allowed clock skew for `X-Relay-Timestamp`.
     #[serde(default = "default_hmac_window_secs")]
@@ -573,6 +615,84 @@ impl FieldMapping {
     }
 }
 
+/// `[routes.status_writeback]`: where a job's outcome lands on its Salesforce record.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusWriteback {
+    /// The record's sObject; default: the Outbound Message's (callouts must name it).
+    pub sobject: Option<String>,
+    /// Gets `Sent to Centercode (200)`, `User not found in Centercode`, `Parked: <reason>`.
+    pub status_field: String,
+    /// Gets the detail (Centercode's status, the park reason), up to 255 characters.
+    pub detail_field: Option<String>,
+    /// Gets the time of the outcome (RFC 3339, UTC).
+    pub time_field: Option<String>,
+}
+
+/// `[salesforce]`: the one org the relay writes into (Centercode → Salesforce and status
+/// write-back). Secrets through the environment: `RELAY__SALESFORCE__PRIVATE_KEY` (PEM
+/// text) or `RELAY__SALESFORCE__CLIENT_SECRET`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesforceSettings {
+    /// Token endpoint base: `{login_url}/services/oauth2/token`; also the JWT audience.
+    #[serde(default = "default_sf_login_url")]
+    pub login_url: String,
+    /// The JWT `aud`, when it differs from `login_url` (a My Domain token URL with the
+    /// audience `https://login.salesforce.com`).
+    pub audience: Option<String>,
+    /// Consumer key of the External Client App (JWT `iss`, client-credentials id).
+    pub client_id: String,
+    /// The integration user (JWT `sub`).
+    pub username: Option<String>,
+    /// PEM file of the private key whose certificate is uploaded to the app.
+    pub private_key_file: Option<std::path::PathBuf>,
+    /// The private key as PEM text (`RELAY__SALESFORCE__PRIVATE_KEY`).
+    pub private_key: Option<SecretString>,
+    /// Instead of a key: the client-credentials flow.
+    pub client_secret: Option<SecretString>,
+    #[serde(default = "default_sf_api_version")]
+    pub api_version: String,
+    /// Sent as `Sforce-Call-Options: client=…` on every write.
+    #[serde(default = "default_sf_client_name")]
+    pub client_name: String,
+    /// Stop writing when this share of the org's daily API allocation is used.
+    #[serde(default = "default_sf_max_api_share")]
+    pub max_api_share: f64,
+    /// Per-request timeout.
+    #[serde(default = "default_sf_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Most records in one Collections upsert (Salesforce allows 200); 1 sends each alone.
+    #[serde(default = "default_sf_batch_size")]
+    pub batch_size: usize,
+    /// How long writes wait after `REQUEST_LIMIT_EXCEEDED` or the API share was reached,
+    /// before one call looks again.
+    #[serde(default = "default_sf_limit_wait_secs")]
+    pub limit_wait_secs: u64,
+}
+
+fn default_sf_login_url() -> String {
+    "https://login.salesforce.com".into()
+}
+fn default_sf_api_version() -> String {
+    "61.0".into()
+}
+fn default_sf_client_name() -> String {
+    "centercode-relay".into()
+}
+fn default_sf_max_api_share() -> f64 {
+    0.5
+}
+fn default_sf_timeout_ms() -> u64 {
+    20_000
+}
+fn default_sf_batch_size() -> usize {
+    200
+}
+fn default_sf_limit_wait_secs() -> u64 {
+    60
+}
+
 /// `[[routes]]`: one Salesforce source to one Centercode target.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -586,7 +706,8 @@ pub struct RouteSettings {
     /// Outbound Messages only: the sObject type accepted.
     pub sobject: Option<String>,
     pub action: Action,
-    /// Full Centercode URL, copied from Centercode (opaque).
+    /// Full Centercode URL, copied from Centercode (opaque). Not for `salesforce_upsert`.
+    #[serde(default)]
     pub url: String,
     /// Field holding the user's e-mail (a field name, or a JSON pointer for callouts).
     pub email_field: Option<String>,
@@ -627,6 +748,17 @@ pub struct RouteSettings {
     /// version order per record and can be traced by it.
     #[serde(default)]
     pub record_id_field: Option<String>,
+    /// `salesforce_upsert`: the field whose value names the record (`Centercode_Id__c`).
+    pub external_id_field: Option<String>,
+    /// `salesforce_upsert`: JSON pointer to the external id's value in the webhook body.
+    pub external_id: Option<String>,
+    /// `centercode_webhook`: JSON pointers whose values together make the dedupe key (e.g.
+    /// the feedback id and its modified time); empty: a hash of the body.
+    #[serde(default)]
+    pub dedupe: Vec<String>,
+    /// Salesforce → Centercode routes: write each job's outcome back onto the originating
+    /// Salesforce record (src/writeback.rs).
+    pub status_writeback: Option<StatusWriteback>,
     /// Production only: accept an outbound_message route with none of `path_token`,
     /// `allowed_ips` or mutual TLS (warned at start and shown on `/admin/routes`).
     #[serde(default)]
@@ -772,7 +904,8 @@ impl Settings {
             }
             let bearer = var("BEARER");
             let hmac = var("HMAC_SECRET");
-            if bearer.is_some() || hmac.is_some() {
+            let token = var("TOKEN");
+            if bearer.is_some() || hmac.is_some() || token.is_some() {
                 let auth = route.auth.get_or_insert_with(|| CalloutAuth {
                     hmac_window_secs: default_hmac_window_secs(),
                     ..CalloutAuth::default()
@@ -782,6 +915,9 @@ impl Settings {
                 }
                 if hmac.is_some() {
                     auth.hmac_secret = hmac;
+                }
+                if token.is_some() {
+                    auth.token = token;
                 }
             }
         }
@@ -796,6 +932,7 @@ impl Settings {
     /// the refusals of [`Settings::validate_production`].
     pub fn validate_for(&self, env: Environment) -> Result<(), SettingsError> {
         self.validate_ranges()?;
+        self.validate_salesforce(env)?;
         if env == Environment::Production {
             self.validate_production()?;
         }
@@ -1185,6 +1322,24 @@ impl Settings {
                 "expected letters, digits, '-' or '_' (it appears in the URL)",
             ));
         }
+        if route.action.to_salesforce() || route.kind == RouteKind::CentercodeWebhook {
+            self.validate_salesforce_route(i, route)?;
+        } else if route.external_id_field.is_some()
+            || route.external_id.is_some()
+            || !route.dedupe.is_empty()
+        {
+            return Err(SettingsError::new(
+                key("external_id_field"),
+                "external_id_field, external_id and dedupe are for centercode_webhook routes",
+            ));
+        }
+        if let Some(wb) = &route.status_writeback {
+            self.validate_status_writeback(i, route, wb)?;
+        }
+        if route.action.to_salesforce() {
+            // The destination is the [salesforce] org; the rest is Centercode-only.
+            return Ok(());
+        }
         match reqwest::Url::parse(&route.url) {
             Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
                 if u.query_pairs().any(|(k, _)| k == "apiKey" || k == "find") {
@@ -1226,6 +1381,7 @@ impl Settings {
         }
         let pointer_ok = |p: &str| p.is_empty() || p.starts_with('/');
         match route.kind {
+            RouteKind::CentercodeWebhook => {}
             RouteKind::OutboundMessage => {
                 if route.org_ids.is_empty() {
                     return Err(SettingsError::new(
@@ -1366,6 +1522,244 @@ impl Settings {
             if rule.max_len == Some(0) {
                 return Err(SettingsError::new(fkey + ".max_len", "expected at least 1"));
             }
+        }
+        Ok(())
+    }
+
+    /// A `centercode_webhook` route: action, target, dedupe, token and mapping.
+    fn validate_salesforce_route(&self, i: usize, route: &RouteSettings) -> Result<(), SettingsError> {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        let pointer_ok = |p: &str| p.is_empty() || p.starts_with('/');
+        let api_name_ok =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if route.kind != RouteKind::CentercodeWebhook || route.action != Action::SalesforceUpsert {
+            return Err(SettingsError::new(
+                key("action"),
+                "a centercode_webhook route takes action = \"salesforce_upsert\", and only it does",
+            ));
+        }
+        if self.salesforce.is_none() {
+            return Err(SettingsError::new(
+                "salesforce",
+                format!("route `{}` writes into Salesforce: add a [salesforce] section (login_url, client_id, and a private key or client secret)", route.name),
+            ));
+        }
+        if !route.sobject.as_deref().is_some_and(api_name_ok) {
+            return Err(SettingsError::new(
+                key("sobject"),
+                "expected the sObject API name to upsert, e.g. Centercode_Feedback__c",
+            ));
+        }
+        if !route.external_id_field.as_deref().is_some_and(api_name_ok) {
+            return Err(SettingsError::new(
+                key("external_id_field"),
+                "expected the external id field's API name, e.g. Centercode_Id__c",
+            ));
+        }
+        match route.external_id.as_deref() {
+            Some(p) if p.starts_with('/') => {}
+            _ => {
+                return Err(SettingsError::new(
+                    key("external_id"),
+                    "expected a JSON pointer into the webhook body, e.g. /feedback/id",
+                ))
+            }
+        }
+        for (j, p) in route.dedupe.iter().enumerate() {
+            if !p.starts_with('/') {
+                return Err(SettingsError::new(
+                    format!("routes[{i}].dedupe[{j}]"),
+                    "expected a JSON pointer, e.g. /feedback/modified",
+                ));
+            }
+        }
+        if !route.url.is_empty() || route.email_field.is_some() || route.api_key.is_some() {
+            return Err(SettingsError::new(
+                key("url"),
+                "a salesforce_upsert route writes into the [salesforce] org: remove url, email_field and api_key",
+            ));
+        }
+        if route.path_token.is_some() || route.status_writeback.is_some() {
+            return Err(SettingsError::new(
+                key("path_token"),
+                "path_token and status_writeback are for Salesforce → Centercode routes",
+            ));
+        }
+        let token = route.auth.as_ref().and_then(|a| a.token.as_ref());
+        match token {
+            Some(t) if t.expose_secret().len() >= 16 => {}
+            Some(_) => {
+                return Err(SettingsError::new(
+                    key("auth.token"),
+                    "expected at least 16 characters",
+                ))
+            }
+            None => {
+                return Err(SettingsError::new(
+                    key("auth"),
+                    format!(
+                        "a centercode_webhook route needs auth = {{ header = \"X-Relay-Token\", token = ... }} (or {}TOKEN in the environment)",
+                        route.env_prefix()
+                    ),
+                ))
+            }
+        }
+        if let Some(h) = route.auth.as_ref().and_then(|a| a.header.as_deref()) {
+            if actix_web::http::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(SettingsError::new(
+                    key("auth.header"),
+                    "expected an HTTP header name such as X-Relay-Token",
+                ));
+            }
+        }
+        if route.fields.is_empty() {
+            return Err(SettingsError::new(
+                key("fields"),
+                "salesforce_upsert needs [routes.fields] (Salesforce field = JSON pointer)",
+            ));
+        }
+        for (name, mapping) in &route.fields {
+            let fkey = format!("routes[{i}].fields.{name}");
+            if !api_name_ok(name) || Some(name) == route.external_id_field.as_ref() {
+                return Err(SettingsError::new(
+                    fkey,
+                    "expected a Salesforce field API name other than the external id field (the relay sets that one)",
+                ));
+            }
+            if let Some(from) = mapping.rule().from {
+                if !pointer_ok(&from) {
+                    return Err(SettingsError::new(
+                        fkey + ".from",
+                        "expected a JSON pointer such as /feedback/title",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `[routes.status_writeback]` on a Salesforce → Centercode route.
+    fn validate_status_writeback(
+        &self,
+        i: usize,
+        route: &RouteSettings,
+        wb: &StatusWriteback,
+    ) -> Result<(), SettingsError> {
+        let key = |k: &str| format!("routes[{i}].status_writeback.{k}");
+        let api_name_ok =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !route.kind.from_salesforce() {
+            return Err(SettingsError::new(
+                key("status_field"),
+                "status_writeback is for Salesforce → Centercode routes",
+            ));
+        }
+        if self.salesforce.is_none() {
+            return Err(SettingsError::new(
+                "salesforce",
+                format!("route `{}` writes its status back into Salesforce: add a [salesforce] section", route.name),
+            ));
+        }
+        if wb.sobject.is_none() && route.kind == RouteKind::Callout {
+            return Err(SettingsError::new(
+                key("sobject"),
+                "a callout does not say its record's sObject: name it (e.g. Contact)",
+            ));
+        }
+        for (name, value) in [
+            ("sobject", wb.sobject.as_deref()),
+            ("status_field", Some(wb.status_field.as_str())),
+            ("detail_field", wb.detail_field.as_deref()),
+            ("time_field", wb.time_field.as_deref()),
+        ] {
+            if value.is_some_and(|v| !api_name_ok(v)) {
+                return Err(SettingsError::new(key(name), "expected a Salesforce API name"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[salesforce]`: one way to authenticate, sane limits.
+    fn validate_salesforce(&self, env: Environment) -> Result<(), SettingsError> {
+        let Some(sf) = &self.salesforce else {
+            return Ok(());
+        };
+        match reqwest::Url::parse(&sf.login_url) {
+            Ok(u) if u.scheme() == "https" => {}
+            Ok(u) if u.scheme() == "http" && env != Environment::Production => {}
+            _ => {
+                return Err(SettingsError::new(
+                    "salesforce.login_url",
+                    "expected an https URL such as https://login.salesforce.com (or https://test.salesforce.com, or your My Domain)",
+                ))
+            }
+        }
+        if sf.client_id.is_empty() {
+            return Err(SettingsError::new(
+                "salesforce.client_id",
+                "expected the External Client App's consumer key",
+            ));
+        }
+        let has_key = sf.private_key_file.is_some() || sf.private_key.is_some();
+        match (has_key, sf.client_secret.is_some()) {
+            (true, true) => {
+                return Err(SettingsError::new(
+                    "salesforce.client_secret",
+                    "give either a private key (JWT bearer flow) or a client secret (client-credentials flow), not both",
+                ))
+            }
+            (false, false) => {
+                return Err(SettingsError::new(
+                    "salesforce.private_key_file",
+                    "expected private_key_file (or RELAY__SALESFORCE__PRIVATE_KEY) for the JWT bearer flow, or client_secret (RELAY__SALESFORCE__CLIENT_SECRET) for the client-credentials flow",
+                ))
+            }
+            (true, false) if sf.username.as_deref().unwrap_or("").is_empty() => {
+                return Err(SettingsError::new(
+                    "salesforce.username",
+                    "the JWT bearer flow needs the integration user's username (the JWT sub)",
+                ))
+            }
+            _ => {}
+        }
+        let version_ok = sf
+            .api_version
+            .split_once('.')
+            .is_some_and(|(a, b)| a.parse::<u32>().is_ok_and(|v| v >= 46) && b.parse::<u32>().is_ok());
+        if !version_ok {
+            return Err(SettingsError::new(
+                "salesforce.api_version",
+                "expected an API version such as 61.0 (46.0 or later: Collections upsert)",
+            ));
+        }
+        if !(sf.max_api_share > 0.0 && sf.max_api_share <= 1.0) {
+            return Err(SettingsError::new(
+                "salesforce.max_api_share",
+                "expected a share of the daily allocation above 0 and at most 1, e.g. 0.5",
+            ));
+        }
+        if !(1..=200).contains(&sf.batch_size) {
+            return Err(SettingsError::new(
+                "salesforce.batch_size",
+                "expected 1 to 200 records per Collections upsert",
+            ));
+        }
+        if sf.timeout_ms == 0 || sf.limit_wait_secs == 0 {
+            return Err(SettingsError::new(
+                "salesforce.timeout_ms",
+                "timeout_ms and limit_wait_secs must be above 0",
+            ));
+        }
+        if sf.client_name.is_empty()
+            || !sf
+                .client_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(SettingsError::new(
+                "salesforce.client_name",
+                "expected letters, digits, '-' or '_' (sent as Sforce-Call-Options: client=…)",
+            ));
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use super::html::{self, esc, Section};
 use super::{action_session, page_session, see_other};
 use crate::control::CircuitState;
 use crate::inbound::AppState;
-use crate::settings::{FieldMapping, RouteKind, RouteSettings};
+use crate::settings::{FieldMapping, RouteSettings};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use std::fmt::Write;
@@ -121,13 +121,7 @@ pub async fn show(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
 fn configuration(r: &RouteSettings) -> String {
     let set = |present: bool| if present { "set (hidden)" } else { "not set" };
     let mut rows: Vec<(&str, String)> = vec![
-        (
-            "kind",
-            match r.kind {
-                RouteKind::OutboundMessage => "outbound_message".into(),
-                RouteKind::Callout => "callout".into(),
-            },
-        ),
+        ("kind", r.kind.as_str().into()),
         ("action", r.action.as_str().into()),
         ("url", mask_url(&r.url)),
         ("org_ids", r.org_ids.join(", ")),

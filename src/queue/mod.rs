@@ -31,6 +31,15 @@ pub enum Job {
         idempotency_key: Option<String>,
         body: serde_json::Value,
     },
+    /// A Centercode macro's Trigger Webhook body, to upsert into Salesforce.
+    CentercodeWebhookV1 { body: serde_json::Value },
+    /// A job's outcome, to write back onto its Salesforce record (src/writeback.rs). The
+    /// text is fixed when the outcome is known, so a retry writes the same values.
+    StatusWritebackV1 {
+        sobject: String,
+        record_id: String,
+        fields: serde_json::Map<String, serde_json::Value>,
+    },
 }
 
 /// A job to store, with its deduplication key.

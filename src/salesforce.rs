@@ -1,0 +1,509 @@
+//! Salesforce REST client for writing records: upsert by external id (one record, or up to
+//! 200 as one sObject Collections call), update by id (status write-back). It reads the org's
+//! API usage from every answer and stops writing at `salesforce.max_api_share`. It never
+//! retries by itself, except once after `INVALID_SESSION_ID` with a fresh token (that costs
+//! the job no attempt); the worker owns the retry policy.
+
+pub mod auth;
+pub mod batch;
+
+use crate::mapping::SalesforceUpsert;
+use crate::metrics::Metrics;
+use crate::settings::SalesforceSettings;
+use auth::{Credentials, SignIn, SignInError, Token};
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Characters left as-is in a path segment (an external id): RFC 3986 unreserved only.
+pub const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// What became of one record's write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOutcome {
+    /// Created (201) or updated (200/204).
+    Done { status: u16 },
+    /// Salesforce refused this record: a person must fix the data, mapping or org (parked).
+    Rejected {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// Try again later with the retry schedule (5xx, timeout, connection).
+    Transient {
+        status: Option<u16>,
+        reason: String,
+    },
+    /// The org's API allocation (or the relay's share of it) is used up: wait, no attempt.
+    Limited { wait: Duration, reason: String },
+    /// Salesforce refused the relay's sign-in (parked with what to check).
+    SignInRefused { reason: String },
+}
+
+/// One write's answer, for the worker and the ledger.
+#[derive(Debug, Clone)]
+pub struct WriteResult {
+    pub outcome: WriteOutcome,
+    /// The HTTP status of the call that carried the record, when one came back.
+    pub status: Option<u16>,
+    /// The start of the answer (or of this record's result), redacted for the ledger.
+    pub excerpt: Option<String>,
+}
+
+impl WriteResult {
+    fn of(outcome: WriteOutcome, status: Option<u16>, excerpt: Option<String>) -> Self {
+        Self {
+            outcome,
+            status,
+            excerpt,
+        }
+    }
+}
+
+/// When writes stop: after `REQUEST_LIMIT_EXCEEDED` or at the API share, until `until`.
+#[derive(Default)]
+struct Gate {
+    closed_until: Option<Instant>,
+    reason: String,
+}
+
+/// The client, one per process.
+pub struct SalesforceClient {
+    http: reqwest::Client,
+    sign_in: SignIn,
+    settings: SalesforceSettings,
+    metrics: Arc<Metrics>,
+    gate: Mutex<Gate>,
+    /// One probe of `/limits` at a time when the gate's wait is over.
+    probe: tokio::sync::Mutex<()>,
+}
+
+impl SalesforceClient {
+    /// From `[salesforce]`; an unreadable key is a configuration error.
+    pub fn new(settings: &SalesforceSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let credentials = Credentials::from_settings(settings)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .connect_timeout(Duration::from_millis(settings.timeout_ms / 2).min(Duration::from_secs(10)))
+            // A redirect would carry the bearer token to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("sf-centercode-relay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("salesforce HTTP client: {e}"))?;
+        Ok(Self {
+            sign_in: SignIn::new(http.clone(), settings, credentials),
+            http,
+            settings: settings.clone(),
+            metrics,
+            gate: Mutex::default(),
+            probe: Default::default(),
+        })
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.settings.batch_size
+    }
+
+    /// How long writes must still wait (API allocation or share used up), if at all. When
+    /// the wait is over, one caller asks `/limits` whether usage fell; the others wait on it.
+    pub async fn wait_before_writing(&self) -> Option<(Duration, String)> {
+        if let Some(left) = self.gate_left() {
+            return Some(left);
+        }
+        let closed = self.gate.lock().unwrap().closed_until.is_some();
+        if !closed {
+            return None;
+        }
+        let _probe = self.probe.lock().await;
+        if self.gate.lock().unwrap().closed_until.is_none() {
+            return None; // another caller's probe opened it
+        }
+        if let Some(left) = self.gate_left() {
+            return Some(left);
+        }
+        match self.probe_usage().await {
+            Ok(()) => {}
+            Err(reason) => self.close_gate(reason),
+        }
+        self.gate_left()
+    }
+
+    fn gate_left(&self) -> Option<(Duration, String)> {
+        let gate = self.gate.lock().unwrap();
+        let until = gate.closed_until?;
+        let left = until.saturating_duration_since(Instant::now());
+        (left > Duration::ZERO).then(|| (left, gate.reason.clone()))
+    }
+
+    fn close_gate(&self, reason: String) {
+        let mut gate = self.gate.lock().unwrap();
+        let until = Instant::now() + Duration::from_secs(self.settings.limit_wait_secs);
+        if gate.closed_until.is_none() {
+            tracing::warn!(reason = %reason, wait_secs = self.settings.limit_wait_secs, "Salesforce writes paused");
+        }
+        gate.closed_until = Some(until);
+        gate.reason = reason;
+    }
+
+    fn open_gate(&self) {
+        let mut gate = self.gate.lock().unwrap();
+        if gate.closed_until.take().is_some() {
+            tracing::info!("Salesforce API usage is below the relay's share again; writes resume");
+        }
+    }
+
+    /// `GET /limits`: whether the org's usage fell below the share.
+    async fn probe_usage(&self) -> Result<(), String> {
+        let token = self.sign_in.token().await.map_err(|e| e.to_string())?;
+        let url = format!(
+            "{}/services/data/v{}/limits",
+            token.instance_url, self.settings.api_version
+        );
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(token.access.expose_secret())
+            .send()
+            .await
+            .map_err(|e| format!("could not read the org's API usage: {}", error_text(&e.without_url())))?;
+        if response.status().as_u16() == 401 {
+            self.sign_in.invalidate(&token).await;
+        }
+        if let Some((used, max)) = usage_header(response.headers()) {
+            self.note_usage(&token, used, max);
+        }
+        let body: Value = response.json().await.unwrap_or_default();
+        let daily = &body["DailyApiRequests"];
+        if let (Some(max), Some(remaining)) = (daily["Max"].as_u64(), daily["Remaining"].as_u64()) {
+            self.note_usage(&token, max.saturating_sub(remaining), max);
+        }
+        match self.gate_left() {
+            Some((_, reason)) => Err(reason),
+            None => Ok(()),
+        }
+    }
+
+    /// Record the usage an answer reported; close the gate at the share, open it below.
+    fn note_usage(&self, token: &Token, used: u64, max: u64) {
+        if max == 0 {
+            return;
+        }
+        let ratio = used as f64 / max as f64;
+        self.metrics.set(
+            "relay_salesforce_api_usage_ratio",
+            &[("org", token.org.as_str())],
+            ratio,
+        );
+        if ratio >= self.settings.max_api_share {
+            self.close_gate(format!(
+                "the org has used {used} of its {max} daily API requests, at or above salesforce.max_api_share = {}",
+                self.settings.max_api_share
+            ));
+        } else {
+            self.open_gate();
+        }
+    }
+
+    /// Upsert one record: `PATCH …/sobjects/{S}/{F}/{value}`.
+    pub async fn upsert_one(&self, record: &SalesforceUpsert) -> WriteResult {
+        let path = format!(
+            "sobjects/{}/{}/{}",
+            record.sobject,
+            record.external_id_field,
+            percent_encoding::utf8_percent_encode(&record.external_id, PATH_SEGMENT)
+        );
+        self.write_one(&path, Value::Object(record.fields.clone())).await
+    }
+
+    /// Update a record by its Salesforce id: `PATCH …/sobjects/{S}/{Id}`.
+    pub async fn update(
+        &self,
+        sobject: &str,
+        id: &str,
+        fields: &serde_json::Map<String, Value>,
+    ) -> WriteResult {
+        let path = format!(
+            "sobjects/{sobject}/{}",
+            percent_encoding::utf8_percent_encode(id, PATH_SEGMENT)
+        );
+        self.write_one(&path, Value::Object(fields.clone())).await
+    }
+
+    async fn write_one(&self, path: &str, body: Value) -> WriteResult {
+        match self.call(path, &body).await {
+            Err(result) => result,
+            Ok((status, answer, excerpt)) => {
+                let outcome = match status {
+                    200 | 201 | 204 => WriteOutcome::Done { status },
+                    300 => WriteOutcome::Rejected {
+                        status,
+                        code: "MULTIPLE_RECORDS".into(),
+                        message: "several records have this external id; nothing was changed".into(),
+                    },
+                    _ => classify_error(status, &answer, self.limit_wait()),
+                };
+                WriteResult::of(outcome, Some(status), excerpt)
+            }
+        }
+    }
+
+    /// Upsert up to 200 records of one sObject in one call (`allOrNone=false`); one result
+    /// per record, in order.
+    pub async fn upsert_many(&self, records: &[&SalesforceUpsert]) -> Vec<WriteResult> {
+        let Some(first) = records.first() else {
+            return Vec::new();
+        };
+        if records.len() == 1 {
+            return vec![self.upsert_one(first).await];
+        }
+        let path = format!(
+            "composite/sobjects/{}/{}",
+            first.sobject, first.external_id_field
+        );
+        let body = json!({
+            "allOrNone": false,
+            "records": records.iter().map(|r| {
+                let mut fields = r.fields.clone();
+                fields.insert("attributes".into(), json!({"type": r.sobject}));
+                fields.insert(r.external_id_field.clone(), Value::String(r.external_id.clone()));
+                Value::Object(fields)
+            }).collect::<Vec<_>>(),
+        });
+        match self.call(&path, &body).await {
+            Err(result) => vec![result; records.len()],
+            Ok((200, Value::Array(results), _)) if results.len() == records.len() => results
+                .iter()
+                .map(|r| {
+                    let excerpt = Some(crate::ledger::redact_response(r.to_string().as_bytes()));
+                    let outcome = if r["success"].as_bool() == Some(true) {
+                        WriteOutcome::Done {
+                            status: if r["created"].as_bool() == Some(true) { 201 } else { 200 },
+                        }
+                    } else {
+                        let error = &r["errors"][0];
+                        let code = error["statusCode"].as_str().unwrap_or("UNKNOWN_ERROR");
+                        per_record_error(code, error["message"].as_str().unwrap_or(""), self.limit_wait())
+                    };
+                    WriteResult::of(outcome, Some(200), excerpt)
+                })
+                .collect(),
+            Ok((200, _, excerpt)) => vec![
+                WriteResult::of(
+                    WriteOutcome::Transient {
+                        status: Some(200),
+                        reason: "Salesforce's Collections answer did not have one result per record".into(),
+                    },
+                    Some(200),
+                    excerpt,
+                );
+                records.len()
+            ],
+            Ok((status, answer, excerpt)) => {
+                vec![WriteResult::of(classify_error(status, &answer, self.limit_wait()), Some(status), excerpt); records.len()]
+            }
+        }
+    }
+
+    /// One authenticated PATCH under `/services/data/vNN.N/`: the status, the parsed answer
+    /// and its redacted start; or the result every record of the call gets. After
+    /// `INVALID_SESSION_ID` a fresh token is minted and the call made once more.
+    async fn call(&self, path: &str, body: &Value) -> Result<(u16, Value, Option<String>), WriteResult> {
+        let payload = serde_json::to_vec(body).unwrap_or_default();
+        for fresh in [false, true] {
+            let token = match self.sign_in.token().await {
+                Ok(token) => token,
+                Err(SignInError::Refused(reason)) => {
+                    return Err(WriteResult::of(WriteOutcome::SignInRefused { reason }, None, None))
+                }
+                Err(SignInError::Unavailable(reason)) => {
+                    return Err(WriteResult::of(WriteOutcome::Transient { status: None, reason }, None, None))
+                }
+            };
+            let url = format!(
+                "{}/services/data/v{}/{path}",
+                token.instance_url, self.settings.api_version
+            );
+            let response = self
+                .http
+                .patch(url)
+                .bearer_auth(token.access.expose_secret())
+                .header("Sforce-Call-Options", format!("client={}", self.settings.client_name))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(payload.clone())
+                .send()
+                .await;
+            let response = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = e.without_url();
+                    let reason = if e.is_connect() {
+                        format!("could not connect to Salesforce: {}", error_text(&e))
+                    } else if e.is_timeout() {
+                        "Salesforce did not answer within salesforce.timeout_ms (an upsert by external id is safe to repeat)".into()
+                    } else {
+                        format!("connection to Salesforce failed: {}", error_text(&e))
+                    };
+                    return Err(WriteResult::of(WriteOutcome::Transient { status: None, reason }, None, None));
+                }
+            };
+            let status = response.status().as_u16();
+            let usage = usage_header(response.headers());
+            let bytes = tokio::time::timeout(Duration::from_secs(10), response.bytes())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            if let Some((used, max)) = usage {
+                self.note_usage(&token, used, max);
+            }
+            let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let excerpt = (!bytes.is_empty()).then(|| crate::ledger::redact_response(&bytes));
+            if status == 403 && error_code(&answer) == Some("REQUEST_LIMIT_EXCEEDED") {
+                self.close_gate("Salesforce answered REQUEST_LIMIT_EXCEEDED: the org's daily API allocation is used up".into());
+            }
+            if status == 401 && error_code(&answer) == Some("INVALID_SESSION_ID") {
+                self.sign_in.invalidate(&token).await;
+                if !fresh {
+                    tracing::info!("Salesforce session expired; minting a new token");
+                    continue;
+                }
+            }
+            return Ok((status, answer, excerpt));
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    fn limit_wait(&self) -> Duration {
+        Duration::from_secs(self.settings.limit_wait_secs)
+    }
+}
+
+/// The first `errorCode` of a Salesforce error answer (`[{"errorCode","message"}]`).
+fn error_code(answer: &Value) -> Option<&str> {
+    answer[0]["errorCode"].as_str()
+}
+
+/// A refused record inside a Collections answer.
+fn per_record_error(code: &str, message: &str, limit_wait: Duration) -> WriteOutcome {
+    match code {
+        "REQUEST_LIMIT_EXCEEDED" => WriteOutcome::Limited {
+            wait: limit_wait,
+            reason: "Salesforce answered REQUEST_LIMIT_EXCEEDED".into(),
+        },
+        "UNABLE_TO_LOCK_ROW" | "SERVER_UNAVAILABLE" => WriteOutcome::Transient {
+            status: Some(200),
+            reason: format!("Salesforce could not write the record now ({code})"),
+        },
+        _ => WriteOutcome::Rejected {
+            status: 200,
+            code: code.to_owned(),
+            message: clean(message),
+        },
+    }
+}
+
+/// A non-2xx answer to a write, by status and Salesforce's error code.
+fn classify_error(status: u16, answer: &Value, limit_wait: Duration) -> WriteOutcome {
+    let code = error_code(answer).unwrap_or("").to_owned();
+    let message = clean(answer[0]["message"].as_str().unwrap_or(""));
+    match status {
+        403 if code == "REQUEST_LIMIT_EXCEEDED" => WriteOutcome::Limited {
+            wait: limit_wait,
+            reason: "Salesforce answered REQUEST_LIMIT_EXCEEDED".into(),
+        },
+        408 | 429 | 500..=599 => WriteOutcome::Transient {
+            status: Some(status),
+            reason: format!("Salesforce answered {status}"),
+        },
+        401 => WriteOutcome::Transient {
+            status: Some(status),
+            reason: format!("Salesforce refused a freshly minted token ({status} {code})"),
+        },
+        _ => WriteOutcome::Rejected {
+            status,
+            code: if code.is_empty() { format!("HTTP_{status}") } else { code },
+            message,
+        },
+    }
+}
+
+/// Salesforce's message, one line, bounded. Its messages name fields and rules, but a
+/// validation rule's text is the org's own: the ledger redacts e-mails and tokens anyway.
+fn clean(message: &str) -> String {
+    let text: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect();
+    crate::ledger::redact_response(text.as_bytes())
+}
+
+/// `Sforce-Limit-Info: api-usage=18/5000` → (18, 5000).
+pub fn usage_header(headers: &reqwest::header::HeaderMap) -> Option<(u64, u64)> {
+    let value = headers.get("sforce-limit-info")?.to_str().ok()?;
+    parse_usage(value)
+}
+
+/// The `api-usage=used/max` part of a `Sforce-Limit-Info` value.
+pub fn parse_usage(value: &str) -> Option<(u64, u64)> {
+    value.split(',').find_map(|part| {
+        let (name, counts) = part.trim().split_once('=')?;
+        if name.trim() != "api-usage" {
+            return None;
+        }
+        let (used, max) = counts.trim().split_once('/')?;
+        Some((used.trim().parse().ok()?, max.trim().parse().ok()?))
+    })
+}
+
+/// An error and its sources, one line (never the URL: `without_url` first).
+pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn usage_is_read_from_sforce_limit_info() {
+        assert_eq!(parse_usage("api-usage=18/5000"), Some((18, 5000)));
+        assert_eq!(
+            parse_usage("per-app-api-usage=1/10(appName=x), api-usage=25/100"),
+            Some((25, 100))
+        );
+        assert_eq!(parse_usage("api-usage=x/5"), None);
+    }
+
+    #[test]
+    fn errors_are_classified_by_status_and_code() {
+        let limit = json!([{"errorCode": "REQUEST_LIMIT_EXCEEDED", "message": "TotalRequests Limit exceeded."}]);
+        assert!(matches!(classify_error(403, &limit, W), WriteOutcome::Limited { .. }));
+        let denied = json!([{"errorCode": "INSUFFICIENT_ACCESS", "message": "no"}]);
+        assert!(matches!(classify_error(403, &denied, W), WriteOutcome::Rejected { .. }));
+        let invalid = json!([{"errorCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION", "message": "Title needed"}]);
+        assert_eq!(
+            classify_error(400, &invalid, W),
+            WriteOutcome::Rejected {
+                status: 400,
+                code: "FIELD_CUSTOM_VALIDATION_EXCEPTION".into(),
+                message: "Title needed".into()
+            }
+        );
+        assert!(matches!(classify_error(503, &Value::Null, W), WriteOutcome::Transient { .. }));
+    }
+}
