@@ -169,7 +169,8 @@ fn classify(e: reqwest::Error) -> TransportError {
     }
 }
 
-fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its sources, one line (never the URL: `without_url` first).
+pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

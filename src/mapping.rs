@@ -143,9 +143,11 @@ pub struct SalesforceUpsert {
 impl SalesforceUpsert {
     /// The request as text: what `relay preview` prints (no token: it is minted at delivery).
     pub fn render(&self, api_version: &str) -> String {
-        let id: String =
-            percent_encoding::utf8_percent_encode(&self.external_id, crate::salesforce::PATH_SEGMENT)
-                .collect();
+        let id: String = percent_encoding::utf8_percent_encode(
+            &self.external_id,
+            crate::salesforce::PATH_SEGMENT,
+        )
+        .collect();
         format!(
             "PATCH /services/data/v{api_version}/sobjects/{}/{}/{id}\nContent-Type: application/json\n\n{}\n",
             self.sobject,

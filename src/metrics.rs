@@ -124,6 +124,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "gauge",
         "Requests a destination's limit lets go at once right now (the burst remaining), as this process last saw it.",
     ),
+    (
+        "relay_salesforce_api_usage_ratio",
+        "gauge",
+        "Share of the Salesforce org's daily API allocation used (Sforce-Limit-Info), as this process last read it; writes stop at salesforce.max_api_share.",
+    ),
+    (
+        "relay_salesforce_latency_seconds",
+        "histogram",
+        "Salesforce write duration by route (one record, a Collections call, or a status write-back).",
+    ),
     ("relay_build_info", "gauge", "Build information."),
 ];
 

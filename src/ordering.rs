@@ -60,18 +60,20 @@ pub fn version_of(job: &Job, route: &RouteSettings, received_at_ms: i64) -> i64 
             names.iter().find_map(|n| fields.get(*n).cloned().flatten())
         }
         Job::StatusWritebackV1 { .. } => None,
-        Job::CalloutV1 { body, .. } | Job::CentercodeWebhookV1 { body } => names.iter().find_map(|n| {
-            let value = if n.starts_with('/') {
-                body.pointer(n)
-            } else {
-                body.get(*n)
-            };
-            match value? {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            }
-        }),
+        Job::CalloutV1 { body, .. } | Job::CentercodeWebhookV1 { body } => {
+            names.iter().find_map(|n| {
+                let value = if n.starts_with('/') {
+                    body.pointer(n)
+                } else {
+                    body.get(*n)
+                };
+                match value? {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                }
+            })
+        }
     };
     text.and_then(|t| parse_version(&t))
         .unwrap_or(received_at_ms)

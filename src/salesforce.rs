@@ -35,10 +35,7 @@ pub enum WriteOutcome {
         message: String,
     },
     /// Try again later with the retry schedule (5xx, timeout, connection).
-    Transient {
-        status: Option<u16>,
-        reason: String,
-    },
+    Transient { status: Option<u16>, reason: String },
     /// The org's API allocation (or the relay's share of it) is used up: wait, no attempt.
     Limited { wait: Duration, reason: String },
     /// Salesforce refused the relay's sign-in (parked with what to check).
@@ -56,6 +53,18 @@ pub struct WriteResult {
 }
 
 impl WriteResult {
+    /// No answer came back: try again later.
+    fn transient(reason: String) -> Self {
+        Self::of(
+            WriteOutcome::Transient {
+                status: None,
+                reason,
+            },
+            None,
+            None,
+        )
+    }
+
     fn of(outcome: WriteOutcome, status: Option<u16>, excerpt: Option<String>) -> Self {
         Self {
             outcome,
@@ -89,7 +98,9 @@ impl SalesforceClient {
         let credentials = Credentials::from_settings(settings)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(settings.timeout_ms))
-            .connect_timeout(Duration::from_millis(settings.timeout_ms / 2).min(Duration::from_secs(10)))
+            .connect_timeout(
+                Duration::from_millis(settings.timeout_ms / 2).min(Duration::from_secs(10)),
+            )
             // A redirect would carry the bearer token to wherever it points.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("sf-centercode-relay/", env!("CARGO_PKG_VERSION")))
@@ -120,9 +131,8 @@ impl SalesforceClient {
             return None;
         }
         let _probe = self.probe.lock().await;
-        if self.gate.lock().unwrap().closed_until.is_none() {
-            return None; // another caller's probe opened it
-        }
+        // Another caller's probe may have opened it meanwhile.
+        self.gate.lock().unwrap().closed_until?;
         if let Some(left) = self.gate_left() {
             return Some(left);
         }
@@ -170,7 +180,12 @@ impl SalesforceClient {
             .bearer_auth(token.access.expose_secret())
             .send()
             .await
-            .map_err(|e| format!("could not read the org's API usage: {}", error_text(&e.without_url())))?;
+            .map_err(|e| {
+                format!(
+                    "could not read the org's API usage: {}",
+                    error_text(&e.without_url())
+                )
+            })?;
         if response.status().as_u16() == 401 {
             self.sign_in.invalidate(&token).await;
         }
@@ -217,7 +232,8 @@ impl SalesforceClient {
             record.external_id_field,
             percent_encoding::utf8_percent_encode(&record.external_id, PATH_SEGMENT)
         );
-        self.write_one(&path, Value::Object(record.fields.clone())).await
+        self.write_one(&path, Value::Object(record.fields.clone()))
+            .await
     }
 
     /// Update a record by its Salesforce id: `PATCH …/sobjects/{S}/{Id}`.
@@ -243,7 +259,8 @@ impl SalesforceClient {
                     300 => WriteOutcome::Rejected {
                         status,
                         code: "MULTIPLE_RECORDS".into(),
-                        message: "several records have this external id; nothing was changed".into(),
+                        message: "several records have this external id; nothing was changed"
+                            .into(),
                     },
                     _ => classify_error(status, &answer, self.limit_wait()),
                 };
@@ -282,12 +299,20 @@ impl SalesforceClient {
                     let excerpt = Some(crate::ledger::redact_response(r.to_string().as_bytes()));
                     let outcome = if r["success"].as_bool() == Some(true) {
                         WriteOutcome::Done {
-                            status: if r["created"].as_bool() == Some(true) { 201 } else { 200 },
+                            status: if r["created"].as_bool() == Some(true) {
+                                201
+                            } else {
+                                200
+                            },
                         }
                     } else {
                         let error = &r["errors"][0];
                         let code = error["statusCode"].as_str().unwrap_or("UNKNOWN_ERROR");
-                        per_record_error(code, error["message"].as_str().unwrap_or(""), self.limit_wait())
+                        per_record_error(
+                            code,
+                            error["message"].as_str().unwrap_or(""),
+                            self.limit_wait(),
+                        )
                     };
                     WriteResult::of(outcome, Some(200), excerpt)
                 })
@@ -296,7 +321,9 @@ impl SalesforceClient {
                 WriteResult::of(
                     WriteOutcome::Transient {
                         status: Some(200),
-                        reason: "Salesforce's Collections answer did not have one result per record".into(),
+                        reason:
+                            "Salesforce's Collections answer did not have one result per record"
+                                .into(),
                     },
                     Some(200),
                     excerpt,
@@ -304,7 +331,14 @@ impl SalesforceClient {
                 records.len()
             ],
             Ok((status, answer, excerpt)) => {
-                vec![WriteResult::of(classify_error(status, &answer, self.limit_wait()), Some(status), excerpt); records.len()]
+                vec![
+                    WriteResult::of(
+                        classify_error(status, &answer, self.limit_wait()),
+                        Some(status),
+                        excerpt
+                    );
+                    records.len()
+                ]
             }
         }
     }
@@ -312,16 +346,24 @@ impl SalesforceClient {
     /// One authenticated PATCH under `/services/data/vNN.N/`: the status, the parsed answer
     /// and its redacted start; or the result every record of the call gets. After
     /// `INVALID_SESSION_ID` a fresh token is minted and the call made once more.
-    async fn call(&self, path: &str, body: &Value) -> Result<(u16, Value, Option<String>), WriteResult> {
+    async fn call(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<(u16, Value, Option<String>), WriteResult> {
         let payload = serde_json::to_vec(body).unwrap_or_default();
         for fresh in [false, true] {
             let token = match self.sign_in.token().await {
                 Ok(token) => token,
                 Err(SignInError::Refused(reason)) => {
-                    return Err(WriteResult::of(WriteOutcome::SignInRefused { reason }, None, None))
+                    return Err(WriteResult::of(
+                        WriteOutcome::SignInRefused { reason },
+                        None,
+                        None,
+                    ))
                 }
                 Err(SignInError::Unavailable(reason)) => {
-                    return Err(WriteResult::of(WriteOutcome::Transient { status: None, reason }, None, None))
+                    return Err(WriteResult::transient(reason))
                 }
             };
             let url = format!(
@@ -332,7 +374,10 @@ impl SalesforceClient {
                 .http
                 .patch(url)
                 .bearer_auth(token.access.expose_secret())
-                .header("Sforce-Call-Options", format!("client={}", self.settings.client_name))
+                .header(
+                    "Sforce-Call-Options",
+                    format!("client={}", self.settings.client_name),
+                )
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(payload.clone())
                 .send()
@@ -348,7 +393,7 @@ impl SalesforceClient {
                     } else {
                         format!("connection to Salesforce failed: {}", error_text(&e))
                     };
-                    return Err(WriteResult::of(WriteOutcome::Transient { status: None, reason }, None, None));
+                    return Err(WriteResult::transient(reason));
                 }
             };
             let status = response.status().as_u16();
@@ -426,7 +471,11 @@ fn classify_error(status: u16, answer: &Value, limit_wait: Duration) -> WriteOut
         },
         _ => WriteOutcome::Rejected {
             status,
-            code: if code.is_empty() { format!("HTTP_{status}") } else { code },
+            code: if code.is_empty() {
+                format!("HTTP_{status}")
+            } else {
+                code
+            },
             message,
         },
     }
@@ -461,17 +510,7 @@ pub fn parse_usage(value: &str) -> Option<(u64, u64)> {
     })
 }
 
-/// An error and its sources, one line (never the URL: `without_url` first).
-pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub(crate) use crate::centercode::error_text;
 
 #[cfg(test)]
 mod tests {
@@ -492,10 +531,17 @@ mod tests {
     #[test]
     fn errors_are_classified_by_status_and_code() {
         let limit = json!([{"errorCode": "REQUEST_LIMIT_EXCEEDED", "message": "TotalRequests Limit exceeded."}]);
-        assert!(matches!(classify_error(403, &limit, W), WriteOutcome::Limited { .. }));
+        assert!(matches!(
+            classify_error(403, &limit, W),
+            WriteOutcome::Limited { .. }
+        ));
         let denied = json!([{"errorCode": "INSUFFICIENT_ACCESS", "message": "no"}]);
-        assert!(matches!(classify_error(403, &denied, W), WriteOutcome::Rejected { .. }));
-        let invalid = json!([{"errorCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION", "message": "Title needed"}]);
+        assert!(matches!(
+            classify_error(403, &denied, W),
+            WriteOutcome::Rejected { .. }
+        ));
+        let invalid =
+            json!([{"errorCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION", "message": "Title needed"}]);
         assert_eq!(
             classify_error(400, &invalid, W),
             WriteOutcome::Rejected {
@@ -504,6 +550,9 @@ mod tests {
                 message: "Title needed".into()
             }
         );
-        assert!(matches!(classify_error(503, &Value::Null, W), WriteOutcome::Transient { .. }));
+        assert!(matches!(
+            classify_error(503, &Value::Null, W),
+            WriteOutcome::Transient { .. }
+        ));
     }
 }

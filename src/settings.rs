@@ -1527,7 +1527,11 @@ impl Settings {
     }
 
     /// A `centercode_webhook` route: action, target, dedupe, token and mapping.
-    fn validate_salesforce_route(&self, i: usize, route: &RouteSettings) -> Result<(), SettingsError> {
+    fn validate_salesforce_route(
+        &self,
+        i: usize,
+        route: &RouteSettings,
+    ) -> Result<(), SettingsError> {
         let key = |k: &str| format!("routes[{i}].{k}");
         let pointer_ok = |p: &str| p.is_empty() || p.starts_with('/');
         let api_name_ok =
@@ -1657,7 +1661,10 @@ impl Settings {
         if self.salesforce.is_none() {
             return Err(SettingsError::new(
                 "salesforce",
-                format!("route `{}` writes its status back into Salesforce: add a [salesforce] section", route.name),
+                format!(
+                    "route `{}` writes its status back into Salesforce: add a [salesforce] section",
+                    route.name
+                ),
             ));
         }
         if wb.sobject.is_none() && route.kind == RouteKind::Callout {
@@ -1673,7 +1680,10 @@ impl Settings {
             ("time_field", wb.time_field.as_deref()),
         ] {
             if value.is_some_and(|v| !api_name_ok(v)) {
-                return Err(SettingsError::new(key(name), "expected a Salesforce API name"));
+                return Err(SettingsError::new(
+                    key(name),
+                    "expected a Salesforce API name",
+                ));
             }
         }
         Ok(())
@@ -1722,10 +1732,9 @@ impl Settings {
             }
             _ => {}
         }
-        let version_ok = sf
-            .api_version
-            .split_once('.')
-            .is_some_and(|(a, b)| a.parse::<u32>().is_ok_and(|v| v >= 46) && b.parse::<u32>().is_ok());
+        let version_ok = sf.api_version.split_once('.').is_some_and(|(a, b)| {
+            a.parse::<u32>().is_ok_and(|v| v >= 46) && b.parse::<u32>().is_ok()
+        });
         if !version_ok {
             return Err(SettingsError::new(
                 "salesforce.api_version",

@@ -52,6 +52,8 @@ pub struct Application {
     metrics: Arc<Metrics>,
     control: Arc<RouteControl>,
     tls: Option<rustls::ServerConfig>,
+    /// The Salesforce client and its Collections batcher, shared by this process's workers.
+    salesforce: Option<Arc<crate::salesforce::batch::Batcher>>,
 }
 
 /// Open the configured queue backend: the SQLite file, or the RabbitMQ connection with its
@@ -152,7 +154,11 @@ impl Application {
             settings.worker.circuit_failure_threshold,
             Duration::from_secs_f64(settings.worker.circuit_cooldown_secs),
         )));
+        // Built now so an unreadable private key fails the start, not the first delivery.
+        let salesforce = crate::worker::salesforce_batcher(&settings, metrics.clone())
+            .map_err(|e| anyhow::anyhow!(e))?;
         Ok(Self {
+            salesforce,
             port,
             listener,
             ops_listener,
@@ -199,6 +205,7 @@ impl Application {
             self.metrics.clone(),
             self.control.clone(),
         )
+        .with_salesforce(self.salesforce.clone())
     }
 
     /// Serve and deliver until `stop` is cancelled, then drain: the gateway stops accepting,

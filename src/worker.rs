@@ -5,9 +5,12 @@ use crate::centercode::{status_class, CentercodeClient, CentercodeResponse, Tran
 use crate::control::{CircuitState, RouteControl};
 use crate::mapping;
 use crate::metrics::Metrics;
+use crate::queue::Job;
 use crate::queue::{now_ms, Leased, Queue, QueueError};
 use crate::retry::RetryPolicy;
-use crate::settings::{Action, OnOutcomeUnknown, OnUserNotFound, Settings};
+use crate::salesforce::batch::Batcher;
+use crate::salesforce::{SalesforceClient, WriteOutcome, WriteResult};
+use crate::settings::{Action, OnOutcomeUnknown, OnUserNotFound, RouteSettings, Settings};
 use secrecy::ExposeSecret;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,6 +103,24 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     control: Arc<RouteControl>,
     limiter: Arc<crate::ratelimit::RateLimiter>,
+    /// Writes into Salesforce (`salesforce_upsert` jobs and status write-backs).
+    salesforce: Option<Arc<Batcher>>,
+}
+
+/// The Salesforce client and batcher for `[salesforce]`, if configured: `Err` when its key
+/// cannot be read (the start fails, rather than every delivery).
+pub fn salesforce_batcher(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+) -> Result<Option<Arc<Batcher>>, String> {
+    let Some(sf) = &settings.salesforce else {
+        return Ok(None);
+    };
+    let client = SalesforceClient::new(sf, metrics)?;
+    Ok(Some(Arc::new(Batcher::new(
+        Arc::new(client),
+        settings.worker.concurrency,
+    ))))
 }
 
 impl Worker {
@@ -122,6 +143,8 @@ impl Worker {
             retry_after_max: Duration::from_secs(settings.worker.retry_after_max_secs),
         };
         let limiter = Arc::new(crate::ratelimit::RateLimiter::new(&settings));
+        let salesforce =
+            salesforce_batcher(&settings, metrics.clone()).unwrap_or_else(|e| panic!("{e}"));
         Self {
             queue,
             settings,
@@ -130,7 +153,17 @@ impl Worker {
             metrics,
             control,
             limiter,
+            salesforce,
         }
+    }
+
+    /// Share the application's Salesforce client (one token and one API-usage gate per
+    /// process) instead of this worker's own.
+    pub fn with_salesforce(mut self, salesforce: Option<Arc<Batcher>>) -> Self {
+        if salesforce.is_some() {
+            self.salesforce = salesforce;
+        }
+        self
     }
 
     /// Lease and deliver until `stop` is cancelled; then let in-flight deliveries finish
@@ -141,6 +174,14 @@ impl Worker {
         // and their recorded outcome, so a slow queue write never holds a call slot.
         let calls = Arc::new(Semaphore::new(concurrency));
         let outstanding = Arc::new(Semaphore::new(concurrency * 2));
+        // Upserts into Salesforce wait in the batcher for a Collections call instead of
+        // holding a call slot each: up to a full batch per Salesforce call slot.
+        let batch_room = concurrency
+            * self
+                .salesforce
+                .as_ref()
+                .map_or(1, |b| b.client().batch_size());
+        let batched = Arc::new(Semaphore::new(batch_room));
         // A feeder task leases ahead into a bounded channel, so a freed call slot never waits
         // for a lease round trip (one lease transaction serves many jobs).
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(Leased, Instant)>(concurrency);
@@ -154,20 +195,31 @@ impl Worker {
                 },
                 _ = stop.cancelled() => break,
             };
+            let to_batch =
+                self.salesforce.is_some() && job.action == Action::SalesforceUpsert.as_str();
             let permits = tokio::select! {
                 p = async {
-                    let out = outstanding.clone().acquire_owned().await;
-                    let call = calls.clone().acquire_owned().await;
-                    (out, call)
+                    if to_batch {
+                        (batched.clone().acquire_owned().await, None)
+                    } else {
+                        let out = outstanding.clone().acquire_owned().await;
+                        let call = calls.clone().acquire_owned().await;
+                        (out, Some(call))
+                    }
                 } => p,
                 _ = stop.cancelled() => {
                     unstarted.push(job);
                     break;
                 }
             };
-            let (Ok(out), Ok(call)) = permits else { break };
+            let (Ok(out), call) = permits else { break };
+            let call = match call {
+                None => None,
+                Some(Ok(call)) => Some(call),
+                Some(Err(_)) => break,
+            };
             let worker = self.clone();
-            let pool = calls.clone();
+            let pool = (!to_batch).then(|| calls.clone());
             tokio::spawn(async move {
                 // The lease clock restarts when the delivery starts: a job leased ahead may
                 // have waited behind slow calls for much of its lease.
@@ -184,10 +236,7 @@ impl Worker {
                         }
                     }
                 }
-                let slot = CallSlot {
-                    permit: Some(call),
-                    pool: Some(pool),
-                };
+                let slot = CallSlot { permit: call, pool };
                 worker.deliver(job, slot).await;
                 drop(out);
             });
@@ -204,10 +253,11 @@ impl Worker {
             }
         }
         let grace = Duration::from_secs(self.settings.server.shutdown_grace_secs);
-        if tokio::time::timeout(grace, outstanding.acquire_many((concurrency * 2) as u32))
-            .await
-            .is_err()
-        {
+        let drained = async {
+            let _ = outstanding.acquire_many((concurrency * 2) as u32).await;
+            let _ = batched.acquire_many(batch_room as u32).await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("shutdown grace period ended with deliveries in flight; their jobs will be redelivered");
         }
     }
@@ -385,7 +435,10 @@ impl Worker {
         );
         async move {
             let mut call = None;
-            let order = self.settings.route(&job.route).and_then(|route| {
+            // A write-back is versioned by its own job, not the record's: no order to keep
+            // (and it must not advance the record's version for the route's own jobs).
+            let is_writeback = matches!(job.job, Job::StatusWritebackV1 { .. });
+            let order = self.settings.route(&job.route).filter(|_| !is_writeback).and_then(|route| {
                 crate::ordering::record_key(&job.route, job.record_id.as_deref()).map(|key| {
                     (key, crate::ordering::version_of(&job.job, route, job.received_at_ms))
                 })
@@ -413,6 +466,9 @@ impl Worker {
                 }
                 r => r,
             };
+            if outcome.ends_the_job() && !is_writeback {
+                self.enqueue_writeback(&job, &outcome).await;
+            }
             let recorded = match &outcome {
                 Outcome::Delivered { .. } | Outcome::UserNotFound => {
                     self.queue.settle_recorded(&job, None, record).await
@@ -520,6 +576,12 @@ impl Worker {
                 status: None,
             };
         };
+        if matches!(job.job, Job::StatusWritebackV1 { .. }) {
+            return self.decide_writeback(job, route, call).await;
+        }
+        if route.action == Action::SalesforceUpsert {
+            return self.decide_salesforce(job, route, call, slot).await;
+        }
         let request = match mapping::to_centercode(&job.job, route) {
             Ok(r) => r,
             Err(e) => {
@@ -738,6 +800,175 @@ impl Worker {
             limit: limit.name.clone(),
             wait,
         })
+    }
+
+    /// A Centercode webhook's job: upsert its record into Salesforce (batched with others).
+    async fn decide_salesforce(
+        &self,
+        job: &Leased,
+        route: &RouteSettings,
+        call: &mut Option<CallRecord>,
+        slot: &mut CallSlot,
+    ) -> Outcome {
+        let record = match mapping::to_salesforce(&job.job, route) {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Parked {
+                    reason: e.to_string(),
+                    status: None,
+                }
+            }
+        };
+        if self.control.is_paused(&route.name) {
+            return Outcome::Held {
+                reason: "route paused".into(),
+            };
+        }
+        let Some(salesforce) = self.salesforce.clone() else {
+            return Outcome::Parked {
+                reason:
+                    "no [salesforce] org is configured to write into; configure it, then replay"
+                        .into(),
+                status: None,
+            };
+        };
+        if let Some(limited) = self.salesforce_gate(&salesforce).await {
+            return limited;
+        }
+        if let Some(limit) = self.limiter.limit_for(&route.name) {
+            if let Some(limited) = self.admit(&limit, job, slot).await {
+                return limited;
+            }
+        }
+        // The batcher has Salesforce call slots of its own.
+        slot.permit = None;
+        let started = Instant::now();
+        let started_at_ms = now_ms();
+        let result = salesforce.upsert(record).await;
+        self.salesforce_outcome(job, result, started, started_at_ms, call)
+            .await
+    }
+
+    /// A status write-back job: update the originating Salesforce record.
+    async fn decide_writeback(
+        &self,
+        job: &Leased,
+        route: &RouteSettings,
+        call: &mut Option<CallRecord>,
+    ) -> Outcome {
+        let Job::StatusWritebackV1 {
+            sobject,
+            record_id,
+            fields,
+        } = &job.job
+        else {
+            unreachable!("decide_writeback is only called for write-back jobs");
+        };
+        if self.control.is_paused(&route.name) {
+            return Outcome::Held {
+                reason: "route paused".into(),
+            };
+        }
+        let Some(salesforce) = self.salesforce.clone() else {
+            return Outcome::Parked {
+                reason: "no [salesforce] org is configured for the status write-back".into(),
+                status: None,
+            };
+        };
+        if let Some(limited) = self.salesforce_gate(&salesforce).await {
+            return limited;
+        }
+        let started = Instant::now();
+        let started_at_ms = now_ms();
+        let result = salesforce.client().update(sobject, record_id, fields).await;
+        self.salesforce_outcome(job, result, started, started_at_ms, call)
+            .await
+    }
+
+    /// Writes wait while the org's API allocation or the relay's share of it is used up.
+    async fn salesforce_gate(&self, salesforce: &Batcher) -> Option<Outcome> {
+        let (wait, reason) = salesforce.client().wait_before_writing().await?;
+        tracing::debug!(wait_ms = wait.as_millis() as u64, reason = %reason, "Salesforce writes wait");
+        self.metrics
+            .inc("relay_rate_limited_total", &[("host", "salesforce")], 1);
+        Some(Outcome::RateLimited {
+            limit: "salesforce".into(),
+            wait,
+        })
+    }
+
+    /// A Salesforce answer as the job's outcome (and the ledger's attempt).
+    async fn salesforce_outcome(
+        &self,
+        job: &Leased,
+        result: WriteResult,
+        started: Instant,
+        started_at_ms: i64,
+        call: &mut Option<CallRecord>,
+    ) -> Outcome {
+        let attempted = !matches!(result.outcome, WriteOutcome::Limited { .. });
+        if attempted {
+            *call = Some(CallRecord {
+                started_at_ms,
+                duration_ms: started.elapsed().as_millis() as i64,
+                status: result.status,
+                error_class: match (&result.outcome, result.status) {
+                    (WriteOutcome::SignInRefused { .. }, _) => Some("sign_in".into()),
+                    (_, None) => Some("transport".into()),
+                    _ => None,
+                },
+                response: result.excerpt.clone(),
+                subject: None,
+            });
+            self.metrics.observe(
+                "relay_salesforce_latency_seconds",
+                &[("route", job.route.as_str())],
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        if let Some(status) = result.status {
+            tracing::Span::current().record("centercode.status", status);
+        }
+        match result.outcome {
+            WriteOutcome::Done { status } => Outcome::Delivered { status },
+            WriteOutcome::Rejected {
+                status,
+                code,
+                message,
+            } => Outcome::Parked {
+                reason: format!("Salesforce refused the record ({code}: {message}); fix the data, the mapping or the org's setup, then replay"),
+                status: Some(status),
+            },
+            WriteOutcome::Transient { status, reason } => {
+                self.retry(job, status, reason, None).await
+            }
+            WriteOutcome::Limited { wait, .. } => Outcome::RateLimited {
+                limit: "salesforce".into(),
+                wait,
+            },
+            WriteOutcome::SignInRefused { reason } => Outcome::Parked {
+                reason,
+                status: None,
+            },
+        }
+    }
+
+    /// Queue the write of `outcome` onto the job's Salesforce record, when its route asks
+    /// for it. Stored before the job is acked (a crash between the two writes the status
+    /// twice, never zero times); its own failure never changes the job's outcome.
+    async fn enqueue_writeback(&self, job: &Leased, outcome: &Outcome) {
+        let Some(route) = self.settings.route(&job.route) else {
+            return;
+        };
+        let (Some(wb), Some(record_id)) = (&route.status_writeback, job.record_id.as_ref()) else {
+            return;
+        };
+        let Some(new_job) = crate::writeback::job_for(route, wb, job, record_id, outcome) else {
+            return;
+        };
+        if let Err(e) = self.queue.enqueue(vec![new_job]).await {
+            tracing::warn!(error = %e, "could not queue the status write-back to Salesforce; the delivery's own outcome stands");
+        }
     }
 
     async fn retry(

@@ -23,7 +23,7 @@ const REFUSAL_MEMORY: Duration = Duration::from_secs(5);
 pub enum Credentials {
     /// JWT bearer flow: `iss` = client id, `sub` = username, `aud`, signed with the key.
     Jwt {
-        key: RsaKeyPair,
+        key: Box<RsaKeyPair>,
         username: String,
         audience: String,
     },
@@ -84,7 +84,7 @@ impl Credentials {
         };
         let key = parse_private_key(&pem)?;
         Ok(Credentials::Jwt {
-            key,
+            key: Box::new(key),
             username: sf.username.clone().unwrap_or_default(),
             audience: sf
                 .audience
@@ -120,7 +120,8 @@ pub fn assertion(
         .unwrap_or_default()
         .as_secs();
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#);
-    let claims = serde_json::json!({"iss": client_id, "sub": username, "aud": audience, "exp": exp});
+    let claims =
+        serde_json::json!({"iss": client_id, "sub": username, "aud": audience, "exp": exp});
     let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
     let input = format!("{header}.{claims}");
     let mut signature = vec![0; key.public().modulus_len()];
@@ -220,7 +221,12 @@ impl SignIn {
             })?;
         let status = response.status().as_u16();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
-        let text = |k: &str| body.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+        let text = |k: &str| {
+            body.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
         match status {
             200 => {
                 let access = text("access_token");
@@ -279,7 +285,9 @@ mod tests {
     #[test]
     fn the_org_comes_from_the_identity_url() {
         assert_eq!(
-            org_of_identity("https://login.salesforce.com/id/00D5e000000AbCdEAK/0055e000001XyZ1AAK"),
+            org_of_identity(
+                "https://login.salesforce.com/id/00D5e000000AbCdEAK/0055e000001XyZ1AAK"
+            ),
             "00D5e000000AbCdEAK"
         );
         assert_eq!(org_of_identity(""), "unknown");

@@ -69,11 +69,7 @@ impl Batcher {
 
     fn spawn_lane(&self) -> mpsc::UnboundedSender<Pending> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_lane(
-            self.client.clone(),
-            self.calls.clone(),
-            rx,
-        ));
+        tokio::spawn(run_lane(self.client.clone(), self.calls.clone(), rx));
         tx
     }
 }

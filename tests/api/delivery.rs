@@ -1,6 +1,6 @@
 //! Workers against the fake Centercode: mapping, status classes, retries and parking.
 
-use crate::helpers::{fixture, spawn_app, spawn_app_with};
+use crate::helpers::{fixture, parked_reasons, spawn_app, spawn_app_with};
 use fake_centercode::{Fault, FaultMode, FaultRoute};
 use serde_json::{json, Value};
 use sf_centercode_relay::settings::{FieldMapping, FieldRule};
@@ -16,13 +16,7 @@ fn with_email(email: &str) -> Vec<u8> {
 }
 
 fn parked(outcomes: &[Outcome]) -> Vec<String> {
-    outcomes
-        .iter()
-        .filter_map(|o| match o {
-            Outcome::Parked { reason, .. } => Some(reason.clone()),
-            _ => None,
-        })
-        .collect()
+    parked_reasons(outcomes)
 }
 
 #[tokio::test]

@@ -257,6 +257,18 @@ impl TestApp {
         req.send().await.expect("request sent")
     }
 
+    /// The gateway's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .expect("metrics answered")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn stats(&self) -> QueueStats {
         self.queue.stats().await.unwrap()
     }
@@ -884,4 +896,15 @@ pub fn make_certificates(dir: &std::path::Path) {
             ],
         );
     }
+}
+
+/// The reasons of the parked outcomes among `outcomes`, in order.
+pub fn parked_reasons(outcomes: &[Outcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Parked { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect()
 }

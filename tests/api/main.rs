@@ -25,6 +25,7 @@ mod ordering;
 mod queue_conformance;
 mod rabbitmq;
 mod rate_limits;
+mod salesforce;
 mod scale_out;
 mod secrets;
 mod security;

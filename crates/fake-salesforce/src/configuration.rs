@@ -34,6 +34,9 @@ pub struct FakeSalesforceConfig {
     pub latency_ms: u64,
     /// Lowest accepted API major version in `/services/data/vNN.N`; lower answers 404.
     pub min_api_version: u32,
+    /// Seconds added to the fake's clock when it checks an assertion's `exp`: a positive
+    /// value plays a client whose clock is behind (its assertions arrive expired).
+    pub clock_offset_secs: i64,
 }
 
 impl Default for FakeSalesforceConfig {
@@ -57,6 +60,7 @@ impl FakeSalesforceConfig {
             latency_ms: 0,
             // API versions 21.0 to 30.0 were retired in 2025.
             min_api_version: 31,
+            clock_offset_secs: 0,
         }
     }
 

@@ -64,7 +64,12 @@ pub(crate) async fn token(
         JWT_BEARER_GRANT => match &config.jwt {
             Some(jwt) => {
                 let audiences = [shared.base_url.as_str(), origin.as_str()];
-                verify_assertion(jwt, param("assertion"), &audiences, unix_now())
+                verify_assertion(
+                    jwt,
+                    param("assertion"),
+                    &audiences,
+                    unix_now() + config.clock_offset_secs,
+                )
             }
             None => Err(UNSUPPORTED),
         },
