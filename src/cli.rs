@@ -1,6 +1,6 @@
 //! The `relay` command line: serve (default), demo, check-config and preview.
 
-use crate::inbound::{callout, salesforce, soap};
+use crate::inbound::{callout, salesforce, soap, webhook};
 use crate::mapping;
 use crate::queue::NewJob;
 use crate::settings::{RouteKind, Settings};
@@ -286,20 +286,33 @@ pub fn preview(settings: &Settings, route_name: &str, input: &[u8]) -> Result<St
             vec![callout::job_from_callout(route, None, body, None)]
         }
         RouteKind::CentercodeWebhook => {
-            // TODO(webhook helper): job_from_webhook
-            return Err("preview of centercode_webhook routes is not built yet".into());
+            let body = callout::parse_body(input)
+                .map_err(|e| format!("the gateway would answer 400: {e}"))?;
+            let job = webhook::job_from_webhook(route, body)
+                .map_err(|e| format!("the gateway would answer 400: {e}"))?;
+            vec![job]
         }
     };
     let mut out = String::new();
     for job in &jobs {
-        let label = job.notification_id.as_deref().unwrap_or("callout body");
+        let label = match route.kind {
+            RouteKind::CentercodeWebhook => "webhook body",
+            _ => job.notification_id.as_deref().unwrap_or("callout body"),
+        };
         out.push_str(&format!(
             "# {label} (route {}, action {})\n",
             route.name,
             route.action.as_str()
         ));
-        match mapping::to_centercode(&job.job, route) {
-            Ok(request) => out.push_str(&request.render_masked()),
+        let rendered = if route.action.to_salesforce() {
+            let api_version = settings.salesforce.as_ref().map(|s| s.api_version.as_str());
+            mapping::to_salesforce(&job.job, route)
+                .map(|upsert| upsert.render(api_version.unwrap_or_default()))
+        } else {
+            mapping::to_centercode(&job.job, route).map(|request| request.render_masked())
+        };
+        match rendered {
+            Ok(text) => out.push_str(&text),
             Err(e) => out.push_str(&format!("would be parked: {e}\n")),
         }
         out.push('\n');

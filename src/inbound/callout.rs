@@ -1,7 +1,7 @@
 //! `POST /salesforce/callout/{route}`: JSON from Apex or a Flow HTTP Callout, authenticated
 //! by a bearer token or an HMAC signature, deduplicated on its idempotency key.
 
-use super::{error_json, media_type, read_body, record_ingest, request_id, AppState, BodyError};
+use super::{error_json, media_type, read_body_limited, request_id, AppState, BodyError};
 use crate::queue::{EnqueueOutcome, Job, NewJob, QueueError};
 use crate::settings::{CalloutAuth, RouteKind, RouteSettings};
 use actix_web::http::StatusCode;
@@ -37,7 +37,8 @@ pub enum CalloutError {
 }
 
 impl CalloutError {
-    fn code(&self) -> &'static str {
+    /// The `error.code` of the answer (shared with the Centercode webhook handler).
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             CalloutError::UnknownRoute(_) => "unknown_route",
             CalloutError::UnsupportedMediaType => "unsupported_media_type",
@@ -273,15 +274,7 @@ pub async fn receive(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, CalloutError> {
-    let started = std::time::Instant::now();
-    let received_at_ms = crate::queue::now_ms();
-    let result = handle(&req, &path, payload, &state, received_at_ms).await;
-    let route = state.settings.route(&path).map(|r| r.name.as_str());
-    match &result {
-        Ok((_, stored)) => record_ingest(&state, route, 202, !stored, u64::from(*stored), started),
-        Err(e) => record_ingest(&state, route, e.status_code().as_u16(), false, 0, started),
-    }
-    result.map(|(response, _)| response)
+    super::counted(&state, &path, |at| handle(&req, &path, payload, &state, at)).await
 }
 
 /// Authenticate, check and store; returns the answer and whether a new job was stored.
@@ -316,14 +309,7 @@ async fn handle(
     let now = SystemTime::now();
     authenticate_headers(&req, auth, now)
         .inspect_err(|e| tracing::warn!(error = %e, "callout refused"))?;
-    let server = &state.settings.server;
-    let raw = read_body(
-        &req,
-        payload,
-        server.max_body_bytes,
-        Duration::from_millis(server.body_timeout_ms),
-    )
-    .await?;
+    let raw = read_body_limited(&req, payload, &state.settings.server).await?;
     // A processing slot only once the whole body is here (see the Outbound Message handler).
     let _slot = state.request_slots.acquire().await;
     authenticate(&req, &raw, auth, now)
@@ -333,22 +319,49 @@ async fn handle(
     let hash = key.as_ref().map(|_| format!("{:x}", Sha256::digest(&raw)));
     let mut job = job_from_callout(route, key, body, hash);
     job.received_at_ms = received_at_ms;
+    let (job_id, status) = match store_one(state, route, job).await? {
+        (_, EnqueueOutcome::Conflict { job_id }) => return Err(CalloutError::KeyReused(job_id)),
+        (job_id, outcome) => (job_id, accepted_status(&outcome)),
+    };
+    span.record("job_id", job_id.as_str());
+    tracing::info!(%job_id, status, "callout stored");
+    Ok((accepted(&job_id, status), status == "queued"))
+}
+
+/// Store one job of a JSON request and note its record version; returns the id that answers
+/// for it (the earlier job's, for a duplicate) and what the queue did.
+pub(crate) async fn store_one(
+    state: &AppState,
+    route: &RouteSettings,
+    job: NewJob,
+) -> Result<(String, EnqueueOutcome), CalloutError> {
     let job_id = job.id.clone();
     let jobs = vec![job];
     let versions = crate::ordering::versions_of(route, &jobs);
     let outcome = state.queue.enqueue(jobs).await.map_err(|e| {
-        tracing::error!(error = %e, "could not store callout; answering 503");
+        tracing::error!(error = %e, "could not store the request; answering 503");
         CalloutError::Enqueue(e)
     })?;
     crate::ordering::note_seen(&state.queue, versions, &outcome);
-    let (status, job_id) = match outcome.into_iter().next() {
-        Some(EnqueueOutcome::Duplicate { job_id }) => ("duplicate", job_id),
-        Some(EnqueueOutcome::Conflict { job_id }) => return Err(CalloutError::KeyReused(job_id)),
-        _ => ("queued", job_id),
+    let outcome = outcome.into_iter().next().unwrap_or(EnqueueOutcome::Stored);
+    let answering = match &outcome {
+        EnqueueOutcome::Duplicate { job_id } | EnqueueOutcome::Conflict { job_id } => {
+            job_id.clone()
+        }
+        EnqueueOutcome::Stored => job_id,
     };
-    span.record("job_id", job_id.as_str());
-    tracing::info!(%job_id, status, "callout stored");
-    let response =
-        HttpResponse::Accepted().json(serde_json::json!({"job_id": job_id, "status": status}));
-    Ok((response, status == "queued"))
+    Ok((answering, outcome))
+}
+
+/// `queued` for a job newly stored, else `duplicate`.
+pub(crate) fn accepted_status(outcome: &EnqueueOutcome) -> &'static str {
+    match outcome {
+        EnqueueOutcome::Stored => "queued",
+        _ => "duplicate",
+    }
+}
+
+/// The 202 answer: `{"job_id": …, "status": "queued" | "duplicate"}`.
+pub(crate) fn accepted(job_id: &str, status: &str) -> HttpResponse {
+    HttpResponse::Accepted().json(serde_json::json!({"job_id": job_id, "status": status}))
 }

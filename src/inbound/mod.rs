@@ -5,12 +5,13 @@ pub mod callout;
 pub mod health;
 pub mod salesforce;
 pub mod soap;
+pub mod webhook;
 
 use crate::queue::Queue;
 use crate::settings::Settings;
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
-use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use futures_util::{FutureExt, StreamExt};
 use sha2::Digest;
 use std::sync::Arc;
@@ -66,12 +67,15 @@ const REQUEST_ID: &str = "x-request-id";
 /// Register every route on an actix `App` (one listener for everything: local development).
 pub fn configure(cfg: &mut web::ServiceConfig) {
     configure_salesforce(cfg);
+    configure_centercode(cfg);
     cfg.configure(configure_ops);
 }
 
-/// The listener Salesforce calls when `server.ops_bind` is set: inbound routes and health.
+/// The listener Salesforce and Centercode call when `server.ops_bind` is set: inbound routes
+/// and health.
 pub fn configure_inbound(cfg: &mut web::ServiceConfig) {
     configure_salesforce(cfg);
+    configure_centercode(cfg);
     configure_health(cfg);
     cfg.default_service(web::to(not_found));
 }
@@ -101,6 +105,14 @@ fn configure_salesforce(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/salesforce/callout/{route}")
             .route(web::post().to(callout::receive))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+fn configure_centercode(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/centercode/webhook/{route}")
+            .route(web::post().to(webhook::receive))
             .default_service(web::to(method_not_allowed)),
     );
 }
@@ -269,6 +281,37 @@ pub async fn read_body(
     tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| BodyError::Timeout)?
+}
+
+/// [`read_body`] within the server's `max_body_bytes` and `body_timeout_ms`.
+pub async fn read_body_limited(
+    req: &HttpRequest,
+    payload: web::Payload,
+    server: &crate::settings::ServerSettings,
+) -> Result<web::Bytes, BodyError> {
+    let timeout = Duration::from_millis(server.body_timeout_ms);
+    read_body(req, payload, server.max_body_bytes, timeout).await
+}
+
+/// Run a JSON handler that stores at most one job (`Ok` carries whether it was newly stored)
+/// with the time its request arrived, count its answer, and hand the answer on.
+pub async fn counted<E, F>(
+    state: &AppState,
+    path: &str,
+    handle: impl FnOnce(i64) -> F,
+) -> Result<HttpResponse, E>
+where
+    E: ResponseError,
+    F: std::future::Future<Output = Result<(HttpResponse, bool), E>>,
+{
+    let started = Instant::now();
+    let result = handle(crate::queue::now_ms()).await;
+    let route = state.settings.route(path).map(|r| r.name.as_str());
+    match &result {
+        Ok((_, stored)) => record_ingest(state, route, 202, !stored, u64::from(*stored), started),
+        Err(e) => record_ingest(state, route, e.status_code().as_u16(), false, 0, started),
+    }
+    result.map(|(response, _)| response)
 }
 
 /// Count one inbound request: `stored` notifications newly stored, `status` the answer.

@@ -404,6 +404,8 @@ macro_rules! on_both_backends {
         }
     };
 }
+/// For other files whose tests run once per backend.
+pub(crate) use on_both_backends;
 
 on_both_backends!(
     removal_and_redelivery,

@@ -31,3 +31,4 @@ mod secrets;
 mod security;
 mod services;
 mod tls;
+mod webhook;

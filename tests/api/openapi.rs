@@ -874,6 +874,46 @@ async fn exercise_callouts(c: &mut Contract, app: &TestApp) {
     assert_eq!(signed.json["status"], "queued");
 }
 
+/// One Centercode webhook to `route`, with the right token or none.
+async fn webhook(
+    c: &mut Contract,
+    app: &TestApp,
+    route: &str,
+    with_token: bool,
+    content_type: &str,
+    body: &[u8],
+) -> Answer {
+    let target = format!("/centercode/webhook/{route}");
+    let token = [("X-Relay-Token", crate::webhook::TOKEN.to_owned())];
+    let headers: &[(&str, String)] = if with_token { &token } else { &[] };
+    let body = Some((content_type, body.to_vec()));
+    let template = "/centercode/webhook/{route}";
+    c.send(&app.address, "POST", template, &target, headers, body)
+        .await
+}
+
+/// Centercode webhooks, on an app of their own with the webhook routes: queued, duplicate,
+/// and refusals.
+async fn exercise_webhooks(c: &mut Contract) {
+    const JSON: &str = "application/json";
+    let app = crate::webhook::spawn_webhook_app(crate::helpers::Backend::Embedded, |_| {}).await;
+    let body = crate::webhook::feedback("4711", "2026-03-01T10:00:00Z", "Crash on login");
+    let first = webhook(c, &app, "cc-feedback", true, JSON, &body).await;
+    assert_eq!(first.json["status"], "queued");
+    let again = webhook(c, &app, "cc-feedback", true, JSON, &body).await;
+    assert_eq!(again.json["status"], "duplicate");
+    let anonymous = webhook(c, &app, "cc-feedback", false, JSON, &body).await;
+    assert_eq!(error_code(&anonymous), (401, "unauthorized"));
+    let form_type = "application/x-www-form-urlencoded";
+    let form = webhook(c, &app, "cc-feedback", true, form_type, b"id=4711").await;
+    assert_eq!(error_code(&form), (415, "unsupported_media_type"));
+    let unkeyed = br#"{"feedback": {"id": "4711"}}"#;
+    let unkeyed = webhook(c, &app, "cc-feedback", true, JSON, unkeyed).await;
+    assert_eq!(error_code(&unkeyed), (400, "dedupe_value_missing"));
+    let unknown = webhook(c, &app, "apex-removal", true, JSON, &body).await;
+    assert_eq!(error_code(&unknown), (404, "unknown_route"));
+}
+
 #[tokio::test]
 async fn every_documented_operation_answers_as_documented() {
     let mut c = Contract::new();
@@ -885,6 +925,7 @@ async fn every_documented_operation_answers_as_documented() {
     exercise_job_export_and_refusals(&mut c, &app).await;
     exercise_jobs_without_a_ledger(&mut c).await;
     exercise_callouts(&mut c, &app).await;
+    exercise_webhooks(&mut c).await;
     // The admin API turned off: every admin path answers 404 `admin_disabled`.
     let off = spawn_app().await;
     let doc = "/admin/openapi.json";
