@@ -146,6 +146,28 @@ fn the_demo_runs_end_to_end() {
     assert!(stdout.contains("503 unavailable: will retry"));
     assert_eq!(stdout.matches(" created: ").count(), 2, "{stdout}");
     assert!(stdout.contains("0 ready, 0 retrying, 0 parked"));
+    // The other direction, and the status written back on the Contact.
+    assert_eq!(stdout.matches("-> HTTP 202").count(), 2, "{stdout}");
+    assert_eq!(
+        stdout.matches("upsert feedback by Centercode id").count(),
+        1,
+        "the redelivered webhook is written once: {stdout}"
+    );
+    assert!(
+        stdout.contains("Centercode_Feedback__c FB-1042: Title__c = \"App crashes when uploading a photo\", Status__c = \"Working\""),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("status written back on the Contact").count(),
+        5,
+        "one per removal: {stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "Contact 0038d0000000041AAA: Centercode_Status__c = Sent to Centercode (200)"
+        ),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -574,3 +574,38 @@ async fn a_failing_write_back_leaves_the_delivery_alone() {
     );
     assert_eq!(app.centercode.macro_runs().len(), 1, "the removal ran once");
 }
+
+/// A Centercode webhook sent twice (Centercode retries, or the macro fires again for the
+/// same change) reaches Salesforce once; through the gateway, as Centercode sends it.
+async fn redelivered_webhook_written_once(backend: Backend) {
+    let sf = fake_salesforce().await;
+    let base = sf.base_url();
+    let app = spawn_app_on(backend, |s| with_salesforce(s, &base, SignIn::Jwt)).await;
+    let body = feedback("CC-40", "Sync stalls", "In Progress").to_string();
+    for _ in 0..2 {
+        let response = app
+            .client
+            .post(format!("{}/centercode/webhook/cc-feedback", app.address))
+            .header("Content-Type", "application/json")
+            .header("X-Relay-Token", WEBHOOK_TOKEN)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes, vec![Outcome::Delivered { status: 201 }]);
+    assert_eq!(sf.writes().len(), 1, "written once");
+    assert_eq!(sf.records("Centercode_Feedback__c").len(), 1);
+}
+
+#[tokio::test]
+async fn a_redelivered_webhook_is_written_once_embedded() {
+    redelivered_webhook_written_once(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn a_redelivered_webhook_is_written_once_rabbitmq() {
+    redelivered_webhook_written_once(Backend::Rabbitmq).await;
+}

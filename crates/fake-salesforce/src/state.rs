@@ -256,9 +256,17 @@ impl State {
         id15 + &suffix
     }
 
-    /// Creates a record with `fields` and returns its id.
+    /// Creates a record with `fields` and returns its id: the `Id` among the fields when it
+    /// is one (15 or 18 letters and digits, to seed records a fixture names), else a new one.
     pub(crate) fn insert(&mut self, sobject: &str, fields: Map<String, Value>) -> String {
-        let id = self.new_id(sobject);
+        let given = fields
+            .get("Id")
+            .and_then(Value::as_str)
+            .filter(|id| {
+                matches!(id.len(), 15 | 18) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+            })
+            .map(str::to_owned);
+        let id = given.unwrap_or_else(|| self.new_id(sobject));
         self.records_mut(sobject).push(SObjectRecord {
             id: id.clone(),
             fields: clean(fields),
