@@ -205,6 +205,20 @@ pub fn describe(settings: &Settings) -> String {
         settings.worker.concurrency,
         settings.routes.len()
     );
+    if let Some(sf) = &settings.salesforce {
+        let flow = if sf.client_secret.is_some() {
+            "client credentials"
+        } else {
+            "JWT bearer"
+        };
+        out.push_str(&format!(
+            "salesforce: {} (API {}, {flow} as client {}), writes stop at {}% of the daily API allocation\n",
+            sf.login_url,
+            sf.api_version,
+            sf.client_id,
+            sf.max_api_share * 100.0
+        ));
+    }
     for r in &settings.routes {
         let inbound = match r.kind {
             RouteKind::OutboundMessage => format!(
@@ -215,12 +229,31 @@ pub fn describe(settings: &Settings) -> String {
             RouteKind::Callout => format!("POST /salesforce/callout/{}", r.name),
             RouteKind::CentercodeWebhook => format!("POST /centercode/webhook/{}", r.name),
         };
+        let target = if r.action.to_salesforce() {
+            format!(
+                "{} by {} = {}",
+                r.sobject.as_deref().unwrap_or("?"),
+                r.external_id_field.as_deref().unwrap_or("?"),
+                r.external_id.as_deref().unwrap_or("?")
+            )
+        } else {
+            r.url.clone()
+        };
         out.push_str(&format!(
-            "- {}: {inbound} -> {} {}\n",
+            "- {}: {inbound} -> {} {target}\n",
             r.name,
             r.action.as_str(),
-            r.url
         ));
+        if let Some(wb) = &r.status_writeback {
+            out.push_str(&format!(
+                "    status written back to Salesforce: {}.{}\n",
+                wb.sobject
+                    .as_deref()
+                    .or(r.sobject.as_deref())
+                    .unwrap_or("?"),
+                wb.status_field
+            ));
+        }
         if !r.org_ids.is_empty() {
             out.push_str(&format!("    orgs: {}\n", r.org_ids.join(", ")));
         }

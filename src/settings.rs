@@ -1849,6 +1849,89 @@ salesforce_id = "Id"
         assert!(err.to_string().contains("worker.concurrency"), "{err}");
     }
 
+    const SALESFORCE: &str = r#"
+[salesforce]
+login_url = "https://login.salesforce.com"
+client_id = "3MVG9-consumer-key"
+username = "integration@acme.example"
+private_key_file = "/run/secrets/sf.pem"
+"#;
+
+    /// `[salesforce]` with `line` added or `drop` removed.
+    fn salesforce_error(line: &str, drop: &str) -> SettingsError {
+        let text = format!("{ROUTES}{}{line}\n", SALESFORCE.replace(drop, ""));
+        Settings::from_toml(&text).unwrap_err()
+    }
+
+    #[test]
+    fn the_salesforce_section_refuses_what_cannot_sign_in() {
+        let ok = Settings::from_toml(&format!("{ROUTES}{SALESFORCE}")).expect("valid");
+        let sf = ok.salesforce.unwrap();
+        assert_eq!(
+            (sf.api_version.as_str(), sf.max_api_share, sf.batch_size),
+            ("61.0", 0.5, 200)
+        );
+        assert_eq!(
+            salesforce_error("client_secret = \"s\"", "").key,
+            "salesforce.client_secret",
+            "a key and a secret: which flow?"
+        );
+        assert_eq!(
+            salesforce_error("", "private_key_file = \"/run/secrets/sf.pem\"").key,
+            "salesforce.private_key_file",
+            "neither"
+        );
+        assert_eq!(
+            salesforce_error("", "username = \"integration@acme.example\"").key,
+            "salesforce.username",
+            "JWT needs its sub"
+        );
+        assert_eq!(
+            salesforce_error("max_api_share = 1.5", "").key,
+            "salesforce.max_api_share"
+        );
+        assert_eq!(
+            salesforce_error("batch_size = 201", "").key,
+            "salesforce.batch_size"
+        );
+        assert_eq!(
+            salesforce_error("api_version = \"45.0\"", "").key,
+            "salesforce.api_version"
+        );
+        assert_eq!(
+            salesforce_error("client_name = \"a b\"", "").key,
+            "salesforce.client_name"
+        );
+        let http = Settings::from_toml(&format!(
+            "{ROUTES}{}",
+            SALESFORCE.replace("https://login.salesforce.com", "http://127.0.0.1:9")
+        ))
+        .expect("http is fine outside production");
+        assert_eq!(
+            http.validate_salesforce(Environment::Production)
+                .unwrap_err()
+                .key,
+            "salesforce.login_url"
+        );
+    }
+
+    #[test]
+    fn a_status_writeback_needs_the_org_and_an_sobject_it_can_name() {
+        let writeback = "[routes.status_writeback]\nstatus_field = \"Centercode_Status__c\"\n";
+        let one_route = ROUTES
+            .split("\n[[routes]]\nname = \"beta-feedback\"")
+            .next()
+            .unwrap();
+        let err = Settings::from_toml(&format!("{one_route}{writeback}")).unwrap_err();
+        assert_eq!(err.key, "salesforce", "{err}");
+        let ok =
+            Settings::from_toml(&format!("{SALESFORCE}{one_route}{writeback}")).expect("valid");
+        assert!(ok.routes[0].status_writeback.is_some());
+        let bad_field = writeback.replace("Centercode_Status__c", "Status; DROP");
+        let err = Settings::from_toml(&format!("{SALESFORCE}{one_route}{bad_field}")).unwrap_err();
+        assert_eq!(err.key, "routes[0].status_writeback.status_field");
+    }
+
     #[test]
     fn secrets_do_not_print() {
         let mut s = Settings::from_toml(ROUTES).unwrap();

@@ -609,3 +609,45 @@ async fn a_redelivered_webhook_is_written_once_embedded() {
 async fn a_redelivered_webhook_is_written_once_rabbitmq() {
     redelivered_webhook_written_once(Backend::Rabbitmq).await;
 }
+
+/// A key that cannot be read stops the start (not every delivery), naming the key's setting
+/// and not its content; `check-config` says how the relay signs in and where each route writes.
+#[tokio::test]
+async fn an_unreadable_key_fails_the_start_and_check_config_describes_the_org() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(&dir.path().join("relay.db"), "http://127.0.0.1:9");
+    with_salesforce(&mut settings, "https://login.salesforce.com", SignIn::Jwt);
+    let described = sf_centercode_relay::cli::describe(&settings);
+    assert!(
+        described.contains("salesforce: https://login.salesforce.com (API 61.0, JWT bearer as client 3MVG9-relay-test)"),
+        "{described}"
+    );
+    assert!(
+        described.contains("cc-feedback: POST /centercode/webhook/cc-feedback -> salesforce_upsert Centercode_Feedback__c by Centercode_Id__c = /feedback/id"),
+        "{described}"
+    );
+    let sf = settings.salesforce.as_mut().unwrap();
+    sf.private_key = None;
+    sf.private_key_file = Some(dir.path().join("missing.pem"));
+    let err = sf_centercode_relay::startup::Application::build(settings)
+        .await
+        .err()
+        .expect("refused");
+    let text = format!("{err:#}");
+    assert!(text.contains("salesforce.private_key_file"), "{text}");
+    let mut settings = test_settings(&dir.path().join("relay2.db"), "http://127.0.0.1:9");
+    with_salesforce(&mut settings, "https://login.salesforce.com", SignIn::Jwt);
+    settings.salesforce.as_mut().unwrap().private_key = Some(
+        "-----BEGIN PRIVATE KEY-----\nnot-base64\n-----END PRIVATE KEY-----\n"
+            .to_owned()
+            .into(),
+    );
+    let err = sf_centercode_relay::startup::Application::build(settings)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{err:#}").contains("salesforce private key"),
+        "{err:#}"
+    );
+}

@@ -3,6 +3,7 @@
 
 use crate::helpers::{fixture, sign_v2, spawn_relay, write_relay_config, RabbitEnv};
 use fake_centercode::{ApiKeyConfig, FakeCentercode, FakeConfig, Fault};
+use fake_salesforce::{test_keys, FakeSalesforce, FakeSalesforceConfig};
 use serde_json::json;
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -16,6 +17,8 @@ const SESSION: &str = "AQ8AQFakeSessionTokenForFixturesOnly";
 const PATH_TOKEN: &str = "path-token-Zq85ThisMustNeverBeLogged";
 const AMQP_PASSWORD: &str = "amqp-pass-Zq86ThisMustNeverBeLogged";
 const REDIS_PASSWORD: &str = "redis-pass-Zq87ThisMustNeverBeLogged";
+const WEBHOOK_TOKEN: &str = "webhook-token-Zq88ThisMustNeverBeLogged";
+const TESTER_EMAIL: &str = "webhook.tester@example.com";
 
 #[tokio::test]
 async fn no_secret_or_email_reaches_the_logs_even_at_trace_level() {
@@ -97,12 +100,39 @@ async fn secrets_stay_out_of_the_logs(queue: Option<&str>) {
     })
     .await
     .unwrap();
+    // And a fake Salesforce the relay signs in to with a key it gets from the environment.
+    let salesforce = FakeSalesforce::start(FakeSalesforceConfig::demo())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_relay_config(
         dir.path(),
-        &format!("[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\n{}[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[telemetry]\nformat = \"json\"\n", queue.unwrap_or_default()),
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\n[queue]\n{}[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[telemetry]\nformat = \"json\"\n[salesforce]\nlogin_url = \"{}\"\nclient_id = \"{}\"\nusername = \"{}\"\n",
+            queue.unwrap_or_default(),
+            salesforce.base_url(),
+            test_keys::CLIENT_ID,
+            test_keys::USERNAME,
+        ),
         &centercode.base_url(),
     );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        r#"
+[[routes]]
+name = "cc-feedback"
+kind = "centercode_webhook"
+action = "salesforce_upsert"
+sobject = "Centercode_Feedback__c"
+external_id_field = "Centercode_Id__c"
+external_id = "/feedback/id"
+auth = { header = "X-Relay-Token" }
+[routes.fields]
+Title__c = "/feedback/title"
+Tester_Email__c = "/tester/email"
+"#,
+    );
+    std::fs::write(&config, text).unwrap();
     let (mut child, base) = spawn_relay(
         &config,
         &["serve"],
@@ -114,6 +144,8 @@ async fn secrets_stay_out_of_the_logs(queue: Option<&str>) {
             ("RELAY_ROUTE__FLOW_FEEDBACK__BEARER", BEARER),
             ("RELAY_ROUTE__APEX_FEEDBACK__HMAC_SECRET", HMAC),
             ("RELAY_ROUTE__CASE_FEEDBACK__PATH_TOKEN", PATH_TOKEN),
+            ("RELAY_ROUTE__CC_FEEDBACK__TOKEN", WEBHOOK_TOKEN),
+            ("RELAY__SALESFORCE__PRIVATE_KEY", test_keys::PRIVATE_KEY_PEM),
         ],
         Stdio::piped(),
     );
@@ -204,6 +236,28 @@ async fn secrets_stay_out_of_the_logs(queue: Option<&str>) {
     )
     .await
     .unwrap();
+    // Centercode → Salesforce: a webhook (and one with a wrong token), written with a token
+    // minted from the key.
+    for token in [WEBHOOK_TOKEN, "wrong-webhook-token-0123456789"] {
+        client
+            .post(format!("{base}/centercode/webhook/cc-feedback"))
+            .header("Content-Type", "application/json")
+            .header("X-Relay-Token", token)
+            .body(json!({"feedback": {"id": "FB-1", "title": "t"}, "tester": {"email": TESTER_EMAIL}}).to_string())
+            .send()
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while salesforce.records("Centercode_Feedback__c").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook was not written into Salesforce"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
+    let sf_tokens = salesforce.live_tokens();
+    assert!(!sf_tokens.is_empty());
     // A parked job (Centercode 400) and the admin API around it.
     centercode.push_fault(Fault {
         status: 400,
@@ -276,6 +330,7 @@ async fn secrets_stay_out_of_the_logs(queue: Option<&str>) {
         logs.lines().count()
     );
     let emails = [
+        TESTER_EMAIL,
         "marta.kowalska@example.org",
         "aisha.okafor@example.net",
         "jonas.berg@example.com",
@@ -292,10 +347,18 @@ async fn secrets_stay_out_of_the_logs(queue: Option<&str>) {
         AMQP_PASSWORD,
         REDIS_PASSWORD,
     ];
+    // The private key's lines, and every access token the fake minted.
+    let key_lines = test_keys::PRIVATE_KEY_PEM
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16);
     for needle in secrets
         .iter()
-        .chain(emails.iter())
-        .flat_map(|s| encodings(s))
+        .copied()
+        .chain([WEBHOOK_TOKEN])
+        .chain(emails.iter().copied())
+        .chain(key_lines)
+        .chain(sf_tokens.iter().map(String::as_str))
+        .flat_map(encodings)
     {
         let hit = logs.lines().find(|l| l.contains(&needle));
         assert!(

@@ -171,6 +171,11 @@ impl FakeSalesforce {
         self.shared.lock().tokens_minted
     }
 
+    /// The access tokens that are live now (for tests that check no token is ever logged).
+    pub fn live_tokens(&self) -> Vec<String> {
+        self.shared.lock().live_tokens()
+    }
+
     /// Requests that reached the data API so far, whatever their answer.
     pub fn data_calls(&self) -> u64 {
         self.shared.lock().data_calls

@@ -181,6 +181,15 @@ impl State {
             .is_some_and(|expiry| Instant::now() < *expiry)
     }
 
+    pub(crate) fn live_tokens(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.tokens
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(token, _)| token.clone())
+            .collect()
+    }
+
     pub(crate) fn revoke_tokens(&mut self) {
         self.tokens.clear();
     }
