@@ -6,6 +6,7 @@ use crate::admin_cli::{
     exit_code, parse_time, Client, Connection, Failure, EXIT_DONE, EXIT_FAILED,
     EXIT_MATCHED_NOTHING, EXIT_USAGE,
 };
+use crate::settings::Action;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -225,9 +226,14 @@ fn show(conn: &Connection, jobs: &[Value]) -> i32 {
             (s(&j["received_at"]), "received".into()),
             (s(&j["stored_at"]), "stored".into()),
         ];
+        // Whose status an attempt carries: Salesforce's for the jobs that write into it.
+        let destination = match Action::parse(&s(&j["action"])) {
+            Some(action) if action.to_salesforce() => "Salesforce",
+            _ => "Centercode",
+        };
         for a in j["attempts"].as_array().into_iter().flatten() {
             let answer = match (a["status"].as_u64(), a["error_class"].as_str()) {
-                (Some(status), _) => format!("Centercode {status}"),
+                (Some(status), _) => format!("{destination} {status}"),
                 (None, Some(class)) => format!("no answer ({class})"),
                 _ => "no call".into(),
             };

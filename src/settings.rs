@@ -830,6 +830,28 @@ impl Environment {
 }
 
 impl Settings {
+    /// The RabbitMQ prefetch count: `worker.prefetch` as set; else twice `concurrency`, plus
+    /// one full Collections batch when a route upserts into Salesforce. The batcher keeps
+    /// each record unacknowledged until its Collections call answers, so with only twice
+    /// `concurrency` deliveries a batch could never grow past that many records.
+    pub fn prefetch(&self) -> u16 {
+        if self.worker.prefetch.is_some() {
+            return self.worker.prefetch();
+        }
+        let batch = match &self.salesforce {
+            Some(sf)
+                if self
+                    .routes
+                    .iter()
+                    .any(|r| r.action == Action::SalesforceUpsert) =>
+            {
+                sf.batch_size
+            }
+            _ => 0,
+        };
+        (usize::from(self.worker.prefetch()) + batch).min(usize::from(u16::MAX)) as u16
+    }
+
     /// Load: built-in defaults, `config/default.toml`, `config/$RELAY_ENV.toml`, then `extra`
     /// (`--config FILE`), then `RELAY__SECTION__KEY` variables; then per-route secrets and
     /// validation. The config directory is `RELAY_CONFIG_DIR` or `./config`.
@@ -1913,6 +1935,36 @@ private_key_file = "/run/secrets/sf.pem"
                 .key,
             "salesforce.login_url"
         );
+    }
+
+    #[test]
+    fn prefetch_leaves_room_for_a_full_collections_batch_only_where_one_can_form() {
+        let webhook = r#"
+[[routes]]
+name = "cc-feedback"
+kind = "centercode_webhook"
+action = "salesforce_upsert"
+sobject = "Centercode_Feedback__c"
+external_id_field = "Centercode_Id__c"
+external_id = "/feedback/id"
+auth = { header = "X-Relay-Token", token = "webhook-token-0123456789abcdef" }
+[routes.fields]
+Title__c = "/feedback/title"
+"#;
+        let plain = Settings::from_toml(&format!("{ROUTES}{SALESFORCE}")).unwrap();
+        let twice = 2 * plain.worker.concurrency as u16;
+        assert_eq!(
+            plain.prefetch(),
+            twice,
+            "no upsert route: twice concurrency"
+        );
+        let upserts = Settings::from_toml(&format!("{ROUTES}{webhook}{SALESFORCE}")).unwrap();
+        assert_eq!(upserts.prefetch(), twice + 200, "one batch of 200 ahead");
+        let set = Settings::from_toml(&format!(
+            "[worker]\nprefetch = 5\n{ROUTES}{webhook}{SALESFORCE}"
+        ))
+        .unwrap();
+        assert_eq!(set.prefetch(), 5, "an operator's prefetch stands");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use fake_centercode::{FakeCentercode, FakeConfig, LatencyConfig, RecordedRequest};
+use fake_salesforce::{FakeSalesforce, FakeSalesforceConfig};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -113,6 +114,12 @@ struct Args {
     /// the fake's 429s (see bench/README.md).
     #[arg(long)]
     rate_limit: bool,
+    /// Run only the Salesforce batching phase on the chosen backend(s): Centercode webhooks
+    /// stored first, then upserted into a fake Salesforce answering in 50 ms at
+    /// `worker.concurrency = 8`, one record per request and then batched (up to 200 per
+    /// Collections call); reports both rates and their ratio (see bench/README.md).
+    #[arg(long, conflicts_with = "rate_limit")]
+    salesforce: bool,
     /// Where the JSON result goes.
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -194,6 +201,10 @@ struct Plan {
     ledger_entries: u64,
     /// Records traced (one request each), spread over the filled ledger.
     trace_records: u64,
+    /// Webhooks upserted into Salesforce one record per request, and batched: the batched run
+    /// gets more, so that it too lasts seconds.
+    sf_single_jobs: u64,
+    sf_batched_jobs: u64,
 }
 
 impl Plan {
@@ -222,6 +233,8 @@ impl Plan {
                 .ledger_entries
                 .unwrap_or(if q { 100_000 } else { 1_000_000 }),
             trace_records: if q { 200 } else { 500 },
+            sf_single_jobs: if q { 800 } else { 2_000 },
+            sf_batched_jobs: if q { 8_000 } else { 20_000 },
         }
     }
 
@@ -238,6 +251,8 @@ impl Plan {
             "ledger_ingest_pairs": self.ledger_pairs,
             "ledger_entries": self.ledger_entries,
             "trace_records": self.trace_records,
+            "salesforce_single_jobs": self.sf_single_jobs,
+            "salesforce_batched_jobs": self.sf_batched_jobs,
         })
     }
 }
@@ -586,6 +601,8 @@ enum Kind {
     Om(usize),
     /// A JSON callout (one job).
     Callout,
+    /// A Centercode webhook for the Salesforce phase (one job, one record).
+    Webhook,
 }
 
 impl Kind {
@@ -593,13 +610,14 @@ impl Kind {
         match self {
             Kind::Om(n) => format!("om{n}"),
             Kind::Callout => "callout".into(),
+            Kind::Webhook => "webhook".into(),
         }
     }
 
     fn notifications(self) -> u64 {
         match self {
             Kind::Om(n) => n as u64,
-            Kind::Callout => 1,
+            Kind::Callout | Kind::Webhook => 1,
         }
     }
 }
@@ -609,6 +627,7 @@ struct LoadGen {
     client: reqwest::Client,
     om_url: String,
     callout_url: String,
+    webhook_url: String,
     t: Arc<Templates>,
     ids: Arc<Ids>,
 }
@@ -619,6 +638,7 @@ impl LoadGen {
             client: b.client.clone(),
             om_url: format!("{base}/salesforce/outbound/bench-om"),
             callout_url: format!("{base}/salesforce/callout/bench-callout"),
+            webhook_url: format!("{base}/centercode/webhook/{SF_ROUTE}"),
             t: b.templates.clone(),
             ids: b.ids.clone(),
         })
@@ -654,6 +674,19 @@ impl LoadGen {
                     .header("authorization", format!("Bearer {BEARER}"))
                     .header("idempotency-key", key)
                     .body(body)
+            }
+            Kind::Webhook => {
+                // A unique feedback id: a record of its own in the fake, never a duplicate.
+                let id = format!("CC-{}", self.ids.take(1));
+                let body = json!({"feedback": {
+                    "id": id, "title": format!("Feedback {id}"), "status": "In Progress",
+                    "modified": "2026-12-01T10:00:00Z",
+                }});
+                self.client
+                    .post(&self.webhook_url)
+                    .header("content-type", "application/json")
+                    .header(SF_TOKEN_HEADER, SF_WEBHOOK_TOKEN)
+                    .body(body.to_string())
             }
         }
     }
@@ -925,7 +958,10 @@ struct RelayRun {
     ledger: bool,
     /// The ledger's PostgreSQL schema (rabbitmq backend with the ledger on).
     schema: String,
-    /// Extra `[worker]` keys, and TOML appended after the routes (`[[limits]]`).
+    /// `worker.concurrency` ([`WORKERS`] unless a phase sets its own).
+    concurrency: usize,
+    /// Extra `[worker]` keys, and TOML appended after the routes (`[[limits]]`, a
+    /// `[salesforce]` org and its webhook route).
     worker_extra: String,
     tail_extra: String,
 }
@@ -949,6 +985,7 @@ impl RelayRun {
             prefix: format!("relay-bench-{unique}"),
             ledger: ledger && b.has_ledger(backend),
             schema: format!("relay_bench_{unique}"),
+            concurrency: WORKERS,
             worker_extra: String::new(),
             tail_extra: String::new(),
         })
@@ -1014,7 +1051,7 @@ workers = {http_threads}
 {queue}
 [worker]
 enabled = {workers}
-concurrency = {WORKERS}
+concurrency = {concurrency}
 {worker_extra}
 
 [centercode]
@@ -1049,6 +1086,7 @@ idempotency_key_field = "/eventId"
 auth = {{ bearer = "{BEARER}" }}
 {tail_extra}"#,
             level = s(&b.args.log_level),
+            concurrency = self.concurrency,
             worker_extra = self.worker_extra,
             tail_extra = self.tail_extra,
         );
@@ -2557,6 +2595,275 @@ async fn ledger_trace_on(b: &Bench, run: &RelayRun) -> Res<Value> {
     }))
 }
 
+// ---------------------------------------------------------------- Salesforce batching
+
+/// The fake Salesforce holds every data API answer this long (the issue's figure).
+const SF_LATENCY_MS: u64 = 50;
+/// `worker.concurrency` of both Salesforce runs: one record per request can reach at most
+/// 8 / 50 ms = 160 records/s.
+const SF_CONCURRENCY: usize = 8;
+/// The batched run's `salesforce.batch_size`: Salesforce's most per Collections call.
+const SF_BATCH: usize = 200;
+/// The issue's target: batched at least this many times one record per request.
+const SF_TARGET: f64 = 5.0;
+const SF_ROUTE: &str = "cc-feedback";
+const SF_SOBJECT: &str = "Centercode_Feedback__c";
+const SF_TOKEN_HEADER: &str = "X-Relay-Token";
+const SF_WEBHOOK_TOKEN: &str = "relay-bench-webhook-token-0123456789";
+
+/// The issue's `cc-feedback` route (as `webhook_route()` in tests/api/salesforce.rs) and a
+/// `[salesforce]` org signing in to the fake at `login_url` with client credentials.
+fn salesforce_toml(login_url: &str, batch_size: usize) -> String {
+    let s = |v: &str| toml::Value::String(v.to_owned()).to_string();
+    format!(
+        r#"
+[[routes]]
+name = "{SF_ROUTE}"
+kind = "centercode_webhook"
+action = "salesforce_upsert"
+sobject = "{SF_SOBJECT}"
+external_id_field = "Centercode_Id__c"
+external_id = "/feedback/id"
+dedupe = ["/feedback/id", "/feedback/modified"]
+auth = {{ header = "{SF_TOKEN_HEADER}", token = "{SF_WEBHOOK_TOKEN}" }}
+
+[routes.fields]
+Title__c = {{ from = "/feedback/title", required = true, max_len = 255 }}
+Status__c = {{ from = "/feedback/status", map = {{ "In Progress" = "Working" }}, default = "New" }}
+
+[salesforce]
+login_url = {login}
+client_id = {id}
+client_secret = {secret}
+batch_size = {batch_size}
+"#,
+        login = s(login_url),
+        id = s(fake_salesforce::test_keys::CLIENT_ID),
+        secret = s(fake_salesforce::test_keys::CLIENT_SECRET),
+    )
+}
+
+/// `relay_deliveries_total` by outcome, from the relay's `/metrics`.
+async fn deliveries_by_outcome(
+    client: &reqwest::Client,
+    base: &str,
+) -> Option<BTreeMap<String, u64>> {
+    let resp = client.get(format!("{base}/metrics")).send().await.ok()?;
+    let text = resp.error_for_status().ok()?.text().await.ok()?;
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(labels) = line.strip_prefix("relay_deliveries_total{") else {
+            continue;
+        };
+        let outcome = labels
+            .split_once("outcome=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map_or("", |(o, _)| o);
+        let n = line.rsplit(' ').next()?.parse::<f64>().ok()? as u64;
+        *out.entry(outcome.to_owned()).or_default() += n;
+    }
+    Some(out)
+}
+
+/// Jobs that need nothing more: written (`done`), refused (`parked`) or replaced by a newer
+/// version (`superseded`).
+fn settled(outcomes: &BTreeMap<String, u64>) -> u64 {
+    ["done", "parked", "superseded"]
+        .iter()
+        .filter_map(|o| outcomes.get(*o))
+        .sum()
+}
+
+/// Seconds at which the timeline of (seconds, jobs done) reached `n`, interpolated.
+fn crossing(timeline: &[(f64, u64)], n: f64) -> Option<f64> {
+    let i = timeline.iter().position(|&(_, d)| d as f64 >= n)?;
+    let (t1, d1) = timeline[i];
+    let Some(&(t0, d0)) = i.checked_sub(1).map(|p| &timeline[p]) else {
+        return Some(t1);
+    };
+    let span = (d1 - d0) as f64;
+    Some(t0 + (t1 - t0) * ((n - d0 as f64) / span).clamp(0.0, 1.0))
+}
+
+/// One Salesforce run: `jobs` webhooks stored through the gateway with the workers off, then
+/// a relay with them on (`worker.concurrency = 8`, `salesforce.batch_size = batch_size`)
+/// upserts them into a fresh fake answering in 50 ms; timed from starting that relay until
+/// its `/metrics` counts every job settled.
+async fn salesforce_drain(b: &Bench, backend: Backend, batch_size: usize, jobs: u64) -> Res<Value> {
+    let fake = FakeSalesforce::start(FakeSalesforceConfig {
+        latency_ms: SF_LATENCY_MS,
+        ..FakeSalesforceConfig::demo()
+    })
+    .await?;
+    let mut run = RelayRun::new(b, backend)?;
+    run.concurrency = SF_CONCURRENCY;
+    run.tail_extra = salesforce_toml(&fake.base_url(), batch_size);
+    let measured = async {
+        let gateway = run.start(b, false, NO_CENTERCODE).await?;
+        let gen = LoadGen::new(b, &gateway.base);
+        let stored = closed_loop(gen, Kind::Webhook, 32, Stop::Requests(jobs), false).await;
+        gateway.stop().await?;
+        if stored.errors > 0 {
+            bail!(
+                "{} webhooks were not stored, e.g. {:?}",
+                stored.errors,
+                stored.error_samples
+            );
+        }
+        if fake.data_calls() > 0 {
+            bail!("the fake Salesforce was called while workers were disabled");
+        }
+        let t0 = Instant::now();
+        let relay = run.start(b, true, NO_CENTERCODE).await?;
+        let startup = t0.elapsed().as_secs_f64();
+        let meter = CpuMeter::start(relay.pid);
+        let deadline = t0 + b.plan.drain_timeout;
+        let mut timeline = vec![(0.0, 0)];
+        let outcomes = loop {
+            let outcomes = deliveries_by_outcome(&b.client, &relay.base)
+                .await
+                .context("no relay_deliveries_total on the relay's /metrics")?;
+            timeline.push((t0.elapsed().as_secs_f64(), settled(&outcomes)));
+            if settled(&outcomes) >= jobs || Instant::now() > deadline {
+                break outcomes;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let cpu = meter.read();
+        relay.stop().await?;
+        Ok((stored, startup, timeline, outcomes, cpu))
+    }
+    .await;
+    run.cleanup(b).await;
+    let (records, writes) = (fake.records(SF_SOBJECT).len() as u64, fake.writes());
+    fake.stop().await;
+    let (stored, startup, timeline, outcomes, cpu) = measured?;
+
+    let (secs, done) = timeline.last().copied().unwrap_or((f64::NAN, 0));
+    let complete = done >= jobs;
+    let rate = done as f64 / secs;
+    // Steady: between 10 % and 90 % of the jobs settled (no start, no tail).
+    let steady = crossing(&timeline, jobs as f64 * 0.1)
+        .zip(crossing(&timeline, jobs as f64 * 0.9))
+        .filter(|(a, z)| z > a)
+        .map(|(a, z)| jobs as f64 * 0.8 / (z - a));
+    // Records per Salesforce call: a Collections upsert carries `records`, a single one one.
+    let per_call: Vec<usize> = writes
+        .iter()
+        .map(|w| w.body["records"].as_array().map_or(1, Vec::len))
+        .collect();
+    let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+    for w in &writes {
+        *statuses.entry(w.status.to_string()).or_default() += 1;
+    }
+    let mean_per_call = per_call.iter().sum::<usize>() as f64 / per_call.len().max(1) as f64;
+    let max_per_call = per_call.iter().copied().max().unwrap_or(0);
+    say(format!(
+        "[{}] Salesforce, batch_size {batch_size}: {} webhooks stored at {}/s; {} {} in {secs:.1} s from process start = {} records/s ({} steady), {} calls of {mean_per_call:.1} records on average (max {max_per_call}), {} records in the fake, outcomes {outcomes:?}, CPU relay {:.2} / bench+fake {:.2} cores",
+        backend.name(),
+        num(jobs as f64),
+        num(stored.rps()),
+        num(done as f64),
+        if complete { "settled" } else { "settled (NOT ALL)" },
+        num(rate),
+        num(steady.unwrap_or(f64::NAN)),
+        num(per_call.len() as f64),
+        num(records as f64),
+        cpu.0.unwrap_or(f64::NAN),
+        cpu.1.unwrap_or(f64::NAN),
+    ));
+    Ok(json!({
+        "batch_size": batch_size,
+        "jobs": jobs,
+        "stored_per_s": stored.rps(),
+        "settled": done,
+        "complete": complete,
+        "outcomes": outcomes,
+        "records_in_fake": records,
+        "secs_from_process_start": secs,
+        "relay_startup_secs": startup,
+        "records_per_s": rate,
+        "records_per_s_steady": steady,
+        "salesforce_calls": per_call.len(),
+        "records_per_call_mean": mean_per_call,
+        "records_per_call_max": max_per_call,
+        "statuses": statuses,
+        "relay_cpu_cores": cpu.0,
+        "bench_and_fake_cpu_cores": cpu.1,
+    }))
+}
+
+/// The issue's throughput figure: the same relay and concurrency upserting into a fake
+/// Salesforce at 50 ms, one record per request and then batched (`batch_size = 200`); the
+/// ratio of their records per second.
+async fn salesforce_batching(b: &Bench, backend: Backend) -> Res<Value> {
+    let single = salesforce_drain(b, backend, 1, b.plan.sf_single_jobs).await?;
+    let batched = salesforce_drain(b, backend, SF_BATCH, b.plan.sf_batched_jobs).await?;
+    let rate = |v: &Value, k: &str| v[k].as_f64();
+    let r = ratio(
+        rate(&batched, "records_per_s").unwrap_or(f64::NAN),
+        rate(&single, "records_per_s"),
+    );
+    let r_steady = rate(&batched, "records_per_s_steady")
+        .and_then(|x| ratio(x, rate(&single, "records_per_s_steady")));
+    say(format!(
+        "[{}] Salesforce batched / one record per request at concurrency {SF_CONCURRENCY}: {} / {} records/s = {} (steady {}; target ≥ {SF_TARGET:.0}×)",
+        backend.name(),
+        num(rate(&batched, "records_per_s").unwrap_or(f64::NAN)),
+        num(rate(&single, "records_per_s").unwrap_or(f64::NAN)),
+        fmt_ratio(r),
+        fmt_ratio(r_steady),
+    ));
+    Ok(json!({
+        "fake_latency_ms": SF_LATENCY_MS,
+        "concurrency": SF_CONCURRENCY,
+        "limit_single_per_s": SF_CONCURRENCY as f64 * 1000.0 / SF_LATENCY_MS as f64,
+        "single": single,
+        "batched": batched,
+        "ratio": r,
+        "ratio_steady": r_steady,
+    }))
+}
+
+/// The Salesforce target of one backend's results.
+fn salesforce_target(backend: &'static str, r: &Value) -> Target {
+    let v = r["salesforce"]["ratio"].as_f64();
+    let complete = ["single", "batched"]
+        .iter()
+        .all(|k| r["salesforce"][k]["complete"] == true);
+    Target {
+        name: "Salesforce records/s, batched / single".into(),
+        backend,
+        value: v,
+        goal: format!("≥ {SF_TARGET:.2}×"),
+        met: v.map(|v| v >= SF_TARGET && complete),
+    }
+}
+
+/// The summary line of one backend's Salesforce figures, if measured.
+fn salesforce_line(backend: &str, v: &Value) -> Option<String> {
+    if v.get("error").is_some() || v.get("skipped").is_some() || v.is_null() {
+        return None;
+    }
+    let run = |k: &str| {
+        let r = &v[k];
+        format!(
+            "{} records/s ({} in {:.1} s, {:.1} per call)",
+            num(r["records_per_s"].as_f64().unwrap_or(f64::NAN)),
+            num(r["jobs"].as_f64().unwrap_or(f64::NAN)),
+            r["secs_from_process_start"].as_f64().unwrap_or(f64::NAN),
+            r["records_per_call_mean"].as_f64().unwrap_or(f64::NAN),
+        )
+    };
+    Some(format!(
+        "{backend:<9} Salesforce at {SF_LATENCY_MS} ms, concurrency {SF_CONCURRENCY}: one record per request {}, batched {}: {} (steady {})",
+        run("single"),
+        run("batched"),
+        fmt_ratio(v["ratio"].as_f64()),
+        fmt_ratio(v["ratio_steady"].as_f64()),
+    ))
+}
+
 /// Run a phase; a failure is reported and recorded, and the run goes on.
 async fn phase<F: std::future::Future<Output = Res<Value>>>(what: &str, f: F) -> Value {
     match f.await {
@@ -2660,8 +2967,8 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
     } else {
         json!({"error": "no om10 maximum measured"})
     };
-    let (e2e, memory, ledger) = if b.args.cells.is_some() {
-        (skipped.clone(), skipped.clone(), skipped)
+    let (e2e, memory, ledger, salesforce) = if b.args.cells.is_some() {
+        (skipped.clone(), skipped.clone(), skipped.clone(), skipped)
     } else {
         let e2e = phase(
             &format!("[{name}] end to end"),
@@ -2674,7 +2981,12 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
         )
         .await;
         let ledger = ledger_phases(b, backend, &e2e).await;
-        (e2e, memory, ledger)
+        let salesforce = phase(
+            &format!("[{name}] Salesforce batching"),
+            salesforce_batching(b, backend),
+        )
+        .await;
+        (e2e, memory, ledger, salesforce)
     };
     let peak = cells.iter().filter_map(|c| c.rss_peak_kib).max();
     json!({
@@ -2687,6 +2999,7 @@ async fn run_backend(b: &Bench, backend: Backend) -> Value {
         "end_to_end": e2e,
         "memory": memory,
         "ledger": ledger,
+        "salesforce": salesforce,
     })
 }
 
@@ -2889,6 +3202,7 @@ fn targets(b: &Bench, results: &BTreeMap<&'static str, Value>) -> Vec<Target> {
             .as_array()
             .map(|cells| cells.iter().filter_map(|c| c["errors"].as_u64()).sum())
             .unwrap_or(0);
+        out.push(salesforce_target(backend, r));
         out.push(Target {
             name: "ingest errors (all cells)".into(),
             backend,
@@ -3041,11 +3355,28 @@ fn summary(b: &Bench, results: &BTreeMap<&'static str, Value>, targets: &[Target
                 fmt_ratio(t["rss_ratio_full_to_empty"].as_f64()),
             );
         }
+        if let Some(line) = salesforce_line(backend, &r["salesforce"]) {
+            let _ = writeln!(s, "{line}");
+        }
     }
     let _ = writeln!(
         s,
         "(relay, bench: CPU cores used by the relay process and by this process, load generator included)"
     );
+    s + &target_lines(targets)
+}
+
+/// The targets as the results file records them.
+fn targets_json(targets: &[Target]) -> Vec<Value> {
+    targets
+        .iter()
+        .map(|t| json!({"backend": t.backend, "name": t.name, "value": t.value, "goal": t.goal, "met": t.met}))
+        .collect()
+}
+
+/// The targets and their verdicts, one line each.
+fn target_lines(targets: &[Target]) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "\ntargets");
     for t in targets {
         let value = t.value.map_or("-".into(), |v| {
@@ -3196,16 +3527,75 @@ async fn rate_limit_check(b: &Bench) -> Res<()> {
     let result = result?;
     let (file_stamp, iso_stamp) = utc_stamps();
     let rev = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let report = json!({"schema": 1, "started_at": iso_stamp, "git_rev": rev, "cores": b.cores, "rate_limit": result});
+    let path = write_report(b, &format!("{file_stamp}-{rev}-rate-limit"), &report)?;
+    say(format!("results: {}", path.display()));
+    Ok(())
+}
+
+/// Write `report` as `{name}.json` to `--out-dir` (default `bench/results/`).
+fn write_report(b: &Bench, name: &str, report: &Value) -> Res<PathBuf> {
     let out_dir = b
         .args
         .out_dir
         .clone()
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("results"));
     std::fs::create_dir_all(&out_dir)?;
-    let path = out_dir.join(format!("{file_stamp}-{rev}-rate-limit.json"));
-    let report = json!({"schema": 1, "started_at": iso_stamp, "git_rev": rev, "cores": b.cores, "rate_limit": result});
-    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
-    say(format!("results: {}", path.display()));
+    let path = out_dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(report)? + "\n")?;
+    Ok(path)
+}
+
+/// `--salesforce`: the Salesforce batching phase alone, on each chosen backend, with its
+/// own summary and `{time}-{rev}-salesforce.json`.
+async fn salesforce_check(b: &Bench, backends: &[Backend]) -> Res<()> {
+    let started = Instant::now();
+    let (file_stamp, iso_stamp) = utc_stamps();
+    let rev = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
+    let load_start = loadavg();
+    let mut results: BTreeMap<&'static str, Value> = BTreeMap::new();
+    for &backend in backends {
+        say(format!("\n== backend {} ==", backend.name()));
+        let v = phase(
+            &format!("[{}] Salesforce batching", backend.name()),
+            salesforce_batching(b, backend),
+        )
+        .await;
+        results.insert(backend.name(), json!({ "salesforce": v }));
+    }
+    let targets: Vec<Target> = results
+        .iter()
+        .map(|(&backend, r)| salesforce_target(backend, r))
+        .collect();
+    say("\n== summary ==");
+    for (backend, r) in &results {
+        if let Some(line) = salesforce_line(backend, &r["salesforce"]) {
+            say(line);
+        }
+    }
+    say(target_lines(&targets));
+    let load_end = loadavg();
+    let report = json!({
+        "schema": 1,
+        "started_at": iso_stamp,
+        "git_rev": rev,
+        "git_dirty": dirty,
+        "cores": b.cores,
+        "backends": results.keys().collect::<Vec<_>>(),
+        "plan": b.plan.to_json(),
+        "results": results,
+        "targets": targets_json(&targets),
+        "total_secs": started.elapsed().as_secs_f64(),
+        "loadavg_1m_start": load_start,
+        "loadavg_1m_end": load_end,
+    });
+    let path = write_report(b, &format!("{file_stamp}-{rev}-salesforce"), &report)?;
+    say(format!(
+        "results: {} (total {:.0} s)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 
@@ -3277,6 +3667,9 @@ async fn run(args: Args) -> Res<()> {
                 ));
             }
         }
+    }
+    if b.args.salesforce {
+        return salesforce_check(&b, &backends).await;
     }
     let started = Instant::now();
     let (file_stamp, iso_stamp) = utc_stamps();
@@ -3352,21 +3745,12 @@ async fn run(args: Args) -> Res<()> {
         "plan": b.plan.to_json(),
         "baselines": {"lapin": lapin, "sqlite": sqlite},
         "results": results,
-        "targets": targets.iter().map(|t| json!({
-            "backend": t.backend, "name": t.name, "value": t.value, "goal": t.goal, "met": t.met,
-        })).collect::<Vec<_>>(),
+        "targets": targets_json(&targets),
         "total_secs": started.elapsed().as_secs_f64(),
         "loadavg_1m_start": load_start,
         "loadavg_1m_end": load_end,
     });
-    let out_dir = b
-        .args
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("results"));
-    std::fs::create_dir_all(&out_dir)?;
-    let path = out_dir.join(format!("{file_stamp}-{rev}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
+    let path = write_report(&b, &format!("{file_stamp}-{rev}"), &report)?;
     say(format!(
         "\nresults: {} (total {:.0} s)",
         path.display(),

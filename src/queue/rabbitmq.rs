@@ -107,7 +107,7 @@ impl RabbitConfig {
             prefix: q.prefix.clone(),
             queue_type: q.queue_type,
             retry_tiers: settings.worker.retry_delays(),
-            prefetch: settings.worker.prefetch(),
+            prefetch: settings.prefetch(),
             confirm_timeout: Duration::from_millis(q.confirm_timeout_ms),
             lease: Duration::from_secs(q.lease_secs),
             dedupe_ttl: Duration::from_secs(q.dedupe_ttl_secs),

@@ -473,20 +473,26 @@ async fn several_matching_records_park() {
     assert!(reasons[0].contains("several records"), "{}", reasons[0]);
 }
 
+/// The org at `base`, and the `gdpr` removals' outcome written back on their Contact (with
+/// the detail and time fields when `details`).
+fn write_back_removals(s: &mut Settings, base: &str, details: bool) {
+    s.salesforce = Some(salesforce_settings(base, SignIn::Jwt));
+    let gdpr = s.routes.iter_mut().find(|r| r.name == "gdpr").unwrap();
+    gdpr.status_writeback = Some(StatusWriteback {
+        sobject: None,
+        status_field: "Centercode_Status__c".into(),
+        detail_field: details.then(|| "Centercode_Detail__c".into()),
+        time_field: details.then(|| "Centercode_Synced_At__c".into()),
+    });
+}
+
 /// The removal's outcome lands on the Contact, written by a job of its own.
 async fn status_written_back(backend: Backend) {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
     let contact = sf.insert_record("Contact", json!({"LastName": "Doe"}));
     let app = spawn_app_on(backend, |s| {
-        s.salesforce = Some(salesforce_settings(&base, SignIn::Jwt));
-        let gdpr = s.routes.iter_mut().find(|r| r.name == "gdpr").unwrap();
-        gdpr.status_writeback = Some(StatusWriteback {
-            sobject: None,
-            status_field: "Centercode_Status__c".into(),
-            detail_field: Some("Centercode_Detail__c".into()),
-            time_field: Some("Centercode_Synced_At__c".into()),
-        });
+        write_back_removals(s, &base, true);
     })
     .await;
     let message = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
@@ -536,6 +542,44 @@ async fn the_status_is_written_back_on_the_contact_rabbitmq() {
     status_written_back(Backend::Rabbitmq).await;
 }
 
+/// `relay trace` on a Contact shows both of its jobs, each attempt labelled with the side
+/// that answered: Centercode for the removal, Salesforce for the write-back.
+#[tokio::test]
+async fn relay_trace_names_who_answered_each_attempt() {
+    const ADMIN: &str = "trace-admin-token-0123456789abcdef0123";
+    let sf = fake_salesforce().await;
+    let base = sf.base_url();
+    let contact = sf.insert_record("Contact", json!({"LastName": "Doe"}));
+    let app = spawn_app_with(|s| {
+        s.admin.token = Some(ADMIN.to_owned().into());
+        write_back_removals(s, &base, false);
+    })
+    .await;
+    let message = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
+        .unwrap()
+        .replace("0038d0000000041AAA", &contact);
+    assert_eq!(
+        app.post_outbound("gdpr", message.into_bytes())
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(app.deliver_until_settled().await.len(), 2);
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["trace", "--record-id", &contact])
+        .args(["--url", &app.address, "--token", ADMIN])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("remove_user"), "{text}");
+    assert!(text.contains("salesforce_status"), "{text}");
+    assert!(text.contains("attempt 1: Centercode 200 -> done"), "{text}");
+    assert!(text.contains("attempt 1: Salesforce 204 -> done"), "{text}");
+}
+
 /// The write-back's own failure never changes the Centercode outcome: it retries, and parks
 /// on its own.
 #[tokio::test]
@@ -543,14 +587,7 @@ async fn a_failing_write_back_leaves_the_delivery_alone() {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
     let app = spawn_app_with(|s| {
-        s.salesforce = Some(salesforce_settings(&base, SignIn::Jwt));
-        let gdpr = s.routes.iter_mut().find(|r| r.name == "gdpr").unwrap();
-        gdpr.status_writeback = Some(StatusWriteback {
-            sobject: None,
-            status_field: "Centercode_Status__c".into(),
-            detail_field: None,
-            time_field: None,
-        });
+        write_back_removals(s, &base, false);
     })
     .await;
     // The Contact does not exist in the fake: the write-back gets 404 NOT_FOUND.
