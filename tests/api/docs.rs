@@ -26,7 +26,7 @@ const SOURCE_ROOTS: [&str; 7] = [
 ];
 
 /// The `src/settings.rs` structs that are configuration tables, and where their keys live.
-const SETTINGS_TABLES: [(&str, &str); 13] = [
+const SETTINGS_TABLES: [(&str, &str); 15] = [
     ("ServerSettings", "server"),
     ("TlsSettings", "server.tls"),
     ("QueueSettings", "queue"),
@@ -40,6 +40,8 @@ const SETTINGS_TABLES: [(&str, &str); 13] = [
     ("CalloutAuth", "routes.auth"),
     ("FieldRule", "routes.fields.<key>"),
     ("LimitSettings", "limits"),
+    ("SalesforceSettings", "salesforce"),
+    ("StatusWriteback", "routes.status_writeback"),
 ];
 /// Structs of `src/settings.rs` (and `src/ratelimit.rs`, which keeps `[[limits]]` beside
 /// its logic) that are not a table of keys.
