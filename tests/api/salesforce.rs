@@ -183,13 +183,14 @@ async fn client_credentials_upsert_rabbitmq() {
 
 /// A sign-in Salesforce refuses parks the job with what to check, and writes nothing.
 async fn refused_sign_in(
+    backend: Backend,
     adjust_sf: impl FnOnce(&mut SalesforceSettings),
     fake: FakeSalesforceConfig,
     said: &str,
 ) {
     let sf = FakeSalesforce::start(fake).await.unwrap();
     let base = sf.base_url();
-    let app = spawn_app_with(|s| {
+    let app = spawn_app_on(backend, |s| {
         with_salesforce(s, &base, SignIn::Jwt);
         adjust_sf(s.salesforce.as_mut().unwrap());
     })
@@ -213,9 +214,9 @@ async fn refused_sign_in(
     assert_eq!(sf.counters().data_calls, 0);
 }
 
-#[tokio::test]
-async fn a_wrong_key_is_refused_and_parked_with_a_reason() {
+async fn wrong_key(backend: Backend) {
     refused_sign_in(
+        backend,
         |sf| sf.private_key = Some(test_keys::OTHER_PRIVATE_KEY_PEM.to_owned().into()),
         FakeSalesforceConfig::demo(),
         "invalid_grant",
@@ -224,8 +225,19 @@ async fn a_wrong_key_is_refused_and_parked_with_a_reason() {
 }
 
 #[tokio::test]
+async fn a_wrong_key_is_refused_and_parked_with_a_reason_embedded() {
+    wrong_key(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_refused_and_parked_with_a_reason_rabbitmq() {
+    wrong_key(Backend::Rabbitmq).await;
+}
+
+#[tokio::test]
 async fn a_wrong_audience_is_refused_and_parked_with_a_reason() {
     refused_sign_in(
+        Backend::Embedded,
         |sf| sf.audience = Some("https://wrong.example.com".into()),
         FakeSalesforceConfig::demo(),
         "audience",
@@ -239,7 +251,7 @@ async fn an_expired_assertion_is_refused_and_parked_with_a_reason() {
     // expired when it arrives, as with a relay machine whose clock is behind.
     let mut fake = FakeSalesforceConfig::demo();
     fake.clock_offset_secs = 3600;
-    refused_sign_in(|_| {}, fake, "expired").await;
+    refused_sign_in(Backend::Embedded, |_| {}, fake, "expired").await;
 }
 
 /// A token that expires mid-run is minted again without spending the job's attempt.
@@ -314,12 +326,11 @@ async fn request_limit_exceeded_holds_without_pausing_rabbitmq() {
 }
 
 /// At `max_api_share` of the daily allocation writes stop; when usage falls they resume.
-#[tokio::test]
-async fn the_api_share_stops_writes_until_usage_falls() {
+async fn api_share_holds(backend: Backend) {
     let sf = fake_salesforce().await;
     sf.set_api_usage(49, 100);
     let base = sf.base_url();
-    let app = spawn_app_with(|s| with_salesforce(s, &base, SignIn::Jwt)).await;
+    let app = spawn_app_on(backend, |s| with_salesforce(s, &base, SignIn::Jwt)).await;
     store(&app, feedback("CC-6", "t", "New")).await;
     assert_eq!(delivered(&app.worker.deliver_all().await.unwrap()), 1);
     // That write brought usage to 50/100: half, the relay's share.
@@ -348,6 +359,16 @@ async fn the_api_share_stops_writes_until_usage_falls() {
         "{outcomes:?}"
     );
     assert_eq!(sf.records("Centercode_Feedback__c").len(), 2);
+}
+
+#[tokio::test]
+async fn the_api_share_stops_writes_until_usage_falls_embedded() {
+    api_share_holds(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn the_api_share_stops_writes_until_usage_falls_rabbitmq() {
+    api_share_holds(Backend::Rabbitmq).await;
 }
 
 /// Many ready jobs go as Collections upserts; a record Salesforce refuses parks its own job
@@ -425,12 +446,31 @@ async fn collections_upsert_maps_per_record_failures_rabbitmq() {
     collections_map_failures_to_jobs(Backend::Rabbitmq).await;
 }
 
-/// A 5xx is retried on the schedule; a validation error parks with Salesforce's code.
+/// A 5xx and a call that outlives `timeout_ms` are retried on the schedule; a validation
+/// error parks with Salesforce's code.
 #[tokio::test]
-async fn unavailable_retries_and_validation_parks() {
+async fn unavailable_and_timeouts_retry_and_validation_parks() {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
-    let app = spawn_app_with(|s| with_salesforce(s, &base, SignIn::Jwt)).await;
+    let app = spawn_app_with(|s| {
+        with_salesforce(s, &base, SignIn::Jwt);
+        s.salesforce.as_mut().unwrap().timeout_ms = 300;
+    })
+    .await;
+    // Salesforce answers after 2 s; the relay stops waiting at 300 ms and tries again.
+    sf.push_fault(Fault::once(FaultKind::Hang { ms: 2_000 }));
+    store(&app, feedback("CC-19", "t", "New")).await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Retried { status: None },
+            Outcome::Delivered { status: 201 }
+        ]
+    );
+    // The timed-out call may still land; an upsert by external id makes it the same record.
+    assert_eq!(sf.records("Centercode_Feedback__c").len(), 1);
+
     sf.push_fault(Fault::times(FaultKind::Unavailable, 2));
     store(&app, feedback("CC-20", "t", "New")).await;
     let outcomes = app.deliver_until_settled().await;
