@@ -24,7 +24,7 @@ pub enum WebhookError {
     /// The same answer for a missing and a wrong token (the header's name is configuration).
     #[error("missing or wrong {0}")]
     Unauthorized(String),
-    #[error("Content-Type must be application/json: the macro's body is expected as JSON (a form-encoded body is not accepted)")]
+    #[error("Content-Type must be application/json (or absent): the macro's body is expected as JSON (a form-encoded body is not accepted)")]
     UnsupportedMediaType,
     /// A `dedupe` pointer finds nothing (or null, or an empty string) in the body.
     #[error("the body has no value at {0} (a dedupe pointer of this route), so a redelivery could not be recognised")]
@@ -65,6 +65,17 @@ impl ResponseError for WebhookError {
                 .body(error_json(self.code(), &self.to_string())),
         }
     }
+}
+
+/// Whether a webhook's media type says JSON. An absent Content-Type counts: the program
+/// manager types the macro's headers by hand, and the body must still parse as a JSON
+/// object; `application/*+json` is JSON by RFC 6839.
+fn is_json_media_type(media_type: &str) -> bool {
+    media_type.is_empty()
+        || media_type == "application/json"
+        || media_type
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
 }
 
 /// Compare the route's token with the one in its header, in constant time over digests (so
@@ -193,7 +204,7 @@ async fn handle(
     // The token before anything else about the request: a caller without it learns nothing
     // about the route and cannot make the relay wait for a body.
     check_token(req, route).inspect_err(|e| tracing::warn!(error = %e, "webhook refused"))?;
-    if media_type(req) != "application/json" {
+    if !is_json_media_type(&media_type(req)) {
         return Err(WebhookError::UnsupportedMediaType);
     }
     let raw = read_body_limited(req, payload, &state.settings.server)

@@ -78,6 +78,7 @@ pub fn feedback(id: &str, modified: &str, title: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// POST `body` to the route's webhook path; `content_type` "" sends no Content-Type.
 async fn post(
     app: &TestApp,
     route: &str,
@@ -88,8 +89,10 @@ async fn post(
     let mut req = app
         .client
         .post(format!("{}/centercode/webhook/{route}", app.address))
-        .header("Content-Type", content_type)
         .body(body);
+    if !content_type.is_empty() {
+        req = req.header("Content-Type", content_type);
+    }
     if let Some(t) = token {
         req = req.header("X-Relay-Token", t);
     }
@@ -260,6 +263,36 @@ async fn a_form_encoded_body_is_415_saying_json_is_expected() {
     let r = post(&app, "cc-feedback", "text/plain", body, Some(TOKEN)).await;
     assert_eq!(r.status(), 415);
     assert_eq!(app.stats().await.ready, 0);
+}
+
+/// A macro whose headers forgot Content-Type, or name a JSON subtype, still sends JSON: the
+/// body decides (and must still be a JSON object).
+#[tokio::test]
+async fn a_json_body_without_content_type_or_with_a_json_suffix_is_stored() {
+    let app = spawn_webhook_app(Backend::Embedded, |_| {}).await;
+    for (i, content_type) in [
+        "",
+        "application/vnd.centercode+json",
+        "Application/JSON; charset=utf-8",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = feedback(&format!("48{i}"), "2026-03-01T10:00:00Z", "Crash on login");
+        let r = post(&app, "cc-feedback", content_type, body, Some(TOKEN)).await;
+        assert_eq!(r.status(), 202, "Content-Type {content_type:?}");
+    }
+    assert_eq!(app.stats().await.ready, 3);
+    let r = post(
+        &app,
+        "cc-feedback",
+        "",
+        b"title=Crash".to_vec(),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(r.status(), 400, "no Content-Type, and not JSON");
+    assert_eq!(app.stats().await.ready, 3);
 }
 
 #[tokio::test]
