@@ -227,10 +227,7 @@ fn show(conn: &Connection, jobs: &[Value]) -> i32 {
             (s(&j["stored_at"]), "stored".into()),
         ];
         // Whose status an attempt carries: Salesforce's for the jobs that write into it.
-        let destination = match Action::parse(&s(&j["action"])) {
-            Some(action) if action.to_salesforce() => "Salesforce",
-            _ => "Centercode",
-        };
+        let destination = Action::parse(&s(&j["action"])).map_or("Centercode", |a| a.destination());
         for a in j["attempts"].as_array().into_iter().flatten() {
             let answer = match (a["status"].as_u64(), a["error_class"].as_str()) {
                 (Some(status), _) => format!("{destination} {status}"),

@@ -521,6 +521,24 @@ impl Action {
         matches!(self, Action::SalesforceUpsert | Action::SalesforceStatus)
     }
 
+    /// Who answers this action's calls, as people name it.
+    pub fn destination(&self) -> &'static str {
+        if self.to_salesforce() {
+            "Salesforce"
+        } else {
+            "Centercode"
+        }
+    }
+
+    /// Where this action's jobs come from, as people name it.
+    pub fn source(&self) -> &'static str {
+        match self {
+            Action::SalesforceUpsert => "Centercode",
+            Action::SalesforceStatus => "the relay (a status write-back)",
+            _ => "Salesforce",
+        }
+    }
+
     /// Whether sending the same request twice is harmless at the destination (an upsert by
     /// external id is).
     pub fn is_idempotent(&self) -> bool {

@@ -501,7 +501,7 @@ pub async fn replay(
             );
         }
         let body = format!(
-            "{}<p>Replaying sends them to Centercode again, translated with the current mapping; their attempts start again from zero.</p>\
+            "{}<p>Replaying sends them to their destination (Centercode, or Salesforce for its writes) again, translated with the current mapping; their attempts start again from zero.</p>\
 <form method=\"post\" action=\"/console/parked/replay\" data-batch-replay=\"{matched}\">{}{}\
 <input type=\"hidden\" name=\"step\" value=\"run\"><input type=\"hidden\" name=\"scope\" value=\"filter\"><input type=\"hidden\" name=\"expected\" value=\"{matched}\">\
 <button type=\"submit\" id=\"confirm\">Replay {matched} job(s)</button> <a href=\"/console/parked\">Cancel</a>\

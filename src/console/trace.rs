@@ -138,11 +138,15 @@ async fn timeline(state: &AppState, mut query: LedgerQuery) -> String {
 
 fn job(e: &Entry) -> String {
     let f = &e.facts;
+    let action = crate::settings::Action::parse(&f.action);
+    let (source, destination) = action.map_or(("Salesforce", "Centercode"), |a| {
+        (a.source(), a.destination())
+    });
     let mut events = vec![
         Event {
             at_ms: f.received_at_ms,
             what: "received".into(),
-            detail: "from Salesforce".into(),
+            detail: format!("from {source}"),
         },
         Event {
             at_ms: f.stored_at_ms,
@@ -152,7 +156,7 @@ fn job(e: &Entry) -> String {
     ];
     for a in &e.attempts {
         let answer = match (a.status, &a.error_class) {
-            (Some(s), _) => format!("Centercode answered {s}"),
+            (Some(s), _) => format!("{destination} answered {s}"),
             (None, Some(c)) => format!("no answer ({c})"),
             (None, None) => "no answer".into(),
         };
@@ -190,7 +194,7 @@ fn job(e: &Entry) -> String {
         esc(&f.action),
         esc(e.last_outcome.as_deref().unwrap_or("pending")),
         e.last_status
-            .map(|s| format!(" (Centercode {s})"))
+            .map(|s| format!(" ({destination} {s})"))
             .unwrap_or_default(),
         id = esc(&f.job_id),
     );

@@ -610,11 +610,16 @@ fn no_redirects() -> reqwest::Client {
 
 /// Log in over HTTP: the session cookie, and the CSRF token of the session's forms.
 async fn log_in(base: &str) -> (String, String) {
+    log_in_as(base, TOKEN).await
+}
+
+/// [`log_in`] with the relay's admin token `token`.
+pub async fn log_in_as(base: &str, token: &str) -> (String, String) {
     let client = no_redirects();
     let res = client
         .post(format!("{base}/console/login"))
         .header("Origin", base)
-        .form(&[("token", TOKEN)])
+        .form(&[("token", token)])
         .send()
         .await
         .unwrap();

@@ -618,6 +618,25 @@ async fn relay_trace_names_who_answered_each_attempt() {
     assert!(text.contains("salesforce_status"), "{text}");
     assert!(text.contains("attempt 1: Centercode 200 -> done"), "{text}");
     assert!(text.contains("attempt 1: Salesforce 204 -> done"), "{text}");
+
+    // The console's trace page says the same.
+    let (cookie, _) = crate::console::log_in_as(&app.address, ADMIN).await;
+    let page = app
+        .client
+        .get(format!("{}/console/trace?record_id={contact}", app.address))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Centercode answered 200"), "{page}");
+    assert!(page.contains("Salesforce answered 204"), "{page}");
+    assert!(
+        page.contains("from the relay (a status write-back)"),
+        "{page}"
+    );
 }
 
 /// The write-back's own failure never changes the Centercode outcome: it retries, and parks
