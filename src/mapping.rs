@@ -30,6 +30,9 @@ pub enum MappingError {
         len: usize,
         max: usize,
     },
+    /// The value is left out, as for `Unmapped`.
+    #[error("the external id at `{field}` is not usable in a Salesforce URL: it must be a string or a number, not only dots")]
+    BadExternalId { field: String },
     #[error("this job came from a {came_from} but route `{route}` is now configured for {now}")]
     KindChanged {
         route: String,
@@ -171,14 +174,19 @@ pub fn to_salesforce(job: &Job, route: &RouteSettings) -> Result<SalesforceUpser
     };
     let source = Source::Json(body);
     let pointer = route.external_id.clone().unwrap_or_default();
-    let external_id = source
+    let value = source
         .get(&pointer)
         .filter(|v| !is_blank(v))
-        .map(|v| as_text(&v).trim().to_owned())
         .ok_or_else(|| MappingError::Missing {
             key: route.external_id_field.clone().unwrap_or_default(),
             field: pointer.clone(),
         })?;
+    // An object's JSON text would become the record's key; "." and ".." are dot segments a
+    // URL resolves away, so the PATCH would not name the record (encoding does not help).
+    let external_id = as_text(&value).trim().to_owned();
+    if !(value.is_string() || value.is_number()) || external_id.chars().all(|c| c == '.') {
+        return Err(MappingError::BadExternalId { field: pointer });
+    }
     Ok(SalesforceUpsert {
         sobject: route.sobject.clone().unwrap_or_default(),
         external_id_field: route.external_id_field.clone().unwrap_or_default(),
@@ -266,7 +274,7 @@ fn map_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::Settings;
+    use crate::settings::{RouteSettings, Settings};
     use serde_json::json;
 
     fn settings() -> Settings {
@@ -406,6 +414,51 @@ rating = "/feedback/rating"
         };
         let req = to_centercode(&job, &s.routes[2]).unwrap();
         assert_eq!(req.body.unwrap(), json!({"summary": "T", "rating": 4}));
+    }
+
+    #[test]
+    fn a_webhook_external_id_must_be_a_string_or_number_that_names_a_path_segment() {
+        let route: RouteSettings = toml::from_str(
+            r#"
+name = "cc-feedback"
+kind = "centercode_webhook"
+action = "salesforce_upsert"
+sobject = "Centercode_Feedback__c"
+external_id_field = "Centercode_Id__c"
+external_id = "/feedback/id"
+[fields]
+Title__c = "/feedback/title"
+"#,
+        )
+        .unwrap();
+        let upsert = |id: Value| {
+            to_salesforce(
+                &Job::CentercodeWebhookV1 {
+                    body: json!({"feedback": {"id": id, "title": "T"}}),
+                },
+                &route,
+            )
+        };
+        assert_eq!(upsert(json!(" FB/1 é ")).unwrap().external_id, "FB/1 é");
+        assert_eq!(upsert(json!(4711)).unwrap().external_id, "4711");
+        assert_eq!(upsert(json!("a.b")).unwrap().external_id, "a.b");
+        for bad in [
+            json!({"v": "FB-1"}),
+            json!(["FB-1"]),
+            json!(true),
+            json!(".."),
+            json!("."),
+        ] {
+            let err = upsert(bad.clone()).unwrap_err();
+            assert!(
+                matches!(&err, MappingError::BadExternalId { field } if field == "/feedback/id"),
+                "{bad}: {err:?}"
+            );
+        }
+        assert!(matches!(
+            upsert(json!("  ")),
+            Err(MappingError::Missing { .. })
+        ));
     }
 
     #[test]

@@ -270,8 +270,35 @@ impl SalesforceClient {
     }
 
     /// Upsert up to 200 records of one sObject in one call (`allOrNone=false`); one result
-    /// per record, in order.
-    pub async fn upsert_many(&self, records: &[&SalesforceUpsert]) -> Vec<WriteResult> {
+    /// per record, in order. A call Salesforce refuses as a whole (one record it cannot even
+    /// parse, say) is split in halves and sent again, so only the records at fault park.
+    pub fn upsert_many<'a>(
+        &'a self,
+        records: &'a [&'a SalesforceUpsert],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<WriteResult>> + Send + 'a>> {
+        Box::pin(async move {
+            let results = self.upsert_call(records).await;
+            // Codes about the call itself (the object, the relay's access) would refuse every
+            // half the same way: those park together at once.
+            let refused_whole = records.len() > 1
+                && results.iter().all(|r| match &r.outcome {
+                    WriteOutcome::Rejected { code, .. } => {
+                        r.status != Some(200) && !refuses_every_record(code)
+                    }
+                    _ => false,
+                });
+            if !refused_whole {
+                return results;
+            }
+            let (left, right) = records.split_at(records.len() / 2);
+            let mut results = self.upsert_many(left).await;
+            results.extend(self.upsert_many(right).await);
+            results
+        })
+    }
+
+    /// One call for `records`: a single upsert, or one Collections upsert.
+    async fn upsert_call(&self, records: &[&SalesforceUpsert]) -> Vec<WriteResult> {
         let Some(first) = records.first() else {
             return Vec::new();
         };
@@ -296,23 +323,31 @@ impl SalesforceClient {
             Ok((200, Value::Array(results), _)) if results.len() == records.len() => results
                 .iter()
                 .map(|r| {
-                    let excerpt = Some(crate::ledger::redact_response(r.to_string().as_bytes()));
-                    let outcome = if r["success"].as_bool() == Some(true) {
-                        WriteOutcome::Done {
+                    let excerpt = Some(crate::ledger::redact_response(
+                        sanitized(r).to_string().as_bytes(),
+                    ));
+                    let error = &r["errors"][0];
+                    let outcome = match (r["success"].as_bool(), error["statusCode"].as_str()) {
+                        (Some(true), _) => WriteOutcome::Done {
                             status: if r["created"].as_bool() == Some(true) {
                                 201
                             } else {
                                 200
                             },
-                        }
-                    } else {
-                        let error = &r["errors"][0];
-                        let code = error["statusCode"].as_str().unwrap_or("UNKNOWN_ERROR");
-                        per_record_error(
+                        },
+                        (Some(false), Some(code)) => error_outcome(
+                            200,
                             code,
                             error["message"].as_str().unwrap_or(""),
+                            &error["fields"],
                             self.limit_wait(),
-                        )
+                        ),
+                        // Neither a success nor an error Salesforce explains: nothing to show
+                        // a person, so try again rather than park.
+                        _ => WriteOutcome::Transient {
+                            status: Some(200),
+                            reason: "Salesforce's result for this record said neither success nor an error code".into(),
+                        },
                     };
                     WriteResult::of(outcome, Some(200), excerpt)
                 })
@@ -407,7 +442,15 @@ impl SalesforceClient {
                 self.note_usage(&token, used, max);
             }
             let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let excerpt = (!bytes.is_empty()).then(|| crate::ledger::redact_response(&bytes));
+            // An error's message can repeat the record's values: the ledger keeps the codes,
+            // the fields and only the messages that cannot (see `keeps_message`).
+            let excerpt = (!bytes.is_empty()).then(|| {
+                if (200..300).contains(&status) {
+                    crate::ledger::redact_response(&bytes)
+                } else {
+                    crate::ledger::redact_response(sanitized(&answer).to_string().as_bytes())
+                }
+            });
             if status == 403 && error_code(&answer) == Some("REQUEST_LIMIT_EXCEEDED") {
                 self.close_gate("Salesforce answered REQUEST_LIMIT_EXCEEDED: the org's daily API allocation is used up".into());
             }
@@ -433,39 +476,29 @@ fn error_code(answer: &Value) -> Option<&str> {
     answer[0]["errorCode"].as_str()
 }
 
-/// A refused record inside a Collections answer.
-fn per_record_error(code: &str, message: &str, limit_wait: Duration) -> WriteOutcome {
-    match code {
-        "REQUEST_LIMIT_EXCEEDED" => WriteOutcome::Limited {
+/// What a Salesforce error means for the record, by its code first (the same in a single
+/// answer and in a Collections result), then by the HTTP status of the call.
+fn error_outcome(
+    status: u16,
+    code: &str,
+    message: &str,
+    fields: &Value,
+    limit_wait: Duration,
+) -> WriteOutcome {
+    match (status, code) {
+        (_, "REQUEST_LIMIT_EXCEEDED") => WriteOutcome::Limited {
             wait: limit_wait,
             reason: "Salesforce answered REQUEST_LIMIT_EXCEEDED".into(),
         },
-        "UNABLE_TO_LOCK_ROW" | "SERVER_UNAVAILABLE" => WriteOutcome::Transient {
-            status: Some(200),
+        (_, "UNABLE_TO_LOCK_ROW" | "SERVER_UNAVAILABLE") => WriteOutcome::Transient {
+            status: Some(status),
             reason: format!("Salesforce could not write the record now ({code})"),
         },
-        _ => WriteOutcome::Rejected {
-            status: 200,
-            code: code.to_owned(),
-            message: clean(message),
-        },
-    }
-}
-
-/// A non-2xx answer to a write, by status and Salesforce's error code.
-fn classify_error(status: u16, answer: &Value, limit_wait: Duration) -> WriteOutcome {
-    let code = error_code(answer).unwrap_or("").to_owned();
-    let message = clean(answer[0]["message"].as_str().unwrap_or(""));
-    match status {
-        403 if code == "REQUEST_LIMIT_EXCEEDED" => WriteOutcome::Limited {
-            wait: limit_wait,
-            reason: "Salesforce answered REQUEST_LIMIT_EXCEEDED".into(),
-        },
-        408 | 429 | 500..=599 => WriteOutcome::Transient {
+        (408 | 429 | 500..=599, _) => WriteOutcome::Transient {
             status: Some(status),
             reason: format!("Salesforce answered {status}"),
         },
-        401 => WriteOutcome::Transient {
+        (401, _) => WriteOutcome::Transient {
             status: Some(status),
             reason: format!("Salesforce refused a freshly minted token ({status} {code})"),
         },
@@ -474,22 +507,110 @@ fn classify_error(status: u16, answer: &Value, limit_wait: Duration) -> WriteOut
             code: if code.is_empty() {
                 format!("HTTP_{status}")
             } else {
-                code
+                code.to_owned()
             },
-            message,
+            message: describe(code, message, fields),
         },
     }
 }
 
-/// Salesforce's message, one line, bounded. Its messages name fields and rules, but a
-/// validation rule's text is the org's own: the ledger redacts e-mails and tokens anyway.
-fn clean(message: &str) -> String {
-    let text: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(300)
-        .collect();
-    crate::ledger::redact_response(text.as_bytes())
+/// A non-2xx answer to a write (`[{"errorCode","message","fields"}]`).
+fn classify_error(status: u16, answer: &Value, limit_wait: Duration) -> WriteOutcome {
+    let error = &answer[0];
+    error_outcome(
+        status,
+        error_code(answer).unwrap_or(""),
+        error["message"].as_str().unwrap_or(""),
+        &error["fields"],
+        limit_wait,
+    )
+}
+
+/// Codes that refuse a call whatever its records hold.
+fn refuses_every_record(code: &str) -> bool {
+    code.starts_with("HTTP_")
+        || code.starts_with("INSUFFICIENT_ACCESS")
+        || matches!(
+            code,
+            "NOT_FOUND"
+                | "INVALID_TYPE"
+                | "API_DISABLED_FOR_ORG"
+                | "METHOD_NOT_ALLOWED"
+                | "NOT_ACCEPTABLE"
+        )
+}
+
+/// Codes whose message names the schema, a rule or the relay's access, never a value of the
+/// record: their message helps a person and is kept. Others (`STRING_TOO_LONG`,
+/// `JSON_PARSER_ERROR`, `INVALID_EMAIL_ADDRESS`, `DUPLICATE_EXTERNAL_ID`, a trigger's
+/// exception…) can repeat what the record holds, and reasons reach logs and the ledger.
+fn keeps_message(code: &str) -> bool {
+    // A validation rule's error text is the admin's own, with no merge fields.
+    matches!(
+        code,
+        "FIELD_CUSTOM_VALIDATION_EXCEPTION"
+            | "INVALID_FIELD"
+            | "INVALID_FIELD_FOR_INSERT_UPDATE"
+            | "INVALID_TYPE"
+            | "REQUIRED_FIELD_MISSING"
+            | "NOT_FOUND"
+            | "ENTITY_IS_DELETED"
+            | "INSUFFICIENT_ACCESS"
+            | "INSUFFICIENT_ACCESS_OR_READONLY"
+            | "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY"
+            | "API_DISABLED_FOR_ORG"
+            | "INVALID_SESSION_ID"
+            | "METHOD_NOT_ALLOWED"
+            | "NOT_ACCEPTABLE"
+    )
+}
+
+/// Salesforce's message for a reason: one line, bounded, kept only where it cannot repeat
+/// the record's values; the fields it names either way.
+fn describe(code: &str, message: &str, fields: &Value) -> String {
+    let fields: Vec<&str> = fields
+        .as_array()
+        .map(|f| f.iter().filter_map(Value::as_str).take(10).collect())
+        .unwrap_or_default();
+    let mut text = if keeps_message(code) {
+        let line: String = message
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(300)
+            .collect();
+        crate::ledger::redact_response(line.as_bytes())
+    } else {
+        "(Salesforce's message is left out: it may repeat the record's values; the record's fields and the org's debug logs show them)".to_owned()
+    };
+    if !fields.is_empty() {
+        text.push_str(&format!("; fields: {}", fields.join(", ")));
+    }
+    text
+}
+
+/// An answer as the ledger may keep it: each error's code, fields and, where
+/// [`keeps_message`], its message; other keys (ids, success, created) as they are.
+fn sanitized(answer: &Value) -> Value {
+    match answer {
+        Value::Array(items) => Value::Array(items.iter().map(sanitized).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| match k.as_str() {
+                    "message" => {
+                        let code = map
+                            .get("errorCode")
+                            .or_else(|| map.get("statusCode"))
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
+                        let kept = keeps_message(code).then(|| v.clone());
+                        (k.clone(), kept.unwrap_or_else(|| json!("(left out)")))
+                    }
+                    _ => (k.clone(), sanitized(v)),
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// `Sforce-Limit-Info: api-usage=18/5000` → (18, 5000).
@@ -554,5 +675,33 @@ mod tests {
             classify_error(503, &Value::Null, W),
             WriteOutcome::Transient { .. }
         ));
+        // The same code means the same thing alone and in a Collections result.
+        let locked = json!([{"errorCode": "UNABLE_TO_LOCK_ROW", "message": "unable to obtain exclusive access"}]);
+        assert!(matches!(
+            classify_error(400, &locked, W),
+            WriteOutcome::Transient { .. }
+        ));
+    }
+
+    #[test]
+    fn a_message_that_may_repeat_the_records_values_is_left_out() {
+        let too_long = json!([{"errorCode": "STRING_TOO_LONG", "message": "Title: data value too large: Jane Doe's private note (max length=10)", "fields": ["Title__c"]}]);
+        let WriteOutcome::Rejected { code, message, .. } = classify_error(400, &too_long, W) else {
+            panic!("rejected")
+        };
+        assert_eq!(code, "STRING_TOO_LONG");
+        assert!(!message.contains("Jane"), "{message}");
+        assert!(message.contains("fields: Title__c"), "{message}");
+        let kept = sanitized(&too_long).to_string();
+        assert!(
+            !kept.contains("Jane") && kept.contains("STRING_TOO_LONG"),
+            "{kept}"
+        );
+        let result = json!({"id": null, "success": false, "errors": [{"statusCode": "JSON_PARSER_ERROR", "message": "Cannot deserialize value next week", "fields": []}]});
+        assert!(!sanitized(&result).to_string().contains("next week"));
+        let rule = json!([{"errorCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION", "message": "Title must not be TBD"}]);
+        assert!(sanitized(&rule)
+            .to_string()
+            .contains("Title must not be TBD"));
     }
 }

@@ -880,7 +880,15 @@ impl Worker {
         }
         let started = Instant::now();
         let started_at_ms = now_ms();
-        let result = salesforce.client().update(sobject, record_id, fields).await;
+        let mut result = salesforce.client().update(sobject, record_id, fields).await;
+        // The record is in the recycle bin (often the erased Contact itself): there is
+        // nothing left to show the status on, and nothing for a person to fix.
+        if let WriteOutcome::Rejected { status, code, .. } = &result.outcome {
+            if code == "ENTITY_IS_DELETED" {
+                tracing::info!(job_id = %job.id, "the record was deleted in Salesforce; no status to write");
+                result.outcome = WriteOutcome::Done { status: *status };
+            }
+        }
         self.salesforce_outcome(job, result, started, started_at_ms, call)
             .await
     }

@@ -446,6 +446,52 @@ async fn collections_upsert_maps_per_record_failures_rabbitmq() {
     collections_map_failures_to_jobs(Backend::Rabbitmq).await;
 }
 
+/// One record Salesforce cannot even read gets a Collections call refused whole (400): the
+/// relay splits the call until that record goes alone, so only its job parks, and the
+/// reason names the code and field but not the value Salesforce's message repeats.
+#[tokio::test]
+async fn a_collections_call_refused_whole_parks_only_the_record_at_fault() {
+    let sf = fake_salesforce().await;
+    let mut rule = RecordRule::new(
+        "CC-13",
+        "JSON_PARSER_ERROR",
+        "Cannot deserialize instance of date from VALUE_STRING value next week",
+    )
+    .whole_call();
+    rule.fields = vec!["Due__c".into()];
+    sf.add_record_rule(rule);
+    let base = sf.base_url();
+    let app = spawn_app_with(|s| with_salesforce(s, &base, SignIn::Jwt)).await;
+    for i in 0..40 {
+        store(&app, feedback(&format!("CC-{i}"), "t", "New")).await;
+    }
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(delivered(&outcomes), 39, "{outcomes:?}");
+    let parked = app.queue.parked(10).await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].record_id.as_deref(), Some("CC-13"));
+    let reason = &parked[0].reason;
+    assert!(reason.contains("JSON_PARSER_ERROR"), "{reason}");
+    assert!(reason.contains("Due__c"), "{reason}");
+    assert!(
+        !reason.contains("next week"),
+        "a value in a reason: {reason}"
+    );
+    assert_eq!(sf.records("Centercode_Feedback__c").len(), 39);
+    let writes = sf.writes();
+    assert!(
+        writes
+            .iter()
+            .any(|w| w.status == 400 && w.body["records"].is_array()),
+        "a Collections call was refused whole"
+    );
+    assert!(
+        writes.len() < 40,
+        "split in halves, not one call per record: {} calls",
+        writes.len()
+    );
+}
+
 /// A 5xx and a call that outlives `timeout_ms` are retried on the schedule; a validation
 /// error parks with Salesforce's code.
 #[tokio::test]
@@ -669,6 +715,34 @@ async fn a_failing_write_back_leaves_the_delivery_alone() {
         parked[0].reason
     );
     assert_eq!(app.centercode.macro_runs().len(), 1, "the removal ran once");
+}
+
+/// A Contact deleted since (in the recycle bin, `ENTITY_IS_DELETED`) has nowhere to show the
+/// status: the write-back is done, not parked for a person who can fix nothing.
+#[tokio::test]
+async fn a_write_back_to_a_deleted_record_is_done_not_parked() {
+    let sf = fake_salesforce().await;
+    let base = sf.base_url();
+    let contact = sf.insert_record("Contact", json!({"LastName": "Doe"}));
+    let app = spawn_app_with(|s| write_back_removals(s, &base, false)).await;
+    sf.push_fault(Fault::once(FaultKind::Validation {
+        error_code: "ENTITY_IS_DELETED".into(),
+        message: "entity is deleted".into(),
+        fields: vec![],
+    }));
+    let message = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
+        .unwrap()
+        .replace("0038d0000000041AAA", &contact);
+    assert_eq!(
+        app.post_outbound("gdpr", message.into_bytes())
+            .await
+            .status(),
+        200
+    );
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert!(parked_reasons(&outcomes).is_empty(), "{outcomes:?}");
+    assert!(app.queue.parked(10).await.unwrap().is_empty());
 }
 
 /// A Centercode webhook sent twice (Centercode retries, or the macro fires again for the

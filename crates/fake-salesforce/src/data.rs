@@ -375,6 +375,23 @@ fn upsert_collection(st: &mut State, sobject: &str, field: &str, body: &[u8]) ->
             ),
         );
     }
+    // A record Salesforce cannot read refuses the whole request before anything is written.
+    let unreadable = request.records.iter().find_map(|record| {
+        let value = match record.get(field)? {
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        st.rules
+            .iter()
+            .find(|r| r.whole_call && r.matches(sobject, &value))
+            .cloned()
+    });
+    if let Some(rule) = unreadable {
+        return Reply::json(
+            400,
+            error_body(&rule.error_code, &rule.message, &rule.fields),
+        );
+    }
     // Worked on a copy, so allOrNone can drop every change at once.
     let mut table = st.records(sobject).to_vec();
     let outcomes: Vec<Result<(String, bool), Value>> = request

@@ -156,6 +156,11 @@ pub struct RecordRule {
     /// How many times it fires; `None` = until the rules are cleared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub times: Option<u32>,
+    /// A value Salesforce cannot even read (a date that is not one, say): a Collections call
+    /// carrying this record is refused whole (400 with the rule's error, nothing written),
+    /// as Salesforce refuses a request it cannot deserialize.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole_call: bool,
 }
 
 impl RecordRule {
@@ -168,7 +173,14 @@ impl RecordRule {
             fields: vec![],
             sobject: None,
             times: None,
+            whole_call: false,
         }
+    }
+
+    /// The same rule, refusing a whole Collections call that carries the record.
+    pub fn whole_call(mut self) -> Self {
+        self.whole_call = true;
+        self
     }
 
     pub(crate) fn matches(&self, sobject: &str, external_id: &str) -> bool {
