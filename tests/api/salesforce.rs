@@ -572,6 +572,15 @@ fn write_back_removals(s: &mut Settings, base: &str, details: bool) {
     });
 }
 
+/// The fixture's removal, for the Contact `contact`, acknowledged by the gateway.
+async fn send_removal_of(app: &TestApp, contact: &str) {
+    let message = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
+        .unwrap()
+        .replace("0038d0000000041AAA", contact);
+    let response = app.post_outbound("gdpr", message.into_bytes()).await;
+    assert_eq!(response.status(), 200);
+}
+
 /// The removal's outcome lands on the Contact, written by a job of its own.
 async fn status_written_back(backend: Backend) {
     let sf = fake_salesforce().await;
@@ -581,11 +590,7 @@ async fn status_written_back(backend: Backend) {
         write_back_removals(s, &base, true);
     })
     .await;
-    let message = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
-        .unwrap()
-        .replace("0038d0000000041AAA", &contact);
-    let response = app.post_outbound("gdpr", message.into_bytes()).await;
-    assert_eq!(response.status(), 200);
+    send_removal_of(&app, &contact).await;
     let outcomes = app.deliver_until_settled().await;
     assert_eq!(
         outcomes,
@@ -641,15 +646,7 @@ async fn relay_trace_names_who_answered_each_attempt() {
         write_back_removals(s, &base, false);
     })
     .await;
-    let message = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
-        .unwrap()
-        .replace("0038d0000000041AAA", &contact);
-    assert_eq!(
-        app.post_outbound("gdpr", message.into_bytes())
-            .await
-            .status(),
-        200
-    );
+    send_removal_of(&app, &contact).await;
     assert_eq!(app.deliver_until_settled().await.len(), 2);
 
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
@@ -730,15 +727,7 @@ async fn a_write_back_to_a_deleted_record_is_done_not_parked() {
         message: "entity is deleted".into(),
         fields: vec![],
     }));
-    let message = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml"))
-        .unwrap()
-        .replace("0038d0000000041AAA", &contact);
-    assert_eq!(
-        app.post_outbound("gdpr", message.into_bytes())
-            .await
-            .status(),
-        200
-    );
+    send_removal_of(&app, &contact).await;
     let outcomes = app.deliver_until_settled().await;
     assert_eq!(outcomes.len(), 2, "{outcomes:?}");
     assert!(parked_reasons(&outcomes).is_empty(), "{outcomes:?}");
