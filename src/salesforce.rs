@@ -79,6 +79,10 @@ impl WriteResult {
 struct Gate {
     closed_until: Option<Instant>,
     reason: String,
+    /// Closed by Salesforce's own refusal, not by the share: an answer reporting low daily
+    /// usage does not reopen it (that refusal also comes from limits other than the daily
+    /// one); only the `/limits` probe does.
+    by_refusal: bool,
 }
 
 /// The client, one per process.
@@ -138,7 +142,7 @@ impl SalesforceClient {
         }
         match self.probe_usage().await {
             Ok(()) => {}
-            Err(reason) => self.close_gate(reason),
+            Err(reason) => self.close_gate(reason, true),
         }
         self.gate_left()
     }
@@ -150,18 +154,25 @@ impl SalesforceClient {
         (left > Duration::ZERO).then(|| (left, gate.reason.clone()))
     }
 
-    fn close_gate(&self, reason: String) {
+    fn close_gate(&self, reason: String, by_refusal: bool) {
         let mut gate = self.gate.lock().unwrap();
         let until = Instant::now() + Duration::from_secs(self.settings.limit_wait_secs);
         if gate.closed_until.is_none() {
             tracing::warn!(reason = %reason, wait_secs = self.settings.limit_wait_secs, "Salesforce writes paused");
+            gate.by_refusal = false;
         }
         gate.closed_until = Some(until);
         gate.reason = reason;
+        gate.by_refusal |= by_refusal;
     }
 
-    fn open_gate(&self) {
+    /// Writes resume; a gate Salesforce's refusal closed opens only when `probed`.
+    fn open_gate(&self, probed: bool) {
         let mut gate = self.gate.lock().unwrap();
+        if gate.by_refusal && !probed {
+            return;
+        }
+        gate.by_refusal = false;
         if gate.closed_until.take().is_some() {
             tracing::info!("Salesforce API usage is below the relay's share again; writes resume");
         }
@@ -186,16 +197,28 @@ impl SalesforceClient {
                     error_text(&e.without_url())
                 )
             })?;
-        if response.status().as_u16() == 401 {
+        let status = response.status().as_u16();
+        if status == 401 {
             self.sign_in.invalidate(&token).await;
         }
-        if let Some((used, max)) = usage_header(response.headers()) {
-            self.note_usage(&token, used, max);
+        if !(200..300).contains(&status) {
+            // Refused (the limit again, or the token): look again after another wait.
+            return Err(format!(
+                "Salesforce answered {status} to GET /limits; writes wait and look again"
+            ));
         }
+        let header = usage_header(response.headers());
         let body: Value = response.json().await.unwrap_or_default();
         let daily = &body["DailyApiRequests"];
-        if let (Some(max), Some(remaining)) = (daily["Max"].as_u64(), daily["Remaining"].as_u64()) {
-            self.note_usage(&token, max.saturating_sub(remaining), max);
+        let usage = match (daily["Max"].as_u64(), daily["Remaining"].as_u64()) {
+            (Some(max), Some(remaining)) => Some((max.saturating_sub(remaining), max)),
+            _ => header,
+        };
+        match usage {
+            Some((used, max)) => self.note_usage(&token, used, max, true),
+            // The org answered but gave no figures: nothing says writes must wait, and the
+            // next answer's Sforce-Limit-Info will close the gate again if they must.
+            None => self.open_gate(true),
         }
         match self.gate_left() {
             Some((_, reason)) => Err(reason),
@@ -203,8 +226,9 @@ impl SalesforceClient {
         }
     }
 
-    /// Record the usage an answer reported; close the gate at the share, open it below.
-    fn note_usage(&self, token: &Token, used: u64, max: u64) {
+    /// Record the usage an answer reported; close the gate at the share, open it below
+    /// (one Salesforce's refusal closed only when `probed`).
+    fn note_usage(&self, token: &Token, used: u64, max: u64, probed: bool) {
         if max == 0 {
             return;
         }
@@ -215,12 +239,15 @@ impl SalesforceClient {
             ratio,
         );
         if ratio >= self.settings.max_api_share {
-            self.close_gate(format!(
-                "the org has used {used} of its {max} daily API requests, at or above salesforce.max_api_share = {}",
-                self.settings.max_api_share
-            ));
+            self.close_gate(
+                format!(
+                    "the org has used {used} of its {max} daily API requests, at or above salesforce.max_api_share = {}",
+                    self.settings.max_api_share
+                ),
+                false,
+            );
         } else {
-            self.open_gate();
+            self.open_gate(probed);
         }
     }
 
@@ -439,7 +466,7 @@ impl SalesforceClient {
                 .and_then(Result::ok)
                 .unwrap_or_default();
             if let Some((used, max)) = usage {
-                self.note_usage(&token, used, max);
+                self.note_usage(&token, used, max, false);
             }
             let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             // An error's message can repeat the record's values: the ledger keeps the codes,
@@ -452,7 +479,10 @@ impl SalesforceClient {
                 }
             });
             if status == 403 && error_code(&answer) == Some("REQUEST_LIMIT_EXCEEDED") {
-                self.close_gate("Salesforce answered REQUEST_LIMIT_EXCEEDED: the org's daily API allocation is used up".into());
+                self.close_gate(
+                    "Salesforce answered REQUEST_LIMIT_EXCEEDED: the org's API allocation is used up".into(),
+                    true,
+                );
             }
             if status == 401 && error_code(&answer) == Some("INVALID_SESSION_ID") {
                 self.sign_in.invalidate(&token).await;
@@ -638,6 +668,33 @@ mod tests {
     use super::*;
 
     const W: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn only_the_probe_reopens_writes_salesforce_refused() {
+        let settings: SalesforceSettings = toml::from_str(
+            "login_url = \"http://127.0.0.1:9\"\nclient_id = \"x\"\nclient_secret = \"s\"",
+        )
+        .unwrap();
+        let client = SalesforceClient::new(&settings, Arc::new(Metrics::new())).unwrap();
+        let token = Token {
+            access: String::new().into(),
+            instance_url: String::new(),
+            org: "00D".into(),
+        };
+        // The share closes the gate; an answer with usage below it opens it again.
+        client.note_usage(&token, 60, 100, false);
+        assert!(client.gate_left().is_some());
+        client.note_usage(&token, 10, 100, false);
+        assert!(client.gate_left().is_none());
+        // REQUEST_LIMIT_EXCEEDED closes it; an in-flight answer with low daily usage does not
+        // open it (the refusal may come from another limit); the probe's figures do.
+        client.close_gate("REQUEST_LIMIT_EXCEEDED".into(), true);
+        client.note_usage(&token, 10, 100, false);
+        assert!(client.gate_left().is_some(), "still closed");
+        client.note_usage(&token, 10, 100, true);
+        assert!(client.gate_left().is_none(), "opened by the probe");
+        assert!(client.gate.lock().unwrap().closed_until.is_none());
+    }
 
     #[test]
     fn usage_is_read_from_sforce_limit_info() {
