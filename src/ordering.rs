@@ -20,9 +20,10 @@ use crate::settings::RouteSettings;
 pub const DEFAULT_VERSION_FIELDS: [&str; 2] = ["SystemModstamp", "LastModifiedDate"];
 
 /// How long a delivery holds its record (renewed by nothing: a delivery never takes longer
-/// than `centercode.timeout_ms`, and a crashed holder's claim lapses after this).
+/// than [`Settings::longest_delivery_ms`](crate::settings::Settings::longest_delivery_ms),
+/// and a crashed holder's claim lapses after this).
 pub fn hold_ms(settings: &crate::settings::Settings) -> i64 {
-    (settings.centercode.timeout_ms as i64).saturating_mul(2) + 5_000
+    (settings.longest_delivery_ms() as i64).saturating_mul(2) + 5_000
 }
 
 /// How long a record's versions are remembered after it was last touched: longer than any

@@ -848,6 +848,17 @@ impl Environment {
 }
 
 impl Settings {
+    /// The longest one delivery can take: a Centercode call, or a Salesforce write (signing
+    /// in and the call, and both again after `INVALID_SESSION_ID`). The record's hold and the
+    /// lease must outlast it.
+    pub fn longest_delivery_ms(&self) -> u64 {
+        let salesforce = self
+            .salesforce
+            .as_ref()
+            .map_or(0, |sf| sf.timeout_ms.saturating_mul(4));
+        self.centercode.timeout_ms.max(salesforce)
+    }
+
     /// The RabbitMQ prefetch count: `worker.prefetch` as set; else twice `concurrency`, plus
     /// one full Collections batch when a route upserts into Salesforce. The batcher keeps
     /// each record unacknowledged until its Collections call answers, so with only twice
@@ -1060,14 +1071,14 @@ impl Settings {
         }
         // A delivery's lease is renewed when it starts if it waited longer than
         // LEASE_REFRESH_AFTER (0.5 s) since its lease; so the worst case left for the call
-        // is lease - 0.5 s, which must cover centercode.timeout_ms.
+        // is lease - 0.5 s, which must cover the longest delivery.
         let refresh_ms = crate::worker::LEASE_REFRESH_AFTER.as_millis() as u64;
         if self.queue.lease_secs.saturating_mul(1000)
-            <= self.centercode.timeout_ms.saturating_add(refresh_ms)
+            <= self.longest_delivery_ms().saturating_add(refresh_ms)
         {
             return Err(SettingsError::new(
                 "queue.lease_secs",
-                "must be longer than centercode.timeout_ms plus 0.5 s (a job may wait that long after its lease before its lease is renewed), or a slow delivery would be handed to a second worker",
+                "must be longer than the longest delivery plus 0.5 s (centercode.timeout_ms, or with [salesforce] 4 × salesforce.timeout_ms: signing in and the write, twice after an expired session; a job may wait 0.5 s after its lease before its lease is renewed), or a slow delivery would be handed to a second worker",
             ));
         }
         let mut names = std::collections::HashSet::new();
@@ -1953,6 +1964,24 @@ private_key_file = "/run/secrets/sf.pem"
                 .key,
             "salesforce.login_url"
         );
+    }
+
+    #[test]
+    fn the_lease_and_the_records_hold_outlast_a_salesforce_write() {
+        let plain = Settings::from_toml(ROUTES).unwrap();
+        assert_eq!(plain.longest_delivery_ms(), plain.centercode.timeout_ms);
+        // 4 × 20 s: sign-in and write, twice after an expired session.
+        let sf = Settings::from_toml(&format!("{ROUTES}{SALESFORCE}")).unwrap();
+        assert_eq!(sf.longest_delivery_ms(), 80_000);
+        assert!(crate::ordering::hold_ms(&sf) > 160_000);
+        let err = Settings::from_toml(&format!("[queue]\nlease_secs = 60\n{ROUTES}{SALESFORCE}"))
+            .unwrap_err();
+        assert_eq!(err.key, "queue.lease_secs");
+        assert!(err.to_string().contains("salesforce.timeout_ms"), "{err}");
+        Settings::from_toml(&format!(
+            "[queue]\nlease_secs = 60\n{ROUTES}{SALESFORCE}timeout_ms = 10000\n"
+        ))
+        .expect("4 × 10 s fits in 60 s");
     }
 
     #[test]

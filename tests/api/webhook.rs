@@ -20,6 +20,7 @@ pub fn webhook_toml() -> String {
 login_url = "http://127.0.0.1:9"
 client_id = "3MVG9-relay-test"
 client_secret = "test-secret-0123456789"
+timeout_ms = 2000
 
 [[routes]]
 name = "cc-feedback"
