@@ -5,7 +5,7 @@
 
 use super::{SalesforceClient, WriteResult};
 use crate::mapping::SalesforceUpsert;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -74,25 +74,47 @@ impl Batcher {
     }
 }
 
-/// Take a call slot, then everything waiting (up to the batch size), send, repeat.
+/// Take a call slot, then everything waiting (up to the batch size), send, repeat. A record
+/// whose external id is already in the batch waits for the next call: Salesforce refuses
+/// every record of a Collections call that names one external id twice.
 async fn run_lane(
     client: Arc<SalesforceClient>,
     calls: Arc<Semaphore>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
     let max = client.batch_size().max(1);
-    while let Some(first) = rx.recv().await {
+    let mut held_back: VecDeque<Pending> = VecDeque::new();
+    loop {
+        let first = match held_back.pop_front() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         let Ok(permit) = calls.clone().acquire_owned().await else {
             return;
         };
         // Gathered after the slot is free: what piled up while every slot was busy goes now.
+        let mut ids = HashSet::from([first.record.external_id.clone()]);
         let mut batch = vec![first];
+        let mut again = VecDeque::new();
         while batch.len() < max {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+            let next = match held_back.pop_front() {
+                Some(p) => p,
+                None => match rx.try_recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            if ids.insert(next.record.external_id.clone()) {
+                batch.push(next);
+            } else {
+                again.push_back(next);
             }
         }
+        again.extend(held_back.drain(..));
+        held_back = again;
         let client = client.clone();
         tokio::spawn(async move {
             let records: Vec<&SalesforceUpsert> = batch.iter().map(|p| &p.record).collect();

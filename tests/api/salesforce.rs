@@ -492,6 +492,38 @@ async fn a_collections_call_refused_whole_parks_only_the_record_at_fault() {
     );
 }
 
+/// Two jobs of one external id that reach the batcher together (copies of one version, or
+/// a record id too long to order) go in separate calls: Salesforce refuses every record of a
+/// Collections call that names an external id twice.
+#[tokio::test]
+async fn one_external_id_twice_goes_in_separate_calls() {
+    let sf = fake_salesforce().await;
+    let base = sf.base_url();
+    let app = spawn_app_with(|s| with_salesforce(s, &base, SignIn::Jwt)).await;
+    let long = format!("CC-{}", "9".repeat(300));
+    for i in 0..10 {
+        store(&app, feedback(&format!("CC-{i}"), "t", "New")).await;
+    }
+    store(&app, feedback(&long, "first", "New")).await;
+    store(&app, feedback(&long, "second", "New")).await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(delivered(&outcomes), 12, "{outcomes:?}");
+    assert_eq!(sf.records("Centercode_Feedback__c").len(), 11);
+    let writes = sf.writes();
+    assert!(
+        writes.iter().any(|w| w.body["records"].is_array()),
+        "batched"
+    );
+    for w in &writes {
+        let copies = w.body["records"].as_array().map_or(0, |r| {
+            r.iter()
+                .filter(|r| r["Centercode_Id__c"] == json!(long))
+                .count()
+        });
+        assert!(copies <= 1, "one external id twice in one call");
+    }
+}
+
 /// A 5xx and a call that outlives `timeout_ms` are retried on the schedule; a validation
 /// error parks with Salesforce's code.
 #[tokio::test]

@@ -392,12 +392,26 @@ fn upsert_collection(st: &mut State, sobject: &str, field: &str, body: &[u8]) ->
             error_body(&rule.error_code, &rule.message, &rule.fields),
         );
     }
+    // Salesforce refuses every record of a call whose external id appears twice in it.
+    let external_id = |record: &Value| match record.get(field) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v @ Value::Number(_)) => Some(v.to_string()),
+        _ => None,
+    };
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    for id in request.records.iter().filter_map(external_id) {
+        *seen.entry(id).or_default() += 1;
+    }
     // Worked on a copy, so allOrNone can drop every change at once.
     let mut table = st.records(sobject).to_vec();
     let outcomes: Vec<Result<(String, bool), Value>> = request
         .records
         .into_iter()
         .map(|record| {
+            if let Some(id) = external_id(&record).filter(|id| seen[id] > 1) {
+                let message = format!("Duplicate external id specified: {id}");
+                return Err(record_error("DUPLICATE_VALUE", &message, &[field]));
+            }
             let fields = match record {
                 Value::Object(fields) => fields,
                 _ => {
