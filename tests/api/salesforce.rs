@@ -524,6 +524,88 @@ async fn one_external_id_twice_goes_in_separate_calls() {
     }
 }
 
+/// Salesforce's sign-in down (503) or slow is no refusal: the job is retried, not parked.
+#[tokio::test]
+async fn a_sign_in_that_fails_for_now_is_retried_not_parked() {
+    let sf = fake_salesforce().await;
+    let base = sf.base_url();
+    let app = spawn_app_with(|s| {
+        with_salesforce(s, &base, SignIn::ClientCredentials);
+        s.salesforce.as_mut().unwrap().timeout_ms = 300;
+    })
+    .await;
+    sf.push_fault(Fault::once(FaultKind::Unavailable).on_path("/oauth2/token"));
+    sf.push_fault(Fault::once(FaultKind::Hang { ms: 1_000 }).on_path("/oauth2/token"));
+    store(&app, feedback("CC-22", "t", "New")).await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Retried { status: None },
+            Outcome::Retried { status: None },
+            Outcome::Delivered { status: 201 }
+        ]
+    );
+    assert!(app.queue.parked(10).await.unwrap().is_empty());
+}
+
+/// A token refused right after it was minted spends the attempt (no loop of sign-ins): the
+/// job is retried on the schedule and written.
+#[tokio::test]
+async fn invalid_session_twice_spends_the_attempt_without_looping() {
+    let sf = fake_salesforce().await;
+    let base = sf.base_url();
+    let app = spawn_app_with(|s| with_salesforce(s, &base, SignIn::Jwt)).await;
+    sf.push_fault(Fault::times(FaultKind::InvalidSession, 2));
+    store(&app, feedback("CC-23", "t", "New")).await;
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Retried { status: Some(401) },
+            Outcome::Delivered { status: 201 }
+        ]
+    );
+    let statuses: Vec<u16> = sf.writes().iter().map(|w| w.status).collect();
+    assert_eq!(statuses, vec![401, 401, 201], "one fresh token per attempt");
+}
+
+/// External ids with a slash, spaces or accents reach the record they name (one path
+/// segment, percent-encoded), and an upsert of it again updates that record.
+#[tokio::test]
+async fn external_ids_with_slashes_spaces_and_accents_name_their_record() {
+    let sf = fake_salesforce().await;
+    let base = sf.base_url();
+    let app = spawn_app_with(|s| {
+        with_salesforce(s, &base, SignIn::Jwt);
+        s.salesforce.as_mut().unwrap().batch_size = 1;
+    })
+    .await;
+    let ids = ["FB/2026/7", "Beta feedback 7", "Café-#7?x=1", "a.b"];
+    for id in ids {
+        store(&app, feedback(id, "first", "New")).await;
+    }
+    assert_eq!(delivered(&app.deliver_until_settled().await), 4);
+    for id in ids {
+        store(&app, feedback(id, "second", "New")).await;
+    }
+    let outcomes = app.deliver_until_settled().await;
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Delivered { status: 200 }; 4],
+        "updated"
+    );
+    let records = sf.records("Centercode_Feedback__c");
+    assert_eq!(records.len(), 4);
+    for id in ids {
+        let record = records
+            .iter()
+            .find(|r| r.get("Centercode_Id__c") == Some(&json!(id)))
+            .unwrap_or_else(|| panic!("no record for {id}"));
+        assert_eq!(record.get("Title__c"), Some(&json!("second")));
+    }
+}
+
 /// A 5xx and a call that outlives `timeout_ms` are retried on the schedule; a validation
 /// error parks with Salesforce's code.
 #[tokio::test]

@@ -17,7 +17,8 @@ pub struct Fault {
     /// How many matching calls it applies to (default 1).
     #[serde(default = "one")]
     pub times: u32,
-    /// Only calls whose path contains this text; `None` = any data call.
+    /// Only calls whose path contains this text; `None` = any data call. A part of
+    /// `/services/oauth2/token` aims the fault at sign-in instead (`unavailable`, `hang`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_contains: Option<String>,
 }

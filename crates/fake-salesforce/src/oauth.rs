@@ -53,6 +53,23 @@ pub(crate) async fn token(
     form: web::Form<HashMap<String, String>>,
     shared: web::Data<Shared>,
 ) -> HttpResponse {
+    let fault = shared.lock().take_token_fault();
+    if let Some(fault) = fault {
+        match fault.kind.reply() {
+            Some((status, body, _)) => {
+                return HttpResponse::build(
+                    actix_web::http::StatusCode::from_u16(status)
+                        .unwrap_or(actix_web::http::StatusCode::SERVICE_UNAVAILABLE),
+                )
+                .json(body)
+            }
+            None => {
+                if let crate::faults::FaultKind::Hang { ms } = fault.kind {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+            }
+        }
+    }
     let form = form.into_inner();
     let origin = {
         let info = req.connection_info();

@@ -195,8 +195,24 @@ impl State {
     }
 
     /// Takes one use of the first queued fault that matches `path`.
+    /// Takes one use of the first fault aimed at the token endpoint (`on_path` set to a
+    /// part of `/services/oauth2/token`); faults without a path are for data calls only.
+    pub(crate) fn take_token_fault(&mut self) -> Option<Fault> {
+        let aimed = |f: &Fault| {
+            f.path_contains
+                .as_deref()
+                .is_some_and(|p| !p.is_empty() && "/services/oauth2/token".contains(p))
+        };
+        let idx = self.faults.iter().position(aimed)?;
+        self.take_fault_at(idx)
+    }
+
     pub(crate) fn take_fault(&mut self, path: &str) -> Option<Fault> {
         let idx = self.faults.iter().position(|f| f.matches(path))?;
+        self.take_fault_at(idx)
+    }
+
+    fn take_fault_at(&mut self, idx: usize) -> Option<Fault> {
         let fault = self.faults[idx].clone();
         if fault.times <= 1 {
             self.faults.remove(idx);
