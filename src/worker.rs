@@ -435,14 +435,23 @@ impl Worker {
         );
         async move {
             let mut call = None;
-            // A write-back is versioned by its own job, not the record's: no order to keep
-            // (and it must not advance the record's version for the route's own jobs).
+            // A write-back keeps an order of its own per record, by the time of the outcome
+            // it reports: an older status (retried after a 503, say) never overwrites a newer
+            // one. Its own key, so it neither waits for nor advances the route's own jobs.
             let is_writeback = matches!(job.job, Job::StatusWritebackV1 { .. });
-            let order = self.settings.route(&job.route).filter(|_| !is_writeback).and_then(|route| {
-                crate::ordering::record_key(&job.route, job.record_id.as_deref()).map(|key| {
-                    (key, crate::ordering::version_of(&job.job, route, job.received_at_ms))
+            let order = if is_writeback {
+                crate::ordering::record_key(
+                    &format!("{}\u{1f}status", job.route),
+                    job.record_id.as_deref(),
+                )
+                .map(|key| (key, job.received_at_ms))
+            } else {
+                self.settings.route(&job.route).and_then(|route| {
+                    crate::ordering::record_key(&job.route, job.record_id.as_deref()).map(|key| {
+                        (key, crate::ordering::version_of(&job.job, route, job.received_at_ms))
+                    })
                 })
-            });
+            };
             let outcome = match &order {
                 None => self.decide(&job, &mut call, &mut call_slot).await,
                 Some((key, version)) => {
@@ -974,8 +983,24 @@ impl Worker {
         let Some(new_job) = crate::writeback::job_for(route, wb, job, record_id, outcome) else {
             return;
         };
-        if let Err(e) = self.queue.enqueue(vec![new_job]).await {
-            tracing::warn!(error = %e, "could not queue the status write-back to Salesforce; the delivery's own outcome stands");
+        // A storage hiccup should not cost the status: two more tries before giving up (the
+        // delivery's outcome is settled either way; calling Centercode again to get another
+        // chance at the write-back would be worse: a removal's redo reads "user not found").
+        let mut tries = [100u64, 400].into_iter();
+        loop {
+            match self.queue.enqueue(vec![new_job.clone()]).await {
+                Ok(_) => return,
+                Err(e) => match tries.next() {
+                    Some(ms) => {
+                        tracing::warn!(error = %e, "could not queue the status write-back to Salesforce; trying again");
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    None => {
+                        tracing::error!(error = %e, job_id = %job.id, "could not queue the status write-back to Salesforce; the record will not show this outcome (the delivery's own outcome stands, in the ledger)");
+                        return;
+                    }
+                },
+            }
         }
     }
 

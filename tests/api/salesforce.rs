@@ -828,6 +828,63 @@ async fn a_failing_write_back_leaves_the_delivery_alone() {
     assert_eq!(app.centercode.macro_runs().len(), 1, "the removal ran once");
 }
 
+/// Write-backs of one record keep the order of the outcomes they report: an older status
+/// that comes late (retried after a 503, say) is superseded, never written over a newer one.
+#[tokio::test]
+async fn an_older_status_never_overwrites_a_newer_one() {
+    let sf = fake_salesforce().await;
+    let base = sf.base_url();
+    let contact = sf.insert_record("Contact", json!({"LastName": "Doe"}));
+    let app = spawn_app_with(|s| write_back_removals(s, &base, false)).await;
+    let write_back = |status: &str, at_ms: i64| NewJob {
+        received_at_ms: at_ms,
+        id: uuid::Uuid::new_v4().to_string(),
+        route: "gdpr".into(),
+        action: Action::SalesforceStatus,
+        dedupe_key: None,
+        body_hash: None,
+        org_id: None,
+        notification_id: None,
+        record_id: Some(contact.clone()),
+        job: Job::StatusWritebackV1 {
+            sobject: "Contact".into(),
+            record_id: contact.clone(),
+            fields: json!({"Centercode_Status__c": status})
+                .as_object()
+                .unwrap()
+                .clone(),
+        },
+    };
+    let now = now_ms();
+    app.queue
+        .enqueue(vec![write_back("Sent to Centercode (200)", now)])
+        .await
+        .unwrap();
+    assert_eq!(
+        app.deliver_until_settled().await,
+        vec![Outcome::Delivered { status: 204 }]
+    );
+    app.queue
+        .enqueue(vec![write_back(
+            "Parked: Centercode answered 503",
+            now - 60_000,
+        )])
+        .await
+        .unwrap();
+    let outcomes = app.deliver_until_settled().await;
+    assert!(
+        matches!(outcomes.as_slice(), [Outcome::Superseded { .. }]),
+        "{outcomes:?}"
+    );
+    let records = sf.records("Contact");
+    let record = records.iter().find(|r| r.id == contact).unwrap();
+    assert_eq!(
+        record.get("Centercode_Status__c"),
+        Some(&json!("Sent to Centercode (200)"))
+    );
+    assert_eq!(sf.writes().len(), 1, "the older status was not sent");
+}
+
 /// A Contact deleted since (in the recycle bin, `ENTITY_IS_DELETED`) has nowhere to show the
 /// status: the write-back is done, not parked for a person who can fix nothing.
 #[tokio::test]
