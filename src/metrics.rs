@@ -117,7 +117,7 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "relay_rate_limited_total",
         "counter",
-        "Jobs given back, attempt not spent, because their destination's [[limits]] rate was reached.",
+        "Jobs given back, attempt not spent, because their destination's [[limits]] rate was reached, or (host salesforce) Salesforce writes were stopped by its API limits.",
     ),
     (
         "relay_rate_limit_allowance",
