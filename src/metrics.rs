@@ -156,7 +156,14 @@ impl Metrics {
                 );
             }
             self.inc("relay_ingest_notifications_total", &[("route", route)], 0);
-            for outcome in ["done", "user_not_found", "retried", "parked", "held"] {
+            for outcome in [
+                "done",
+                "user_not_found",
+                "retried",
+                "parked",
+                "held",
+                "rate_limited",
+            ] {
                 self.inc(
                     "relay_deliveries_total",
                     &[
