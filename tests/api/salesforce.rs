@@ -449,8 +449,7 @@ async fn collections_upsert_maps_per_record_failures_rabbitmq() {
 /// One record Salesforce cannot even read gets a Collections call refused whole (400): the
 /// relay splits the call until that record goes alone, so only its job parks, and the
 /// reason names the code and field but not the value Salesforce's message repeats.
-#[tokio::test]
-async fn a_collections_call_refused_whole_parks_only_the_record_at_fault() {
+async fn whole_call_refusal_splits(backend: Backend) {
     let sf = fake_salesforce().await;
     let mut rule = RecordRule::new(
         "CC-13",
@@ -461,7 +460,7 @@ async fn a_collections_call_refused_whole_parks_only_the_record_at_fault() {
     rule.fields = vec!["Due__c".into()];
     sf.add_record_rule(rule);
     let base = sf.base_url();
-    let app = spawn_app_with(|s| with_salesforce(s, &base, SignIn::Jwt)).await;
+    let app = spawn_app_on(backend, |s| with_salesforce(s, &base, SignIn::Jwt)).await;
     for i in 0..40 {
         store(&app, feedback(&format!("CC-{i}"), "t", "New")).await;
     }
@@ -490,6 +489,16 @@ async fn a_collections_call_refused_whole_parks_only_the_record_at_fault() {
         "split in halves, not one call per record: {} calls",
         writes.len()
     );
+}
+
+#[tokio::test]
+async fn a_collections_call_refused_whole_parks_only_the_record_at_fault_embedded() {
+    whole_call_refusal_splits(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn a_collections_call_refused_whole_parks_only_the_record_at_fault_rabbitmq() {
+    whole_call_refusal_splits(Backend::Rabbitmq).await;
 }
 
 /// Two jobs of one external id that reach the batcher together (copies of one version, or
@@ -830,12 +839,11 @@ async fn a_failing_write_back_leaves_the_delivery_alone() {
 
 /// Write-backs of one record keep the order of the outcomes they report: an older status
 /// that comes late (retried after a 503, say) is superseded, never written over a newer one.
-#[tokio::test]
-async fn an_older_status_never_overwrites_a_newer_one() {
+async fn older_status_superseded(backend: Backend) {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
     let contact = sf.insert_record("Contact", json!({"LastName": "Doe"}));
-    let app = spawn_app_with(|s| write_back_removals(s, &base, false)).await;
+    let app = spawn_app_on(backend, |s| write_back_removals(s, &base, false)).await;
     let write_back = |status: &str, at_ms: i64| NewJob {
         received_at_ms: at_ms,
         id: uuid::Uuid::new_v4().to_string(),
@@ -883,6 +891,16 @@ async fn an_older_status_never_overwrites_a_newer_one() {
         Some(&json!("Sent to Centercode (200)"))
     );
     assert_eq!(sf.writes().len(), 1, "the older status was not sent");
+}
+
+#[tokio::test]
+async fn an_older_status_never_overwrites_a_newer_one_embedded() {
+    older_status_superseded(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn an_older_status_never_overwrites_a_newer_one_rabbitmq() {
+    older_status_superseded(Backend::Rabbitmq).await;
 }
 
 /// A Contact deleted since (in the recycle bin, `ENTITY_IS_DELETED`) has nowhere to show the
