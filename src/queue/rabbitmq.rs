@@ -1958,11 +1958,12 @@ impl Browser {
         Ok(())
     }
 
-    /// Close the channel, so the messages not removed go back to the queue, and wait (2 s
+    /// Close the channel, so the messages not removed go back to the queue, and wait (10 s
     /// at most) until the queue counts them again: a quorum queue takes them back
-    /// asynchronously, and a listing must not make them look gone to the next call.
+    /// asynchronously, and a listing must not make them look gone to the next call. A busy
+    /// or just-restarted broker can take seconds; the wait ends as soon as they are back.
     async fn finish(mut self) {
-        let wait = Duration::from_secs(2);
+        let wait = Duration::from_secs(10);
         let gate = self.gate.clone();
         let _gate = gate.write().await;
         let _ = tokio::time::timeout(wait, self.channel.close(200, "browse done")).await;
