@@ -299,7 +299,12 @@ impl SalesforceClient {
     /// Upsert up to 200 records of one sObject in one call (`allOrNone=false`); one result
     /// per record, in order. A call Salesforce refuses as a whole (one record it cannot even
     /// parse, say) is split in halves and sent again, so only the records at fault park.
-    pub fn upsert_many<'a>(
+    pub async fn upsert_many(&self, records: &[&SalesforceUpsert]) -> Vec<WriteResult> {
+        self.upsert_split(records).await
+    }
+
+    /// [`Self::upsert_many`], boxed: it calls itself on each half.
+    fn upsert_split<'a>(
         &'a self,
         records: &'a [&'a SalesforceUpsert],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<WriteResult>> + Send + 'a>> {
@@ -318,8 +323,8 @@ impl SalesforceClient {
                 return results;
             }
             let (left, right) = records.split_at(records.len() / 2);
-            let mut results = self.upsert_many(left).await;
-            results.extend(self.upsert_many(right).await);
+            let mut results = self.upsert_split(left).await;
+            results.extend(self.upsert_split(right).await);
             results
         })
     }

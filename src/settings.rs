@@ -864,18 +864,12 @@ impl Settings {
     /// each record unacknowledged until its Collections call answers, so with only twice
     /// `concurrency` deliveries a batch could never grow past that many records.
     pub fn prefetch(&self) -> u16 {
-        if self.worker.prefetch.is_some() {
-            return self.worker.prefetch();
-        }
+        let upserts = self
+            .routes
+            .iter()
+            .any(|r| r.action == Action::SalesforceUpsert);
         let batch = match &self.salesforce {
-            Some(sf)
-                if self
-                    .routes
-                    .iter()
-                    .any(|r| r.action == Action::SalesforceUpsert) =>
-            {
-                sf.batch_size
-            }
+            Some(sf) if upserts && self.worker.prefetch.is_none() => sf.batch_size,
             _ => 0,
         };
         (usize::from(self.worker.prefetch()) + batch).min(usize::from(u16::MAX)) as u16

@@ -125,18 +125,11 @@ async fn answer(shared: &Shared, req: &HttpRequest, body: &[u8]) -> Reply {
         st.take_fault(req.path())
     };
     if let Some(fault) = fault {
-        match fault.kind.reply() {
-            Some((status, body, counted)) => {
-                if counted {
-                    shared.lock().usage.used += 1;
-                }
-                return Reply::json(status, body);
+        if let Some((status, body, counted)) = fault.kind.play().await {
+            if counted {
+                shared.lock().usage.used += 1;
             }
-            None => {
-                if let crate::faults::FaultKind::Hang { ms } = fault.kind {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-            }
+            return Reply::json(status, body);
         }
     }
     let mut st = shared.lock();
@@ -375,17 +368,22 @@ fn upsert_collection(st: &mut State, sobject: &str, field: &str, body: &[u8]) ->
             ),
         );
     }
+    let external_id = |record: &Value| match record.get(field) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v @ Value::Number(_)) => Some(v.to_string()),
+        _ => None,
+    };
     // A record Salesforce cannot read refuses the whole request before anything is written.
-    let unreadable = request.records.iter().find_map(|record| {
-        let value = match record.get(field)? {
-            Value::String(s) => s.clone(),
-            v => v.to_string(),
-        };
-        st.rules
-            .iter()
-            .find(|r| r.whole_call && r.matches(sobject, &value))
-            .cloned()
-    });
+    let unreadable = request
+        .records
+        .iter()
+        .filter_map(external_id)
+        .find_map(|value| {
+            st.rules
+                .iter()
+                .find(|r| r.whole_call && r.matches(sobject, &value))
+                .cloned()
+        });
     if let Some(rule) = unreadable {
         return Reply::json(
             400,
@@ -393,11 +391,6 @@ fn upsert_collection(st: &mut State, sobject: &str, field: &str, body: &[u8]) ->
         );
     }
     // Salesforce refuses every record of a call whose external id appears twice in it.
-    let external_id = |record: &Value| match record.get(field) {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(v @ Value::Number(_)) => Some(v.to_string()),
-        _ => None,
-    };
     let mut seen: std::collections::HashMap<String, usize> = Default::default();
     for id in request.records.iter().filter_map(external_id) {
         *seen.entry(id).or_default() += 1;

@@ -87,6 +87,15 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
+    /// Play the fault: hold the call for a `hang` (then `None`: the call goes on), or the
+    /// answer it gives instead, with whether it counts toward the API usage.
+    pub(crate) async fn play(&self) -> Option<(u16, Value, bool)> {
+        if let Self::Hang { ms } = self {
+            tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+        }
+        self.reply()
+    }
+
     /// The answer this fault gives instead of handling the call, and whether the call counts
     /// toward the API usage; `None` for `hang`.
     pub(crate) fn reply(&self) -> Option<(u16, Value, bool)> {

@@ -55,19 +55,12 @@ pub(crate) async fn token(
 ) -> HttpResponse {
     let fault = shared.lock().take_token_fault();
     if let Some(fault) = fault {
-        match fault.kind.reply() {
-            Some((status, body, _)) => {
-                return HttpResponse::build(
-                    actix_web::http::StatusCode::from_u16(status)
-                        .unwrap_or(actix_web::http::StatusCode::SERVICE_UNAVAILABLE),
-                )
-                .json(body)
-            }
-            None => {
-                if let crate::faults::FaultKind::Hang { ms } = fault.kind {
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                }
-            }
+        if let Some((status, body, _)) = fault.kind.play().await {
+            return HttpResponse::build(
+                actix_web::http::StatusCode::from_u16(status)
+                    .unwrap_or(actix_web::http::StatusCode::SERVICE_UNAVAILABLE),
+            )
+            .json(body);
         }
     }
     let form = form.into_inner();

@@ -194,7 +194,6 @@ impl State {
         self.tokens.clear();
     }
 
-    /// Takes one use of the first queued fault that matches `path`.
     /// Takes one use of the first fault aimed at the token endpoint (`on_path` set to a
     /// part of `/services/oauth2/token`); faults without a path are for data calls only.
     pub(crate) fn take_token_fault(&mut self) -> Option<Fault> {
@@ -207,6 +206,7 @@ impl State {
         self.take_fault_at(idx)
     }
 
+    /// Takes one use of the first queued fault that matches `path`.
     pub(crate) fn take_fault(&mut self, path: &str) -> Option<Fault> {
         let idx = self.faults.iter().position(|f| f.matches(path))?;
         self.take_fault_at(idx)
