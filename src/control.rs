@@ -61,19 +61,37 @@ impl RouteControl {
             .collect()
     }
 
-    /// Whether this process changed its belief about `route` at or after `at_ms`.
-    pub fn changed_since(&self, route: &str, at_ms: i64) -> bool {
-        self.since
-            .read()
-            .expect("control lock")
-            .get(route)
-            .is_some_and(|&since| since >= at_ms)
-    }
-
     /// This process's belief only; [`crate::shared_control::set_paused`] changes it for
     /// every process. Returns whether the belief changed.
     pub fn set_paused(&self, route: &str, paused: bool) -> bool {
-        let mut set = self.paused.write().expect("control lock");
+        let set = self.paused.write().expect("control lock");
+        self.set_paused_locked(set, route, paused)
+    }
+
+    /// Apply a shared record read at `read_at_ms`, unless this process changed its belief
+    /// since (an admin call or an automatic pause is newer than what was read). The check
+    /// and the change happen under one lock: a pause made between them is never undone.
+    /// Returns whether the belief changed.
+    pub fn apply_shared(&self, route: &str, paused: bool, read_at_ms: i64) -> bool {
+        let set = self.paused.write().expect("control lock");
+        let changed_here = self
+            .since
+            .read()
+            .expect("control lock")
+            .get(route)
+            .is_some_and(|&since| since >= read_at_ms);
+        if changed_here {
+            return false;
+        }
+        self.set_paused_locked(set, route, paused)
+    }
+
+    fn set_paused_locked(
+        &self,
+        mut set: std::sync::RwLockWriteGuard<'_, BTreeSet<String>>,
+        route: &str,
+        paused: bool,
+    ) -> bool {
         let changed = if paused {
             set.insert(route.to_owned())
         } else {
@@ -198,6 +216,23 @@ impl CircuitBreaker {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_shared_record_read_before_a_local_change_does_not_undo_it() {
+        let control = RouteControl::default();
+        // A refresh starts reading; an admin pause lands here before the read is applied.
+        let read_at = crate::queue::now_ms();
+        assert!(control.set_paused("r", true));
+        assert!(
+            !control.apply_shared("r", false, read_at),
+            "the stale read is ignored"
+        );
+        assert!(control.is_paused("r"));
+        // The next refresh, started after the change, applies what it reads.
+        let later = control.beliefs(&["r".to_owned()])["r"].since_ms + 1;
+        assert!(control.apply_shared("r", false, later));
+        assert!(!control.is_paused("r"));
+    }
 
     #[test]
     fn opens_after_consecutive_failures_then_probes_once() {

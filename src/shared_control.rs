@@ -172,12 +172,9 @@ impl SharedControl {
         let mut resumed = Vec::new();
         for route in &self.routes {
             // A change made here while the records were being read (an admin call, an
-            // automatic pause) is newer than what was read: keep it, not the stale record.
-            if self.control.changed_since(route, read_at) {
-                continue;
-            }
+            // automatic pause) is newer than what was read: kept, not the stale record.
             let paused = records.get(route).is_some_and(|r| r.paused);
-            if self.control.set_paused(route, paused) {
+            if self.control.apply_shared(route, paused, read_at) {
                 tracing::info!(route = %route, paused, "route pause state changed (shared)");
                 if !paused {
                     resumed.push(route.clone());
