@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 const ADMIN: &str = "disk-full-admin-token-0123456789abcdef";
 
 /// `relay serve` inside `unshare -rm`, its queue on a tmpfs mounted at `data` with `ballast`
-/// bytes taken; returns the child and its base URL.
+/// bytes taken, its log (warnings and errors: never payloads) in `log`; returns the child
+/// and its base URL.
 fn relay_on_small_tmpfs(
     config: &std::path::Path,
     data: &std::path::Path,
+    log: &std::path::Path,
 ) -> (std::process::Child, String) {
     let script = r#"mount -t tmpfs -o size=2m tmpfs "$DATA" || exit 97
 head -c 1048576 /dev/zero > "$DATA/ballast"
@@ -28,10 +30,10 @@ exec "$RELAY" --config "$CONFIG" serve"#;
         .env("CONFIG", config)
         .env("RELAY_CONFIG_DIR", config.parent().unwrap())
         .env("RELAY__QUEUE__PATH", data.join("relay.db"))
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", "warn")
         .env_remove("RELAY_ENV")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("create the relay's log file"))
         .spawn()
         .expect("run unshare (util-linux)");
     let address = crate::helpers::listening_address(&mut child).unwrap_or_else(|_| {
@@ -57,8 +59,9 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
         &format!("[server]\nbind = \"127.0.0.1:0\"\nworkers = 1\nprobe_cache_ms = 0\n[worker]\nretry_schedule_secs = [0.05]\npoll_interval_ms = 50\n[centercode]\napi_key = \"test-key\"\ntimeout_ms = 2000\n[admin]\ntoken = \"{ADMIN}\"\n"),
         &centercode.base_url(),
     );
-    let (child, base) = relay_on_small_tmpfs(&config, &data);
-    let child = KillOnDrop(child);
+    let log = dir.path().join("relay.log");
+    let (child, base) = relay_on_small_tmpfs(&config, &data, &log);
+    let child = KillOnDrop(child, log);
     let client = reqwest::Client::new();
     let admin = |path: &str| {
         client
@@ -93,7 +96,9 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     let mut acked = Vec::new();
     let mut refused = 0;
     for n in 0..200u32 {
-        let r = post(n).await.unwrap();
+        let r = post(n)
+            .await
+            .unwrap_or_else(|e| panic!("POST #{n}: {e} (did the relay exit?)"));
         match r.status().as_u16() {
             200 => acked.push(n),
             503 => {
@@ -160,7 +165,9 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     // Space returns (the ballast goes): the same process accepts again without a restart.
     let ballast = format!("/proc/{}/root{}/ballast", child.0.id(), data.display());
     std::fs::remove_file(&ballast).unwrap_or_else(|e| panic!("{ballast}: {e}"));
-    let r = post(10_000).await.unwrap();
+    let r = post(10_000)
+        .await
+        .unwrap_or_else(|e| panic!("POST after space returned: {e}"));
     assert_eq!(r.status(), 200);
     acked.push(10_000);
 
@@ -194,12 +201,21 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     drop(child);
 }
 
-/// The relay child is killed when the test ends, also when it fails.
-struct KillOnDrop(std::process::Child);
+/// The relay child is killed when the test ends, also when it fails; a failing test shows
+/// the end of the relay's log, so a failure in CI says what the relay saw.
+struct KillOnDrop(std::process::Child, std::path::PathBuf);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- the relay's last log lines ---\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
     }
 }

@@ -600,7 +600,16 @@ async fn dead_lettering_works(url: &str) -> bool {
     let ok = match conn.create_channel().await {
         Ok(ch) => {
             let declared = ch
-                .queue_declare(&name, lapin::options::QueueDeclareOptions::default(), args)
+                .queue_declare(
+                    &name,
+                    // Quorum queues are durable only: a non-durable declaration is refused
+                    // on a healthy broker too, and would read as the bug.
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args,
+                )
                 .await
                 .is_ok();
             if let Ok(ch) = conn.create_channel().await {
