@@ -234,10 +234,9 @@ async fn a_wrong_key_is_refused_and_parked_with_a_reason_rabbitmq() {
     wrong_key(Backend::Rabbitmq).await;
 }
 
-#[tokio::test]
-async fn a_wrong_audience_is_refused_and_parked_with_a_reason() {
+async fn wrong_audience(backend: Backend) {
     refused_sign_in(
-        Backend::Embedded,
+        backend,
         |sf| sf.audience = Some("https://wrong.example.com".into()),
         FakeSalesforceConfig::demo(),
         "audience",
@@ -246,12 +245,31 @@ async fn a_wrong_audience_is_refused_and_parked_with_a_reason() {
 }
 
 #[tokio::test]
-async fn an_expired_assertion_is_refused_and_parked_with_a_reason() {
+async fn a_wrong_audience_is_refused_and_parked_with_a_reason_embedded() {
+    wrong_audience(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn a_wrong_audience_is_refused_and_parked_with_a_reason_rabbitmq() {
+    wrong_audience(Backend::Rabbitmq).await;
+}
+
+async fn expired_assertion(backend: Backend) {
     // The fake's clock runs an hour ahead: the relay's assertion (exp in 3 minutes) is
     // expired when it arrives, as with a relay machine whose clock is behind.
     let mut fake = FakeSalesforceConfig::demo();
     fake.clock_offset_secs = 3600;
-    refused_sign_in(Backend::Embedded, |_| {}, fake, "expired").await;
+    refused_sign_in(backend, |_| {}, fake, "expired").await;
+}
+
+#[tokio::test]
+async fn an_expired_assertion_is_refused_and_parked_with_a_reason_embedded() {
+    expired_assertion(Backend::Embedded).await;
+}
+
+#[tokio::test]
+async fn an_expired_assertion_is_refused_and_parked_with_a_reason_rabbitmq() {
+    expired_assertion(Backend::Rabbitmq).await;
 }
 
 /// A token that expires mid-run is minted again without spending the job's attempt.
