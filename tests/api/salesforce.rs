@@ -161,24 +161,12 @@ async fn upsert_creates_then_updates(backend: Backend, sign_in: SignIn) {
     assert_eq!(sf.tokens_minted(), 1, "the token is cached");
 }
 
-#[tokio::test]
-async fn jwt_upsert_creates_then_updates_embedded() {
-    upsert_creates_then_updates(Backend::Embedded, SignIn::Jwt).await;
+async fn jwt_upsert_creates_then_updates(backend: Backend) {
+    upsert_creates_then_updates(backend, SignIn::Jwt).await;
 }
 
-#[tokio::test]
-async fn jwt_upsert_creates_then_updates_rabbitmq() {
-    upsert_creates_then_updates(Backend::Rabbitmq, SignIn::Jwt).await;
-}
-
-#[tokio::test]
-async fn client_credentials_upsert_embedded() {
-    upsert_creates_then_updates(Backend::Embedded, SignIn::ClientCredentials).await;
-}
-
-#[tokio::test]
-async fn client_credentials_upsert_rabbitmq() {
-    upsert_creates_then_updates(Backend::Rabbitmq, SignIn::ClientCredentials).await;
+async fn client_credentials_upsert(backend: Backend) {
+    upsert_creates_then_updates(backend, SignIn::ClientCredentials).await;
 }
 
 /// A sign-in Salesforce refuses parks the job with what to check, and writes nothing.
@@ -214,7 +202,7 @@ async fn refused_sign_in(
     assert_eq!(sf.counters().data_calls, 0);
 }
 
-async fn wrong_key(backend: Backend) {
+async fn a_wrong_key_is_refused_and_parked_with_a_reason(backend: Backend) {
     refused_sign_in(
         backend,
         |sf| sf.private_key = Some(test_keys::OTHER_PRIVATE_KEY_PEM.to_owned().into()),
@@ -224,17 +212,7 @@ async fn wrong_key(backend: Backend) {
     .await;
 }
 
-#[tokio::test]
-async fn a_wrong_key_is_refused_and_parked_with_a_reason_embedded() {
-    wrong_key(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn a_wrong_key_is_refused_and_parked_with_a_reason_rabbitmq() {
-    wrong_key(Backend::Rabbitmq).await;
-}
-
-async fn wrong_audience(backend: Backend) {
+async fn a_wrong_audience_is_refused_and_parked_with_a_reason(backend: Backend) {
     refused_sign_in(
         backend,
         |sf| sf.audience = Some("https://wrong.example.com".into()),
@@ -244,17 +222,7 @@ async fn wrong_audience(backend: Backend) {
     .await;
 }
 
-#[tokio::test]
-async fn a_wrong_audience_is_refused_and_parked_with_a_reason_embedded() {
-    wrong_audience(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn a_wrong_audience_is_refused_and_parked_with_a_reason_rabbitmq() {
-    wrong_audience(Backend::Rabbitmq).await;
-}
-
-async fn expired_assertion(backend: Backend) {
+async fn an_expired_assertion_is_refused_and_parked_with_a_reason(backend: Backend) {
     // The fake's clock runs an hour ahead: the relay's assertion (exp in 3 minutes) is
     // expired when it arrives, as with a relay machine whose clock is behind.
     let mut fake = FakeSalesforceConfig::demo();
@@ -262,18 +230,8 @@ async fn expired_assertion(backend: Backend) {
     refused_sign_in(backend, |_| {}, fake, "expired").await;
 }
 
-#[tokio::test]
-async fn an_expired_assertion_is_refused_and_parked_with_a_reason_embedded() {
-    expired_assertion(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn an_expired_assertion_is_refused_and_parked_with_a_reason_rabbitmq() {
-    expired_assertion(Backend::Rabbitmq).await;
-}
-
 /// A token that expires mid-run is minted again without spending the job's attempt.
-async fn token_expiry_mid_run(backend: Backend) {
+async fn token_expiry_mid_run_costs_no_attempt(backend: Backend) {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
     let app = spawn_app_on(backend, |s| with_salesforce(s, &base, SignIn::Jwt)).await;
@@ -292,19 +250,9 @@ async fn token_expiry_mid_run(backend: Backend) {
     assert_eq!(statuses, vec![201, 401, 201]);
 }
 
-#[tokio::test]
-async fn token_expiry_mid_run_costs_no_attempt_embedded() {
-    token_expiry_mid_run(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn token_expiry_mid_run_costs_no_attempt_rabbitmq() {
-    token_expiry_mid_run(Backend::Rabbitmq).await;
-}
-
 /// `REQUEST_LIMIT_EXCEEDED` holds the job (no attempt, route not paused) and it is written
 /// once usage falls.
-async fn request_limit_holds_and_resumes(backend: Backend) {
+async fn request_limit_exceeded_holds_without_pausing(backend: Backend) {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
     let app = spawn_app_on(backend, |s| with_salesforce(s, &base, SignIn::Jwt)).await;
@@ -333,18 +281,8 @@ async fn request_limit_holds_and_resumes(backend: Backend) {
     assert_eq!(sf.records("Centercode_Feedback__c").len(), 1);
 }
 
-#[tokio::test]
-async fn request_limit_exceeded_holds_without_pausing_embedded() {
-    request_limit_holds_and_resumes(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn request_limit_exceeded_holds_without_pausing_rabbitmq() {
-    request_limit_holds_and_resumes(Backend::Rabbitmq).await;
-}
-
 /// At `max_api_share` of the daily allocation writes stop; when usage falls they resume.
-async fn api_share_holds(backend: Backend) {
+async fn the_api_share_stops_writes_until_usage_falls(backend: Backend) {
     let sf = fake_salesforce().await;
     sf.set_api_usage(49, 100);
     let base = sf.base_url();
@@ -379,19 +317,9 @@ async fn api_share_holds(backend: Backend) {
     assert_eq!(sf.records("Centercode_Feedback__c").len(), 2);
 }
 
-#[tokio::test]
-async fn the_api_share_stops_writes_until_usage_falls_embedded() {
-    api_share_holds(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn the_api_share_stops_writes_until_usage_falls_rabbitmq() {
-    api_share_holds(Backend::Rabbitmq).await;
-}
-
 /// Many ready jobs go as Collections upserts; a record Salesforce refuses parks its own job
 /// with the code, and only it.
-async fn collections_map_failures_to_jobs(backend: Backend) {
+async fn collections_upsert_maps_per_record_failures(backend: Backend) {
     let sf = fake_salesforce().await;
     sf.add_record_rule(RecordRule::new(
         "CC-13",
@@ -454,20 +382,10 @@ async fn collections_map_failures_to_jobs(backend: Backend) {
     }
 }
 
-#[tokio::test]
-async fn collections_upsert_maps_per_record_failures_embedded() {
-    collections_map_failures_to_jobs(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn collections_upsert_maps_per_record_failures_rabbitmq() {
-    collections_map_failures_to_jobs(Backend::Rabbitmq).await;
-}
-
 /// One record Salesforce cannot even read gets a Collections call refused whole (400): the
 /// relay splits the call until that record goes alone, so only its job parks, and the
 /// reason names the code and field but not the value Salesforce's message repeats.
-async fn whole_call_refusal_splits(backend: Backend) {
+async fn a_collections_call_refused_whole_parks_only_the_record_at_fault(backend: Backend) {
     let sf = fake_salesforce().await;
     let mut rule = RecordRule::new(
         "CC-13",
@@ -507,16 +425,6 @@ async fn whole_call_refusal_splits(backend: Backend) {
         "split in halves, not one call per record: {} calls",
         writes.len()
     );
-}
-
-#[tokio::test]
-async fn a_collections_call_refused_whole_parks_only_the_record_at_fault_embedded() {
-    whole_call_refusal_splits(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn a_collections_call_refused_whole_parks_only_the_record_at_fault_rabbitmq() {
-    whole_call_refusal_splits(Backend::Rabbitmq).await;
 }
 
 /// Two jobs of one external id that reach the batcher together (copies of one version, or
@@ -723,7 +631,7 @@ async fn send_removal_of(app: &TestApp, contact: &str) {
 }
 
 /// The removal's outcome lands on the Contact, written by a job of its own.
-async fn status_written_back(backend: Backend) {
+async fn the_status_is_written_back_on_the_contact(backend: Backend) {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
     let contact = sf.insert_record("Contact", json!({"LastName": "Doe"}));
@@ -762,16 +670,6 @@ async fn status_written_back(backend: Backend) {
         writes[0].call_options.as_deref(),
         Some("client=centercode-relay")
     );
-}
-
-#[tokio::test]
-async fn the_status_is_written_back_on_the_contact_embedded() {
-    status_written_back(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn the_status_is_written_back_on_the_contact_rabbitmq() {
-    status_written_back(Backend::Rabbitmq).await;
 }
 
 /// `relay trace` on a Contact shows both of its jobs, each attempt labelled with the side
@@ -857,7 +755,7 @@ async fn a_failing_write_back_leaves_the_delivery_alone() {
 
 /// Write-backs of one record keep the order of the outcomes they report: an older status
 /// that comes late (retried after a 503, say) is superseded, never written over a newer one.
-async fn older_status_superseded(backend: Backend) {
+async fn an_older_status_never_overwrites_a_newer_one(backend: Backend) {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
     let contact = sf.insert_record("Contact", json!({"LastName": "Doe"}));
@@ -911,16 +809,6 @@ async fn older_status_superseded(backend: Backend) {
     assert_eq!(sf.writes().len(), 1, "the older status was not sent");
 }
 
-#[tokio::test]
-async fn an_older_status_never_overwrites_a_newer_one_embedded() {
-    older_status_superseded(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn an_older_status_never_overwrites_a_newer_one_rabbitmq() {
-    older_status_superseded(Backend::Rabbitmq).await;
-}
-
 /// A Contact deleted since (in the recycle bin, `ENTITY_IS_DELETED`) has nowhere to show the
 /// status: the write-back is done, not parked for a person who can fix nothing.
 #[tokio::test]
@@ -943,7 +831,7 @@ async fn a_write_back_to_a_deleted_record_is_done_not_parked() {
 
 /// A Centercode webhook sent twice (Centercode retries, or the macro fires again for the
 /// same change) reaches Salesforce once; through the gateway, as Centercode sends it.
-async fn redelivered_webhook_written_once(backend: Backend) {
+async fn a_redelivered_webhook_is_written_once(backend: Backend) {
     let sf = fake_salesforce().await;
     let base = sf.base_url();
     let app = spawn_app_on(backend, |s| with_salesforce(s, &base, SignIn::Jwt)).await;
@@ -964,16 +852,6 @@ async fn redelivered_webhook_written_once(backend: Backend) {
     assert_eq!(outcomes, vec![Outcome::Delivered { status: 201 }]);
     assert_eq!(sf.writes().len(), 1, "written once");
     assert_eq!(sf.records("Centercode_Feedback__c").len(), 1);
-}
-
-#[tokio::test]
-async fn a_redelivered_webhook_is_written_once_embedded() {
-    redelivered_webhook_written_once(Backend::Embedded).await;
-}
-
-#[tokio::test]
-async fn a_redelivered_webhook_is_written_once_rabbitmq() {
-    redelivered_webhook_written_once(Backend::Rabbitmq).await;
 }
 
 /// A key that cannot be read stops the start (not every delivery), naming the key's setting
@@ -1017,3 +895,19 @@ async fn an_unreadable_key_fails_the_start_and_check_config_describes_the_org() 
         "{err:#}"
     );
 }
+
+crate::both_backends::on_both_backends!(
+    jwt_upsert_creates_then_updates,
+    client_credentials_upsert,
+    a_wrong_key_is_refused_and_parked_with_a_reason,
+    a_wrong_audience_is_refused_and_parked_with_a_reason,
+    an_expired_assertion_is_refused_and_parked_with_a_reason,
+    token_expiry_mid_run_costs_no_attempt,
+    request_limit_exceeded_holds_without_pausing,
+    the_api_share_stops_writes_until_usage_falls,
+    collections_upsert_maps_per_record_failures,
+    a_collections_call_refused_whole_parks_only_the_record_at_fault,
+    the_status_is_written_back_on_the_contact,
+    an_older_status_never_overwrites_a_newer_one,
+    a_redelivered_webhook_is_written_once
+);
