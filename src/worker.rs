@@ -23,6 +23,12 @@ use tracing::Instrument;
 /// `centercode.timeout_ms` by more than this).
 pub const LEASE_REFRESH_AFTER: Duration = Duration::from_millis(500);
 
+/// How long a worker keeps trying to record an outcome before leaving the job to its lease:
+/// half the lease (the rest covers a redelivery's own call), at most a minute.
+fn record_retry_window(settings: &Settings) -> Duration {
+    Duration::from_secs(settings.queue.lease_secs / 2).min(Duration::from_secs(60))
+}
+
 /// How long a job waits when another version of its record is being delivered.
 pub const RECORD_BUSY_DELAY: Duration = Duration::from_millis(200);
 
@@ -478,33 +484,7 @@ impl Worker {
             if outcome.ends_the_job() && !is_writeback {
                 self.enqueue_writeback(&job, &outcome).await;
             }
-            let recorded = match &outcome {
-                Outcome::Delivered { .. } | Outcome::UserNotFound => {
-                    self.queue.settle_recorded(&job, None, record).await
-                }
-                Outcome::Superseded { version, newer } => {
-                    tracing::info!(version, newer, "job superseded by a newer version of its record; not sent");
-                    self.queue.settle_recorded(&job, None, record).await
-                }
-                Outcome::RecordBusy => self.queue.defer(&job, RECORD_BUSY_DELAY).await,
-                Outcome::RateLimited { wait, .. } => {
-                    self.limiter.note_due(Instant::now() + *wait);
-                    self.queue.defer_for(&job, *wait).await
-                }
-                Outcome::Parked { reason, status } => {
-                    tracing::warn!(reason = %reason, "job parked");
-                    self.queue
-                        .settle_recorded(&job, Some((reason.clone(), *status)), record)
-                        .await
-                }
-                Outcome::Retried { .. } => Ok(()), // recorded in `decide`, which knows the time
-                // A paused route's job waits set aside until the resume; an open circuit's
-                // job comes back after a short while to probe.
-                Outcome::Held { .. } if self.control.is_paused(&job.route) => {
-                    self.queue.set_aside(&job).await
-                }
-                Outcome::Held { .. } => self.queue.release(&job).await,
-            };
+            let recorded = self.record_outcome_retrying(&job, &outcome, record).await;
             if writes_ledger {
                 self.metrics.observe(
                     "relay_ledger_write_seconds",
@@ -539,6 +519,74 @@ impl Worker {
         }
         .instrument(span)
         .await
+    }
+
+    /// Record `outcome` (ack, park, or give the job back), retrying a failed write that may
+    /// clear ([`QueueError::may_clear`]) for a while: a storage that fails for a moment (a
+    /// full disk given space, the ledger database restarting) settles the job within seconds
+    /// instead of leaving it leased until its lease runs out and it is delivered again. Past
+    /// [`record_retry_window`], the lease's expiry brings the job back (at-least-once, never
+    /// lost).
+    async fn record_outcome_retrying(
+        &self,
+        job: &Leased,
+        outcome: &Outcome,
+        record: Option<crate::ledger::Record>,
+    ) -> Result<(), QueueError> {
+        match outcome {
+            Outcome::Superseded { version, newer } => {
+                tracing::info!(
+                    version,
+                    newer,
+                    "job superseded by a newer version of its record; not sent"
+                );
+            }
+            Outcome::RateLimited { wait, .. } => self.limiter.note_due(Instant::now() + *wait),
+            Outcome::Parked { reason, .. } => tracing::warn!(reason = %reason, "job parked"),
+            _ => {}
+        }
+        let window = record_retry_window(&self.settings);
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let result = self.record_outcome(job, outcome, record.clone()).await;
+            match result {
+                Err(e) if e.may_clear() && started.elapsed() + pause < window => {
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "could not record the delivery outcome; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One try at recording `outcome` with its ledger `record`.
+    async fn record_outcome(
+        &self,
+        job: &Leased,
+        outcome: &Outcome,
+        record: Option<crate::ledger::Record>,
+    ) -> Result<(), QueueError> {
+        match outcome {
+            Outcome::Delivered { .. } | Outcome::UserNotFound | Outcome::Superseded { .. } => {
+                self.queue.settle_recorded(job, None, record).await
+            }
+            Outcome::RecordBusy => self.queue.defer(job, RECORD_BUSY_DELAY).await,
+            Outcome::RateLimited { wait, .. } => self.queue.defer_for(job, *wait).await,
+            Outcome::Parked { reason, status } => {
+                self.queue
+                    .settle_recorded(job, Some((reason.clone(), *status)), record)
+                    .await
+            }
+            Outcome::Retried { .. } => Ok(()), // recorded in `decide`, which knows the time
+            // A paused route's job waits set aside until the resume; an open circuit's
+            // job comes back after a short while to probe.
+            Outcome::Held { .. } if self.control.is_paused(&job.route) => {
+                self.queue.set_aside(job).await
+            }
+            Outcome::Held { .. } => self.queue.release(job).await,
+        }
     }
 
     /// [`Worker::decide`] under the record's hold: only one version of a record in flight,

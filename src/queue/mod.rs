@@ -149,6 +149,10 @@ pub enum QueueError {
     Storage(#[from] rusqlite::Error),
     #[error("queue is shut down")]
     Closed,
+    /// The transaction's work was done but its COMMIT failed (a full disk): nothing of it
+    /// was stored.
+    #[error("queue commit failed: {0}")]
+    Commit(String),
     #[error("stored job is unreadable: {0}")]
     Corrupt(String),
     #[error("queue not ready: {0}")]
@@ -161,6 +165,22 @@ pub enum QueueError {
     Dedupe(String),
     #[error("the same notification is being stored by another request right now")]
     InProgress,
+}
+
+impl QueueError {
+    /// Whether trying the same write again soon may succeed: storage that was full or
+    /// briefly unavailable (the queue file, the ledger database). Not a closed queue, and not
+    /// a broker failure: an ack on a channel that died can never succeed, and the broker
+    /// delivers that message again by itself.
+    pub fn may_clear(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Storage(_)
+                | QueueError::Commit(_)
+                | QueueError::Io(_)
+                | QueueError::NotReady(_)
+        )
+    }
 }
 
 /// The configured backend.

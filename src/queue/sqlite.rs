@@ -13,7 +13,9 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Work = Box<dyn FnOnce(&Connection) -> Finish + Send>;
+/// One request's part of a write transaction: what to tell the caller once the COMMIT is
+/// known, and whether the work met a full disk.
+type Work = Box<dyn FnOnce(&Connection) -> (Finish, bool) + Send>;
 
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 1024;
@@ -263,14 +265,16 @@ impl SqliteQueue {
                 (Ok(_), Err(e)) => Err(QueueError::from(e)),
                 (r, _) => r,
             };
-            Box::new(move |commit: Result<(), String>| {
+            let disk_full = matches!(&result, Err(QueueError::Storage(e)) if is_disk_full(e));
+            let finish: Finish = Box::new(move |commit: Result<(), String>| {
                 let out = match (result, commit) {
                     (Ok(v), Ok(())) => Ok(v),
                     (Err(e), _) => Err(e),
-                    (Ok(_), Err(e)) => Err(QueueError::Corrupt(format!("commit failed: {e}"))),
+                    (Ok(_), Err(e)) => Err(QueueError::Commit(e)),
                 };
                 let _ = tx.send(out);
-            })
+            });
+            (finish, disk_full)
         });
         let sender = self.inner.writer.lock().expect("writer lock").clone();
         sender
@@ -1218,6 +1222,14 @@ fn writer_loop(
     commit_delay: Duration,
     commits: &std::sync::atomic::AtomicU64,
 ) {
+    // Set when a write met a full disk (or a commit failed): until a checkpoint folds the WAL
+    // into the file and truncates it, the WAL only grows (automatic checkpoints wait for
+    // 1000 pages), so space that comes back would be eaten by the next writes before any
+    // checkpoint ran, and the queue would stay full after the disk had room. Tried after
+    // the first commit that goes through (there is room) and every CHECKPOINT_RETRY (a WAL
+    // of rewritten pages folds in without the file growing, even on a full disk).
+    let mut needs_checkpoint = false;
+    let mut last_checkpoint_try = std::time::Instant::now();
     while let Ok(first) = rx.recv() {
         if !commit_delay.is_zero() {
             std::thread::sleep(commit_delay);
@@ -1229,14 +1241,27 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        if needs_checkpoint && last_checkpoint_try.elapsed() >= CHECKPOINT_RETRY {
+            last_checkpoint_try = std::time::Instant::now();
+            needs_checkpoint = !checkpoint_after_full_disk(&conn);
+        }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             // Dropping the work drops its reply channel: every waiter gets `Closed` (503).
             drop(batch);
+            needs_checkpoint |= is_disk_full(&e);
             tracing::error!(error = %e, "could not begin a queue transaction");
             continue;
         }
-        let finishes: Vec<Finish> = batch.into_iter().map(|work| work(&conn)).collect();
-        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
+        for work in batch {
+            let (finish, disk_full) = work(&conn);
+            needs_checkpoint |= disk_full;
+            finishes.push(finish);
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| {
+            needs_checkpoint = true;
+            e.to_string()
+        });
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = &commit {
             tracing::error!(error = %e, "queue commit failed; every request of this batch gets 503");
@@ -1245,7 +1270,38 @@ fn writer_loop(
         for finish in finishes {
             finish(commit.clone());
         }
+        if needs_checkpoint && commit.is_ok() {
+            // A commit went through after a full disk: there is room now, maybe only for a
+            // moment; fold the WAL in before the next writes take it.
+            last_checkpoint_try = std::time::Instant::now();
+            needs_checkpoint = !checkpoint_after_full_disk(&conn);
+        }
     }
+}
+
+/// How often the writer tries to give a full disk's WAL space back.
+const CHECKPOINT_RETRY: Duration = Duration::from_millis(250);
+
+/// Fold the WAL into the queue file and truncate it; true once that fully succeeded (the
+/// disk had room for it), false while it still cannot (tried again later).
+fn checkpoint_after_full_disk(conn: &Connection) -> bool {
+    let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    });
+    match result {
+        Ok(0) => {
+            tracing::info!(
+                "queue file checkpointed after a full disk: its WAL space is free again"
+            );
+            true
+        }
+        Ok(_) | Err(_) => false,
+    }
+}
+
+/// Whether `e` is SQLite's "database or disk is full".
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
 /// Up to `max` due job ids of every route not in `paused` (a JSON array), oldest due first.

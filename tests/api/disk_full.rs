@@ -1,8 +1,9 @@
 //! The embedded queue's disk fills up: the gateway answers 503 (Salesforce retries), nothing
-//! acknowledged is lost, and it recovers by itself when space returns. The relay runs as a
-//! child process in its own mount namespace (`unshare -rm`: an unprivileged user namespace,
-//! so no root is needed) on a 2 MiB tmpfs, half of it taken by a ballast file that the test
-//! deletes (through `/proc/<pid>/root`) to give space back.
+//! acknowledged is lost, and it recovers by itself when space returns: it accepts again,
+//! and outcomes that met the full disk are written then, not left to their lease. The relay
+//! runs as a child process in its own mount namespace (`unshare -rm`: an unprivileged user
+//! namespace, so no root is needed) on a 2 MiB tmpfs, half of it taken by a ballast file that
+//! the test deletes (through `/proc/<pid>/root`) to give space back.
 
 use crate::admin::series;
 use crate::helpers::{fixture, write_relay_config};
@@ -48,8 +49,19 @@ exec "$RELAY" --config "$CONFIG" serve"#;
 
 #[tokio::test]
 async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
-    // Arrange: a relay whose queue file sits on a nearly full tmpfs; deliveries paused so
-    // the queue only grows while the disk fills.
+    full_disk(false).await;
+}
+
+/// Deliveries go on while the disk fills: outcomes that cannot be written then are written
+/// once space returns, not left leased until their lease (120 s here) runs out.
+#[tokio::test]
+async fn outcomes_that_met_a_full_disk_are_recorded_once_space_returns() {
+    full_disk(true).await;
+}
+
+async fn full_disk(deliver_while_full: bool) {
+    // Arrange: a relay whose queue file sits on a nearly full tmpfs; unless
+    // `deliver_while_full`, deliveries paused so the queue only grows while the disk fills.
     let centercode = FakeCentercode::start(FakeConfig::demo()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -69,10 +81,12 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
             .bearer_auth(ADMIN)
             .send()
     };
-    assert_eq!(
-        admin("/admin/routes/gdpr/pause").await.unwrap().status(),
-        200
-    );
+    if !deliver_while_full {
+        assert_eq!(
+            admin("/admin/routes/gdpr/pause").await.unwrap().status(),
+            200
+        );
+    }
     let template = String::from_utf8(fixture("om_contact_gdpr_removal_single.xml")).unwrap();
     let filler = "x".repeat(16 * 1024);
     let message = |n: u32| {
@@ -126,14 +140,7 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     // by a moment under load; a lost job would never show).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = scrape(&client, &base).await;
         let stored: f64 = ["ready", "in_flight", "retrying", "parked"]
             .iter()
             .map(|s| series(&metrics, &format!(r#"relay_queue_depth{{state="{s}"}}"#)))
@@ -172,10 +179,12 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
     acked.push(10_000);
 
     // Assert: everything acknowledged reaches Centercode once deliveries resume.
-    assert_eq!(
-        admin("/admin/routes/gdpr/resume").await.unwrap().status(),
-        200
-    );
+    if !deliver_while_full {
+        assert_eq!(
+            admin("/admin/routes/gdpr/resume").await.unwrap().status(),
+            200
+        );
+    }
     let expected: std::collections::HashSet<String> = acked
         .iter()
         .map(|n| format!("user{n}@example.com"))
@@ -198,7 +207,37 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
     }
+    // And every job's outcome is recorded: the queue drains long before a lease (120 s)
+    // could bring back a job whose outcome met the full disk.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = scrape(&client, &base).await;
+        let waiting: f64 = ["ready", "in_flight", "retrying"]
+            .iter()
+            .map(|s| series(&metrics, &format!(r#"relay_queue_depth{{state="{s}"}}"#)))
+            .sum();
+        if waiting == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} jobs still waiting or leased 20 s after space returned: {}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("relay_queue_depth")
+                    || l.starts_with("relay_deliveries_total"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
+    }
     drop(child);
+}
+
+/// The relay's `/metrics` text.
+async fn scrape(client: &reqwest::Client, base: &str) -> String {
+    let r = client.get(format!("{base}/metrics")).send().await;
+    r.unwrap().text().await.unwrap()
 }
 
 /// The relay child is killed when the test ends, also when it fails; a failing test shows
@@ -214,7 +253,7 @@ impl Drop for KillOnDrop {
             let lines: Vec<&str> = log.lines().collect();
             eprintln!(
                 "--- the relay's last log lines ---\n{}",
-                lines[lines.len().saturating_sub(40)..].join("\n")
+                lines[lines.len().saturating_sub(60)..].join("\n")
             );
         }
     }
