@@ -32,7 +32,15 @@ pub fn init(settings: &TelemetrySettings) {
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+        // Colour only for a person at a terminal: escape codes would litter a log file,
+        // journald or a collector reading a pipe. NO_COLOR (no-color.org) turns it off too.
+        LogFormat::Pretty => builder
+            .compact()
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
+            )
+            .try_init(),
     };
     // A second init (tests, demo) keeps the first subscriber.
     let _ = result;

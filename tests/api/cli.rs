@@ -1,4 +1,4 @@
-//! The `relay` binary's commands: check-config and preview.
+//! The `relay` binary's commands (check-config, preview) and how it logs.
 
 use crate::helpers::{fixture_path, routes_toml};
 use std::process::Command;
@@ -194,4 +194,40 @@ fn a_short_admin_token_is_refused_at_start() {
         .unwrap();
     assert!(!out.status.success(), "serve refused to start");
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin.token"));
+}
+
+#[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::write_relay_config(
+        dir.path(),
+        "[server]\nbind = \"127.0.0.1:0\"\n",
+        "http://127.0.0.1:9",
+    );
+    let (mut child, _) = crate::helpers::spawn_relay(
+        &config,
+        &["serve"],
+        &[("RUST_LOG", "info")],
+        std::process::Stdio::piped(),
+    );
+    // SIGTERM: the relay stops cleanly and its log thread writes out every line.
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(logs.contains("INFO"), "the relay logged: {logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "no terminal colour codes in a pipe (they would litter files and journald): {logs:?}"
+    );
 }
