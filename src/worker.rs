@@ -545,12 +545,22 @@ impl Worker {
             Outcome::Parked { reason, .. } => tracing::warn!(reason = %reason, "job parked"),
             _ => {}
         }
+        self.write_retrying(|| self.record_outcome(job, outcome, record.clone()))
+            .await
+    }
+
+    /// Run `write` until it succeeds, fails for good, or [`record_retry_window`] has passed
+    /// (100 ms between tries, doubling to 2 s): only errors that may clear are tried again.
+    async fn write_retrying<F, Fut>(&self, mut write: F) -> Result<(), QueueError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), QueueError>>,
+    {
         let window = record_retry_window(&self.settings);
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
-            let result = self.record_outcome(job, outcome, record.clone()).await;
-            match result {
+            match write().await {
                 Err(e) if e.may_clear() && started.elapsed() + pause < window => {
                     tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "could not record the delivery outcome; trying again");
                     tokio::time::sleep(pause).await;
@@ -1065,11 +1075,11 @@ impl Worker {
                 let at = now_ms() + delay.as_millis() as i64;
                 let not_before = retry_after
                     .map(|d| now_ms() + d.min(self.policy.retry_after_max).as_millis() as i64);
-                if let Err(e) = self
-                    .queue
-                    .retry_not_before(job, at, not_before, &error, status)
-                    .await
-                {
+                let scheduled = self.write_retrying(|| {
+                    self.queue
+                        .retry_not_before(job, at, not_before, &error, status)
+                });
+                if let Err(e) = scheduled.await {
                     tracing::error!(error = %e, "could not schedule the retry; the lease will expire instead");
                 }
                 tracing::info!(delay_ms = delay.as_millis() as u64, last_error = %error, "delivery will be retried");
