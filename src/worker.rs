@@ -551,6 +551,8 @@ impl Worker {
 
     /// Run `write` until it succeeds, fails for good, or [`record_retry_window`] has passed
     /// (100 ms between tries, doubling to 2 s): only errors that may clear are tried again.
+    /// Retried writes are safe: each changes the job only under its lease token, and an
+    /// outcome the ledger got twice is shown once.
     async fn write_retrying<F, Fut>(&self, mut write: F) -> Result<(), QueueError>
     where
         F: FnMut() -> Fut,
@@ -1075,11 +1077,13 @@ impl Worker {
                 let at = now_ms() + delay.as_millis() as i64;
                 let not_before = retry_after
                     .map(|d| now_ms() + d.min(self.policy.retry_after_max).as_millis() as i64);
-                let scheduled = self.write_retrying(|| {
-                    self.queue
-                        .retry_not_before(job, at, not_before, &error, status)
-                });
-                if let Err(e) = scheduled.await {
+                // Not retried here: this runs under the record's hold and the call slot; a
+                // retry that cannot be scheduled comes back when its lease runs out.
+                if let Err(e) = self
+                    .queue
+                    .retry_not_before(job, at, not_before, &error, status)
+                    .await
+                {
                     tracing::error!(error = %e, "could not schedule the retry; the lease will expire instead");
                 }
                 tracing::info!(delay_ms = delay.as_millis() as u64, last_error = %error, "delivery will be retried");

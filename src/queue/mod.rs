@@ -173,13 +173,22 @@ impl QueueError {
     /// a broker failure: an ack on a channel that died can never succeed, and the broker
     /// delivers that message again by itself.
     pub fn may_clear(&self) -> bool {
-        matches!(
-            self,
-            QueueError::Storage(_)
-                | QueueError::Commit(_)
-                | QueueError::Io(_)
-                | QueueError::NotReady(_)
-        )
+        use rusqlite::ErrorCode as Code;
+        match self {
+            // Full, locked or failing I/O; not a constraint, a bad value or a corrupt file.
+            QueueError::Storage(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    Code::DiskFull
+                        | Code::DatabaseBusy
+                        | Code::DatabaseLocked
+                        | Code::SystemIoFailure
+                        | Code::OutOfMemory
+                )
+            ),
+            QueueError::Commit(_) | QueueError::Io(_) | QueueError::NotReady(_) => true,
+            _ => false,
+        }
     }
 }
 

@@ -152,8 +152,9 @@ fn open_connection(path: &Path) -> Result<Connection, QueueError> {
     conn.execute_batch(
         // secure_delete: a delivered job's payload (e-mails, field values) is overwritten when
         // its row is deleted, not left in free pages of the file.
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA secure_delete = ON;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON;",
     )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
 }
 
@@ -281,7 +282,15 @@ impl SqliteQueue {
             .ok_or(QueueError::Closed)?
             .send(work)
             .map_err(|_| QueueError::Closed)?;
-        rx.await.map_err(|_| QueueError::Closed)?
+        match rx.await {
+            Ok(result) => result,
+            // The writer dropped the work unrun (its transaction could not begin, or was rolled
+            // back before it ran): nothing of it was stored. Closed only when shutting down.
+            Err(_) if self.inner.writer.lock().expect("writer lock").is_some() => Err(
+                QueueError::Commit("the write did not run: its transaction failed".into()),
+            ),
+            Err(_) => Err(QueueError::Closed),
+        }
     }
 
     async fn read<T: Send + 'static>(
@@ -1226,10 +1235,18 @@ fn writer_loop(
     // into the file and truncates it, the WAL only grows (automatic checkpoints wait for
     // 1000 pages), so space that comes back would be eaten by the next writes before any
     // checkpoint ran, and the queue would stay full after the disk had room. Tried after
-    // the first commit that goes through (there is room) and every CHECKPOINT_RETRY (a WAL
-    // of rewritten pages folds in without the file growing, even on a full disk).
+    // the first commit that goes through following a failed one (there is room now), and
+    // otherwise at most every CHECKPOINT_RETRY (a WAL of rewritten pages folds in without the
+    // file growing, even on a full disk).
     let mut needs_checkpoint = false;
+    let mut last_commit_failed = false;
     let mut last_checkpoint_try = std::time::Instant::now();
+    let mut try_checkpoint = |conn: &Connection, needs: &mut bool, room_just_came_back: bool| {
+        if *needs && (room_just_came_back || last_checkpoint_try.elapsed() >= CHECKPOINT_RETRY) {
+            last_checkpoint_try = std::time::Instant::now();
+            *needs = !checkpoint_after_full_disk(conn);
+        }
+    };
     while let Ok(first) = rx.recv() {
         if !commit_delay.is_zero() {
             std::thread::sleep(commit_delay);
@@ -1241,53 +1258,70 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        if needs_checkpoint && last_checkpoint_try.elapsed() >= CHECKPOINT_RETRY {
-            last_checkpoint_try = std::time::Instant::now();
-            needs_checkpoint = !checkpoint_after_full_disk(&conn);
-        }
+        try_checkpoint(&conn, &mut needs_checkpoint, false);
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            // Dropping the work drops its reply channel: every waiter gets `Closed` (503).
+            // Dropping the work drops its reply channel: every waiter gets an error (503).
             drop(batch);
             needs_checkpoint |= is_disk_full(&e);
+            last_commit_failed = true;
             tracing::error!(error = %e, "could not begin a queue transaction");
             continue;
         }
         let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
-        for work in batch {
+        let mut works = batch.into_iter();
+        let mut rolled_back = false;
+        for work in works.by_ref() {
             let (finish, disk_full) = work(&conn);
             needs_checkpoint |= disk_full;
             finishes.push(finish);
+            if conn.is_autocommit() {
+                // SQLite rolled the whole transaction back (it may, on a full disk or an I/O
+                // error): what ran so far is gone, and the works left would each commit on
+                // their own outside it. They are not run: their callers get an error.
+                rolled_back = true;
+                break;
+            }
         }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| {
-            needs_checkpoint = true;
-            e.to_string()
-        });
+        drop(works);
+        let commit = if rolled_back {
+            Err("the transaction was rolled back by the database (disk full?)".to_owned())
+        } else {
+            conn.execute_batch("COMMIT").map_err(|e| e.to_string())
+        };
         commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = &commit {
             tracing::error!(error = %e, "queue commit failed; every request of this batch gets 503");
-            let _ = conn.execute_batch("ROLLBACK");
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            needs_checkpoint = true;
         }
         for finish in finishes {
             finish(commit.clone());
         }
-        if needs_checkpoint && commit.is_ok() {
-            // A commit went through after a full disk: there is room now, maybe only for a
-            // moment; fold the WAL in before the next writes take it.
-            last_checkpoint_try = std::time::Instant::now();
-            needs_checkpoint = !checkpoint_after_full_disk(&conn);
-        }
+        let room_just_came_back = commit.is_ok() && last_commit_failed;
+        last_commit_failed = commit.is_err();
+        try_checkpoint(&conn, &mut needs_checkpoint, room_just_came_back);
     }
 }
 
 /// How often the writer tries to give a full disk's WAL space back.
 const CHECKPOINT_RETRY: Duration = Duration::from_millis(250);
+/// How long such a checkpoint waits for readers to finish.
+const CHECKPOINT_BUSY_WAIT: Duration = Duration::from_millis(100);
+/// How long a statement waits for a lock (the `busy_timeout` every connection opens with).
+const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Fold the WAL into the queue file and truncate it; true once that fully succeeded (the
 /// disk had room for it), false while it still cannot (tried again later).
 fn checkpoint_after_full_disk(conn: &Connection) -> bool {
+    // A TRUNCATE checkpoint waits for readers through the busy handler, holding up every
+    // write on this thread meanwhile: wait briefly, and try again later instead.
+    let _ = conn.busy_timeout(CHECKPOINT_BUSY_WAIT);
     let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
         r.get::<_, i64>(0)
     });
+    let _ = conn.busy_timeout(BUSY_TIMEOUT);
     match result {
         Ok(0) => {
             tracing::info!(
@@ -1546,6 +1580,61 @@ mod tests {
             Duration::ZERO,
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_rolled_back_by_a_full_disk_stores_none_of_its_requests() {
+        // Arrange: a queue whose file may not grow much (max_page_count makes SQLite answer
+        // "database or disk is full", and roll the whole transaction back, like a full disk),
+        // and a commit delay so three requests share one transaction.
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::open(
+            &dir.path().join("q.db"),
+            Duration::from_secs(60),
+            Duration::from_secs(90_000),
+            Duration::from_millis(100),
+        )
+        .unwrap();
+        let limit = |extra: i64| {
+            q.write(move |conn| {
+                let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                conn.query_row(
+                    &format!("PRAGMA max_page_count = {}", pages + extra),
+                    [],
+                    |_| Ok(()),
+                )?;
+                Ok(())
+            })
+        };
+        limit(8).await.unwrap();
+        let mut big = job(2, None);
+        big.job = Job::CalloutV1 {
+            idempotency_key: None,
+            body: serde_json::json!({"filler": "x".repeat(200_000)}),
+        };
+        // Act: a small job, one too big for the room left, another small one.
+        let (a, b, c) = tokio::join!(
+            q.enqueue(vec![job(1, None)]),
+            async {
+                tokio::task::yield_now().await;
+                q.enqueue(vec![big]).await
+            },
+            async {
+                for _ in 0..2 {
+                    tokio::task::yield_now().await;
+                }
+                q.enqueue(vec![job(3, None)]).await
+            },
+        );
+        // Assert: none was stored and each caller was told so (before, the third committed
+        // on its own after the rollback while its caller got an error).
+        assert!(a.is_err() && b.is_err() && c.is_err(), "{a:?} {b:?} {c:?}");
+        assert!(c.unwrap_err().may_clear(), "worth trying again");
+        assert_eq!(q.stats().await.unwrap().ready, 0, "nothing stored");
+        // The writer goes on: with room again, requests are stored.
+        limit(10_000).await.unwrap();
+        q.enqueue(vec![job(4, None)]).await.unwrap();
+        assert_eq!(q.stats().await.unwrap().ready, 1);
     }
 
     #[tokio::test]
