@@ -82,7 +82,9 @@ struct Write {
 #[derive(Clone)]
 pub struct PgLedger {
     writes: mpsc::Sender<Write>,
-    readers: Arc<Vec<Client>>,
+    /// Query connections, each replaced by a new one when it closed (the database restarted).
+    readers: Arc<Vec<tokio::sync::RwLock<Client>>>,
+    target: Arc<Target>,
     next: Arc<AtomicUsize>,
     /// Record each job when it is stored (`ledger.record_on_store`), not only when a worker
     /// first takes it.
@@ -94,13 +96,31 @@ fn db(e: tokio_postgres::Error) -> QueueError {
     QueueError::NotReady(format!("ledger database: {e}"))
 }
 
-async fn connect(url: &str, schema: &str) -> Result<Client, QueueError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
+/// Where the ledger lives: the database and the schema inside it.
+struct Target {
+    url: String,
+    schema: String,
+}
+
+/// How long a connection attempt may take before the write or query that needed it fails.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn connect(target: &Target) -> Result<Client, QueueError> {
+    let mut config: tokio_postgres::Config = target.url.parse().map_err(db)?;
+    // Named in pg_stat_activity, so a DBA sees whose connections these are.
+    if config.get_application_name().is_none() {
+        config.application_name("centercode-relay");
+    }
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
+        .await
+        .map_err(|_| QueueError::NotReady("ledger database: connection timed out".into()))?
+        .map_err(db)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "ledger database connection ended");
         }
     });
+    let schema = &target.schema;
     client
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\""
@@ -121,17 +141,22 @@ impl PgLedger {
                 "ledger.schema: letters, digits, '_' or '-'".into(),
             ));
         }
-        let writer = connect(url, schema).await?;
+        let target = Arc::new(Target {
+            url: url.to_owned(),
+            schema: schema.to_owned(),
+        });
+        let writer = connect(&target).await?;
         migrate(&writer).await?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
-            readers.push(connect(url, schema).await?);
+            readers.push(tokio::sync::RwLock::new(connect(&target).await?));
         }
         let (writes, rx) = mpsc::channel(4096);
-        tokio::spawn(write_batches(writer, rx));
+        tokio::spawn(write_batches(target.clone(), writer, rx));
         Ok(Self {
             writes,
             readers: Arc::new(readers),
+            target,
             next: Arc::default(),
             store_notes: true,
         })
@@ -196,12 +221,25 @@ impl PgLedger {
         .await
     }
 
-    fn reader(&self) -> &Client {
-        &self.readers[self.next.fetch_add(1, Ordering::Relaxed) % self.readers.len()]
+    /// A query connection, connected again first if the last one closed.
+    async fn reader(&self) -> Result<tokio::sync::RwLockReadGuard<'_, Client>, QueueError> {
+        let slot = &self.readers[self.next.fetch_add(1, Ordering::Relaxed) % self.readers.len()];
+        {
+            let client = slot.read().await;
+            if !client.is_closed() {
+                return Ok(client);
+            }
+        }
+        let mut client = slot.write().await;
+        if client.is_closed() {
+            *client = connect(&self.target).await?;
+            tracing::info!("ledger database connection for queries made again");
+        }
+        Ok(tokio::sync::RwLockWriteGuard::downgrade(client))
     }
 
     pub async fn query(&self, q: LedgerQuery) -> Result<Vec<Entry>, QueueError> {
-        let client = self.reader();
+        let client = self.reader().await?;
         let (sql, args) = super::select_sql(&q, |n| format!("${n}"));
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args
             .iter()
@@ -294,7 +332,7 @@ impl PgLedger {
     /// Retention: forget entries stored before `before_ms`, a bounded batch per transaction;
     /// also drops expired kept payloads.
     pub async fn purge_before(&self, before_ms: i64) -> Result<u64, QueueError> {
-        let client = self.reader();
+        let client = self.reader().await?;
         let mut total = 0;
         loop {
             let n = client
@@ -334,6 +372,7 @@ impl PgLedger {
     ) -> Result<std::collections::BTreeMap<String, crate::queue::QueueStats>, QueueError> {
         let rows = self
             .reader()
+            .await?
             .query(
                 "SELECT route,
                         CASE WHEN last_outcome = 'parked' THEN 'parked'
@@ -365,6 +404,7 @@ impl PgLedger {
     pub async fn oldest_ms(&self) -> Result<Option<i64>, QueueError> {
         let row = self
             .reader()
+            .await?
             .query_one("SELECT min(stored_at) FROM ledger_jobs", &[])
             .await
             .map_err(db)?;
@@ -461,15 +501,15 @@ impl Statements {
 }
 
 /// The writer: one transaction per batch of waiting writes, then every waiter is answered.
-async fn write_batches(mut client: Client, mut rx: mpsc::Receiver<Write>) {
-    let statements = match Statements::prepare(&client).await {
-        Ok(s) => s,
+async fn write_batches(target: Arc<Target>, client: Client, mut rx: mpsc::Receiver<Write>) {
+    // The connection and its prepared statements; None after the connection closed (the
+    // database restarted or went away): the next batch connects again, and until that works
+    // each batch fails (its workers try again shortly, then leave the job to its lease).
+    let mut conn = match Statements::prepare(&client).await {
+        Ok(statements) => Some((client, statements)),
         Err(e) => {
-            tracing::error!(error = %e, "could not prepare the ledger's statements; ledger writes fail");
-            while let Some(w) = rx.recv().await {
-                let _ = w.done.send(Err(format!("ledger statements: {e}")));
-            }
-            return;
+            tracing::error!(error = %e, "could not prepare the ledger's statements; connecting again for the next write");
+            None
         }
     };
     while let Some(first) = rx.recv().await {
@@ -480,7 +520,23 @@ async fn write_batches(mut client: Client, mut rx: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        let result = write_one_batch(&mut client, &statements, &batch)
+        if !matches!(&conn, Some((client, _)) if !client.is_closed()) {
+            conn = match reconnect(&target).await {
+                Ok(c) => {
+                    tracing::info!("ledger database connection for writes made again");
+                    Some(c)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, writes = batch.len(), "ledger database unreachable; batch failed");
+                    for w in batch {
+                        let _ = w.done.send(Err(e.clone()));
+                    }
+                    continue;
+                }
+            };
+        }
+        let (client, statements) = conn.as_mut().expect("connected above");
+        let result = write_one_batch(client, statements, &batch)
             .await
             .map_err(|e| e.to_string());
         if let Err(e) = &result {
@@ -490,6 +546,15 @@ async fn write_batches(mut client: Client, mut rx: mpsc::Receiver<Write>) {
             let _ = w.done.send(result.clone());
         }
     }
+}
+
+/// A new write connection with its statements prepared.
+async fn reconnect(target: &Target) -> Result<(Client, Statements), String> {
+    let client = connect(target).await.map_err(|e| e.to_string())?;
+    let statements = Statements::prepare(&client)
+        .await
+        .map_err(|e| format!("ledger statements: {e}"))?;
+    Ok((client, statements))
 }
 
 async fn write_one_batch(
