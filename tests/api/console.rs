@@ -452,7 +452,10 @@ async fn walkthrough(backend: Backend) {
     b.screenshot(&shots.join("04-replay-dry-run.png")).await;
     b.click("#confirm").await;
     b.wait_for(
-        "location.search === '?replayed=1' && !document.querySelector('tr[data-job]')",
+        // The new page's own text, not only its URL: the URL changes when the navigation
+        // commits, before the new page's main is parsed.
+        "location.search === '?replayed=1' && !document.querySelector('tr[data-job]') \
+         && (document.querySelector('main')?.textContent ?? '').includes('Replayed 1 job(s).')",
         "the job to leave the parked list",
     )
     .await;
