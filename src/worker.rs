@@ -24,7 +24,8 @@ use tracing::Instrument;
 pub const LEASE_REFRESH_AFTER: Duration = Duration::from_millis(500);
 
 /// How long a worker keeps trying to record an outcome before leaving the job to its lease:
-/// half the lease (the rest covers a redelivery's own call), at most a minute.
+/// half the lease (the rest covers a redelivery's own call), at most a minute, and never past
+/// the lease itself.
 fn record_retry_window(settings: &Settings) -> Duration {
     Duration::from_secs(settings.queue.lease_secs / 2).min(Duration::from_secs(60))
 }
@@ -430,6 +431,12 @@ impl Worker {
 
     /// Deliver, free the call slot, then record the outcome.
     async fn deliver(&self, job: Leased, mut call_slot: CallSlot) -> Outcome {
+        // The lease was taken or renewed at most LEASE_REFRESH_AFTER ago (see `run`): retries
+        // of this job's writes stop before it can have run out, when another worker may
+        // have the job.
+        let lease_left = Instant::now()
+            + Duration::from_secs(self.settings.queue.lease_secs)
+                .saturating_sub(LEASE_REFRESH_AFTER * 2);
         let span = tracing::info_span!(
             "deliver",
             job_id = %job.id,
@@ -484,7 +491,9 @@ impl Worker {
             if outcome.ends_the_job() && !is_writeback {
                 self.enqueue_writeback(&job, &outcome).await;
             }
-            let recorded = self.record_outcome_retrying(&job, &outcome, record).await;
+            let recorded = self
+                .record_outcome_retrying(&job, &outcome, record, lease_left)
+                .await;
             if writes_ledger {
                 self.metrics.observe(
                     "relay_ledger_write_seconds",
@@ -532,6 +541,7 @@ impl Worker {
         job: &Leased,
         outcome: &Outcome,
         record: Option<crate::ledger::Record>,
+        lease_left: Instant,
     ) -> Result<(), QueueError> {
         match outcome {
             Outcome::Superseded { version, newer } => {
@@ -545,25 +555,24 @@ impl Worker {
             Outcome::Parked { reason, .. } => tracing::warn!(reason = %reason, "job parked"),
             _ => {}
         }
-        self.write_retrying(|| self.record_outcome(job, outcome, record.clone()))
+        let until = lease_left.min(Instant::now() + record_retry_window(&self.settings));
+        self.write_retrying(until, || self.record_outcome(job, outcome, record.clone()))
             .await
     }
 
-    /// Run `write` until it succeeds, fails for good, or [`record_retry_window`] has passed
-    /// (100 ms between tries, doubling to 2 s): only errors that may clear are tried again.
-    /// Retried writes are safe: each changes the job only under its lease token, and an
-    /// outcome the ledger got twice is shown once.
-    async fn write_retrying<F, Fut>(&self, mut write: F) -> Result<(), QueueError>
+    /// Run `write` until it succeeds, fails for good, or `until` (100 ms between tries,
+    /// doubling to 2 s): only errors that may clear are tried again. Retried writes are
+    /// safe: each changes the job only under its lease token, and an outcome the ledger got
+    /// twice is shown once.
+    async fn write_retrying<F, Fut>(&self, until: Instant, mut write: F) -> Result<(), QueueError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), QueueError>>,
     {
-        let window = record_retry_window(&self.settings);
-        let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
             match write().await {
-                Err(e) if e.may_clear() && started.elapsed() + pause < window => {
+                Err(e) if e.may_clear() && Instant::now() + pause < until => {
                     tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "could not record the delivery outcome; trying again");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
