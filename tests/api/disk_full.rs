@@ -140,7 +140,7 @@ async fn full_disk(deliver_while_full: bool) {
     // by a moment under load; a lost job would never show).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = scrape(&client, &base).await;
+        let metrics = crate::scale_out::metrics_of(&client, &base).await;
         let stored: f64 = ["ready", "in_flight", "retrying", "parked"]
             .iter()
             .map(|s| series(&metrics, &format!(r#"relay_queue_depth{{state="{s}"}}"#)))
@@ -211,7 +211,7 @@ async fn full_disk(deliver_while_full: bool) {
     // could bring back a job whose outcome met the full disk.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let metrics = scrape(&client, &base).await;
+        let metrics = crate::scale_out::metrics_of(&client, &base).await;
         let waiting: f64 = ["ready", "in_flight", "retrying"]
             .iter()
             .map(|s| series(&metrics, &format!(r#"relay_queue_depth{{state="{s}"}}"#)))
@@ -232,12 +232,6 @@ async fn full_disk(deliver_while_full: bool) {
         tokio::time::sleep(Duration::from_millis(50)).await; // poll with deadline
     }
     drop(child);
-}
-
-/// The relay's `/metrics` text.
-async fn scrape(client: &reqwest::Client, base: &str) -> String {
-    let r = client.get(format!("{base}/metrics")).send().await;
-    r.unwrap().text().await.unwrap()
 }
 
 /// The relay child is killed when the test ends, also when it fails; a failing test shows

@@ -1004,34 +1004,22 @@ async fn on_rabbitmq_a_job_waiting_in_the_broker_is_counted_and_with_record_on_s
     drop_schema(&pg, &app.settings.ledger.schema).await;
 }
 
-/// Run `sql` on the test PostgreSQL and return its only value.
-async fn psql_value(pg: &str, sql: &str) -> String {
-    let out = tokio::process::Command::new(
-        crate::services::find_program("psql", "postgresql-client").unwrap(),
-    )
-    .arg(pg)
-    .args(["-t", "-A", "-c", sql])
-    .output()
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 #[tokio::test]
 async fn on_rabbitmq_the_ledger_connects_again_after_postgresql_drops_its_connections() {
     // Arrange: a RabbitMQ relay whose ledger connections carry a name of this test, and one
     // removal delivered and recorded.
-    let pg = tokio::task::spawn_blocking(|| crate::services::postgres().url.clone())
-        .await
-        .unwrap();
     let name = format!("relay-test-{}", uuid::Uuid::new_v4().simple());
-    let url = format!("{pg}?application_name={name}");
+    // Dropped (with the schema) at the end, even when the test fails.
+    let schema = crate::ledger_conformance::PgSchema::new(&format!("{name}_ledger")).await;
+    let (url, schema_name) = (
+        format!("{}?application_name={name}", schema.url),
+        schema.name.clone(),
+    );
     let app = crate::helpers::spawn_app_on(crate::helpers::Backend::Rabbitmq, move |s| {
         s.admin.token = Some(ADMIN.to_owned().into());
         s.ledger.subject_key = SUBJECT_KEY.to_owned().into();
         s.ledger.url = Some(url.into());
-        s.ledger.schema = format!("{}_reconnect", s.queue.prefix);
+        s.ledger.schema = schema_name;
     })
     .await;
     app.post_outbound("gdpr", fixture(GDPR_REMOVAL)).await;
@@ -1041,17 +1029,12 @@ async fn on_rabbitmq_the_ledger_connects_again_after_postgresql_drops_its_connec
 
     // Act: the database ends every connection of the relay (a restart or a failover does the
     // same), then more removals come.
-    let ended = psql_value(
-        &pg,
-        &format!(
+    let ended = schema
+        .count(&format!(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{name}'"
-        ),
-    )
-    .await;
-    assert!(
-        ended.parse::<u32>().unwrap() >= 3,
-        "writer and readers: {ended}"
-    );
+        ))
+        .await;
+    assert!(ended >= 3, "writer and readers: {ended}");
     app.post_outbound("gdpr", fixture("om_contact_batch_4.xml"))
         .await;
 
@@ -1074,5 +1057,4 @@ async fn on_rabbitmq_the_ledger_connects_again_after_postgresql_drops_its_connec
         .filter(|j| j["outcome"] == "delivered" || j["outcome"] == "user_not_found")
         .count();
     assert_eq!(delivered, 5, "{jobs}");
-    drop_schema(&pg, &app.settings.ledger.schema).await;
 }

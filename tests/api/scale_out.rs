@@ -310,7 +310,8 @@ async fn send_until_acked(client: &reqwest::Client, url: &str, body: &str) -> u3
     }
 }
 
-async fn metrics_of(client: &reqwest::Client, base: &str) -> String {
+/// The `/metrics` text of the relay at `base` (a child process, not a [`crate::helpers::TestApp`]).
+pub(crate) async fn metrics_of(client: &reqwest::Client, base: &str) -> String {
     client
         .get(format!("{base}/metrics"))
         .send()
